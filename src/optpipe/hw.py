@@ -1,0 +1,75 @@
+"""What this CPU can do, read at run time (never assume Intel): ISA flags, physical cores, library versions."""
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def isa() -> dict[str, bool]:
+    flags = cpu_flags()
+    out = {name: name in flags for name in ISA_FLAGS}
+    out["amx"] = any(f.startswith("amx") for f in flags)
+    return out
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share execution units, so they are not counted)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return min(n, len(os.sched_getaffinity(0)))
+    except Exception:  # noqa: BLE001 - psutil absent or unsupported platform
+        pass
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("optpipe", "torch", "transformers", "onnx", "onnxruntime", "numpy", "datasets", "gguf"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def environment() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "isa": isa(),
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "versions": library_versions(),
+    }

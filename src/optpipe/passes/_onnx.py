@@ -1,0 +1,101 @@
+"""Small helpers for building and editing ONNX graphs (shared by the ONNX passes)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+FN_DOMAIN = "optpipe"  # model-local functions emitted by `export`, replaced by `fuse`
+OPSET = 21
+
+
+class GraphBuilder:
+    """Collects nodes and initializers with unique names; `op` returns the output name(s)."""
+
+    def __init__(self, prefix: str = ""):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._ids = itertools.count()
+        self.prefix = prefix
+
+    def _name(self, hint: str) -> str:
+        return f"{self.prefix}{hint}_{next(self._ids)}"
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, name: str | None = None,
+           domain: str = "", outputs: list[str] | None = None, **attrs):
+        name = name or self._name(op_type)
+        outs = outputs or [f"{name}/out{i}" if n_out > 1 else f"{name}/out" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    def const(self, value, dtype=np.int64, name: str | None = None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        out = name or self._name("const")
+        self.nodes.append(helper.make_node("Constant", [], [out], name=out + "/Constant",
+                                           value=numpy_helper.from_array(arr, out)))
+        return out
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def get_attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def replace_initializers(model: onnx.ModelProto, remove: set[str], add: list[onnx.TensorProto]) -> None:
+    keep = [t for t in model.graph.initializer if t.name not in remove]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + add)
+
+
+def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
+    for o in model.opset_import:
+        if o.domain == domain:
+            o.version = max(o.version, version)
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def drop_unused_functions(model: onnx.ModelProto) -> None:
+    used = {(n.domain, n.op_type) for n in model.graph.node}
+    keep = [f for f in model.functions if (f.domain, f.name) in used]
+    del model.functions[:]
+    model.functions.extend(keep)
+    if not any(f.domain == FN_DOMAIN for f in keep):
+        keep_ops = [o for o in model.opset_import if o.domain != FN_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(keep_ops)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+               for t in model.graph.initializer)
+
+
+FLOAT = TensorProto.FLOAT
+INT64 = TensorProto.INT64
+INT32 = TensorProto.INT32

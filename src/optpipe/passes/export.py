@@ -1,0 +1,226 @@
+"""`export`: build an ONNX decoder graph (with KV cache) from a Llama-family HF model, and check it against PyTorch.
+
+The graph is written from the model's config and weights rather than traced: the structure is known, so
+attention, RMSNorm and rotary are emitted as model-local ONNX functions (domain `optpipe`) in plain ONNX ops.
+That keeps the unfused graph runnable anywhere, and gives `fuse` exact, named units to replace with ONNX
+Runtime's fused kernels. Supported: llama (incl. SmolLM2, Llama-2/3, Mistral-style) and qwen2 (q/k/v biases).
+
+The output check runs the graph in ONNX Runtime on a prompt and one cached decode step and compares logits
+with PyTorch; a mismatch beyond `atol` fails the build.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from pydantic import Field
+
+from ..errors import BuildError
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+NEG = float(np.finfo(np.float32).min)
+
+
+class ExportConfig(PassConfig):
+    opset: int = Field(OPSET, ge=21, le=23)
+    max_positions: int = Field(8192, ge=64, description="rotary cache length: the longest sequence the artifact serves")
+    atol: float = Field(1e-2, gt=0, description="largest allowed |logit difference| vs PyTorch")
+    check: Literal["logits", "off"] = "logits"
+
+
+def _arch(config) -> dict:
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED:
+        raise BuildError(f"model_type {mt!r} is not supported by export (supported: {', '.join(SUPPORTED)})")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"model_type": mt, "hidden": config.hidden_size, "heads": heads, "kv_heads": config.num_key_value_heads,
+            "head_dim": head_dim, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
+            "eps": float(config.rms_norm_eps), "bias": mt == "qwen2" or bool(getattr(config, "attention_bias", False))}
+
+
+def _rmsnorm_function(eps: float) -> onnx.FunctionProto:
+    g = GraphBuilder("rms/")
+    sq = g.op("Mul", ["x", "x"])
+    ms = g.op("ReduceMean", [sq, g.const([-1])], keepdims=1)
+    r = g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32)])])
+    g.op("Mul", [g.op("Div", ["x", r]), "weight"], outputs=["y"])
+    return helper.make_function(FN_DOMAIN, "RMSNorm", ["x", "weight"], ["y"], g.nodes,
+                                [helper.make_opsetid("", OPSET)])
+
+
+def _attention_function(a: dict) -> onnx.FunctionProto:
+    """Causal GQA attention with rotary embedding and a growing KV cache, in plain ONNX ops.
+
+    Inputs q/k/v are [B, S, heads*D]; past_* are [B, kv_heads, P, D]; positions run from P = T - S to T - 1,
+    T being the attention mask's length (so a static cache can later reuse the same convention).
+    """
+    H, KV, D = a["heads"], a["kv_heads"], a["head_dim"]
+    g = GraphBuilder("attn/")
+    i64 = lambda v: g.const(v)  # noqa: E731
+    S = g.op("Gather", [g.op("Shape", ["q"]), i64(1)], axis=0)
+    T = g.op("Gather", [g.op("Shape", ["attention_mask"]), i64(1)], axis=0)
+    P = g.op("Sub", [T, S])
+    pos = g.op("Range", [P, T, i64(1)])
+
+    def heads(x, n):
+        return g.op("Transpose", [g.op("Reshape", [x, i64([0, 0, n, D])])], perm=[0, 2, 1, 3])
+
+    cos = g.op("Gather", ["cos_cache", pos], axis=0)
+    sin = g.op("Gather", ["sin_cache", pos], axis=0)
+    cos = g.op("Concat", [cos, cos], axis=-1)
+    sin = g.op("Concat", [sin, sin], axis=-1)
+    half = D // 2
+
+    def rope(x):
+        x1 = g.op("Slice", [x, i64([0]), i64([half]), i64([3])])
+        x2 = g.op("Slice", [x, i64([half]), i64([D]), i64([3])])
+        rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=3)
+        return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+
+    q = rope(heads("q", H))
+    k = rope(heads("k", KV))
+    v = heads("v", KV)
+    g.op("Concat", ["past_key", k], axis=2, outputs=["present_key"])
+    g.op("Concat", ["past_value", v], axis=2, outputs=["present_value"])
+    kk, vv = "present_key", "present_value"
+    if H != KV:
+        expand = i64([1, 1, H // KV, 1, 1])
+        kk = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [kk, i64([2])]), expand]), i64([0, H, -1, D])])
+        vv = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [vv, i64([2])]), expand]), i64([0, H, -1, D])])
+    scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [kk], perm=[0, 1, 3, 2])]),
+                          g.const(a["scale"], np.float32)])
+    rows = g.op("Unsqueeze", [pos, i64([1])])
+    cols = g.op("Range", [i64(0), T, i64(1)])
+    future = g.op("Greater", [cols, rows])  # [S, T]
+    padded = g.op("Unsqueeze", [g.op("Equal", ["attention_mask", i64(0)]), i64([1, 2])])  # [B,1,1,T]
+    masked = g.op("Where", [g.op("Or", [future, padded]), g.const(NEG, np.float32), scores])
+    ctx = g.op("MatMul", [g.op("Softmax", [masked], axis=-1), vv])
+    g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), i64([0, 0, H * D])], outputs=["output"])
+    return helper.make_function(
+        FN_DOMAIN, "CausalAttention",
+        ["q", "k", "v", "past_key", "past_value", "attention_mask", "cos_cache", "sin_cache"],
+        ["output", "present_key", "present_value"], g.nodes, [helper.make_opsetid("", OPSET)])
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).cpu().numpy()
+
+
+def rotary_cache(model, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [n, D/2] from the model's own rotary module (covers scaled rope types too)."""
+    rot = model.model.rotary_emb
+    inv = rot.inv_freq.detach().to(torch.float64)
+    freqs = torch.outer(torch.arange(n, dtype=torch.float64), inv)
+    scale = float(getattr(rot, "attention_scaling", 1.0))
+    return (freqs.cos() * scale).float().numpy(), (freqs.sin() * scale).float().numpy()
+
+
+def build_decoder_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
+    a = _arch(model.config)
+    a["scale"] = 1.0 / float(np.sqrt(a["head_dim"]))
+    H, KV, D, L = a["heads"], a["kv_heads"], a["head_dim"], a["layers"]
+    sd = model.state_dict()
+    g = GraphBuilder()
+    embed = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
+    cos, sin = rotary_cache(model, cfg.max_positions)
+    g.init("cos_cache", cos)
+    g.init("sin_cache", sin)
+
+    def linear(x, module: str):
+        w = g.init(module + ".weight_t", _np(sd[module + ".weight"]).T)
+        y = g.op("MatMul", [x, w], name=module)
+        if module + ".bias" in sd:
+            y = g.op("Add", [y, g.init(module + ".bias", _np(sd[module + ".bias"]))], name=module + ".bias_add")
+        return y
+
+    def norm(x, module: str):
+        return g.op("RMSNorm", [x, g.init(module + ".weight", _np(sd[module + ".weight"]))], domain=FN_DOMAIN,
+                    name=module)
+
+    h = g.op("Gather", [embed, "input_ids"], name="model.embed_tokens")
+    inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", INT64, ["batch", "total_sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", a["vocab"]])]
+    for i in range(L):
+        p = f"model.layers.{i}"
+        x = norm(h, f"{p}.input_layernorm")
+        q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
+        attn, _, _ = g.op("CausalAttention", [q, k, v, past_k, past_v, "attention_mask", "cos_cache", "sin_cache"],
+                          n_out=3, domain=FN_DOMAIN, name=f"{p}.self_attn.attention",
+                          outputs=[f"{p}.self_attn.attention/out", pres_k, pres_v])
+        h = g.op("Add", [h, linear(attn, f"{p}.self_attn.o_proj")], name=f"{p}.attn_residual")
+        x = norm(h, f"{p}.post_attention_layernorm")
+        gate = linear(x, f"{p}.mlp.gate_proj")
+        up = linear(x, f"{p}.mlp.up_proj")
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}.mlp.act_sigmoid")],
+                                name=f"{p}.mlp.act_silu"), up], name=f"{p}.mlp.act_mul")
+        h = g.op("Add", [h, linear(act, f"{p}.mlp.down_proj")], name=f"{p}.mlp_residual")
+        for nm in (past_k, past_v):
+            inputs.append(helper.make_tensor_value_info(nm, FLOAT, ["batch", KV, "past_sequence", D]))
+        for nm in (pres_k, pres_v):
+            outputs.append(helper.make_tensor_value_info(nm, FLOAT, ["batch", KV, "total_sequence", D]))
+    x = norm(h, "model.norm")
+    lm = "lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"
+    w = g.init("lm_head.weight_t", _np(sd[lm]).T)  # materialized even when tied, so it can be quantized
+    g.op("MatMul", [x, w], name="lm_head", outputs=["logits"])
+
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
+    model_proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", cfg.opset), helper.make_opsetid(FN_DOMAIN, 1)],
+        functions=[_rmsnorm_function(a["eps"]), _attention_function(a)], producer_name="optpipe")
+    model_proto.ir_version = 10
+    meta = {"optpipe.num_layers": L, "optpipe.num_heads": H, "optpipe.kv_num_heads": KV, "optpipe.head_dim": D,
+            "optpipe.vocab_size": a["vocab"], "optpipe.kv_cache": "dynamic", "optpipe.max_length": cfg.max_positions,
+            "optpipe.model_type": a["model_type"]}
+    for k_, v_ in meta.items():
+        model_proto.metadata_props.append(onnx.StringStringEntryProto(key=k_, value=str(v_)))
+    return model_proto
+
+
+def check_against_torch(model, onnx_model: onnx.ModelProto, atol: float, threads: int = 1) -> dict:
+    """Prefill 12 tokens then decode 1 with the cache, in both; compare logits. Raises BuildError on mismatch."""
+    from ..targets.cpu_onnx import OnnxDecoder
+
+    dec = OnnxDecoder.from_proto(onnx_model, threads=threads)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.vocab_size, size=(1, 13))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits[0].float().numpy()
+    got_prefill, state = dec.prefill(ids[:, :12])
+    got_step, _ = dec.step(ids[:, 12:], state)
+    got = np.concatenate([got_prefill, got_step], axis=0)
+    diff = float(np.abs(got - ref).max())
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    if not np.isfinite(diff) or diff > atol:
+        raise BuildError(f"exported graph disagrees with PyTorch: max |Δlogit| = {diff:.3g} > atol {atol} "
+                         f"(top-1 agreement {top1:.2f}); the graph is wrong, not saved")
+    return {"max_abs_logit_diff": diff, "top1_agreement": top1}
+
+
+@register
+class Export(Pass):
+    name = "export"
+    Config = ExportConfig
+    input_stage = "torch"
+    output_stage = "onnx"
+    provides = frozenset({"onnx"})
+    targets = frozenset({"cpu-onnx", "gpu-tensorrt"})
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        state.onnx_model = build_decoder_graph(state.torch_model, self.config)
+        changes = {"nodes": len(state.onnx_model.graph.node), "initializers": len(state.onnx_model.graph.initializer),
+                   "layers": _arch(state.torch_model.config)["layers"]}
+        notes = []
+        if self.config.check == "logits":
+            changes.update(check_against_torch(state.torch_model, state.onnx_model, self.config.atol, ctx.threads))
+        else:
+            notes.append("output check against PyTorch disabled by the recipe (check: off)")
+        return PassResult(True, changes, notes)

@@ -1,0 +1,186 @@
+"""Pass manager: runs passes in order over a ModelState and records each run (name, options, seconds, changes).
+
+Style after onnx-ir's passes: a pass is a class with one `call` that returns a result saying whether it
+modified the model. Each pass has a typed config (pydantic, unknown keys forbidden), declares the stage it
+works on (`torch`: the HF model in memory; `onnx`: an ONNX graph), what it needs (e.g. calibration data)
+and what it provides for later passes (e.g. `fused-attention`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import BuildError, RecipeError
+
+
+class PassConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    changes: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassRecord:
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    modified: bool
+    changes: dict[str, Any]
+    notes: list[str]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "options": self.options, "seconds": round(self.seconds, 3),
+                "modified": self.modified, "changes": self.changes, "notes": self.notes}
+
+
+@dataclass
+class ModelState:
+    """What flows through the passes. `stage` says which representation is current."""
+
+    stage: str  # "torch" | "onnx"
+    torch_model: Any = None  # transformers PreTrainedModel
+    tokenizer: Any = None
+    onnx_model: Any = None  # onnx.ModelProto
+    features: set[str] = field(default_factory=set)  # provided by passes so far
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. kv-cache layout, unquantized layers
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model: data, threads, a scratch directory."""
+
+    calibration: Any = None  # callable returning a list of token-id arrays (loaded once, on first use)
+    threads: int = 1
+    workdir: Path | None = None
+    seed: int = 0
+
+    def calibration_windows(self):
+        if self.calibration is None:
+            raise BuildError("this pass needs calibration data, but none is configured")
+        return self.calibration()
+
+
+class Pass:
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    input_stage: ClassVar[str] = "onnx"
+    output_stage: ClassVar[str] = "onnx"
+    needs: ClassVar[frozenset[str]] = frozenset()  # "calibration"
+    requires: ClassVar[frozenset[str]] = frozenset()  # features an earlier pass must provide
+    provides: ClassVar[frozenset[str]] = frozenset()
+    targets: ClassVar[frozenset[str] | None] = None  # None: any target
+
+    def __init__(self, config: PassConfig):
+        self.config = config
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    from . import passes  # noqa: F401 - importing registers the built-in passes
+
+    return dict(_REGISTRY)
+
+
+def load_plugin(path: Path, name: str) -> type[Pass]:
+    """An out-of-tree pass: a Python file defining a Pass subclass whose `name` matches the recipe entry."""
+    if not path.is_file():
+        raise RecipeError(f"plugin file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"optpipe_plugin_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - report any plugin import failure as a recipe problem
+        raise RecipeError(f"plugin file {path} failed to import: {type(e).__name__}: {e}") from None
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, Pass) and obj is not Pass and getattr(obj, "name", None) == name:
+            return obj
+    raise RecipeError(f"plugin file {path} defines no Pass subclass with name = {name!r}")
+
+
+def instantiate(recipe, source: str) -> list[Pass]:
+    from .errors import RecipeError as _RE
+    from .recipe import errors_to_message
+
+    known = registered_passes()
+    out = []
+    for i, spec in enumerate(recipe.passes):
+        where = f"{source}: passes[{i}]"
+        if spec.path:
+            cls = load_plugin(recipe.resolve_path(spec.path), spec.name)
+        elif spec.name in known:
+            cls = known[spec.name]
+        else:
+            raise _RE(f"{where}.name: unknown pass {spec.name!r}; known: {', '.join(sorted(known))} "
+                      "(or give `path:` to a plugin file)")
+        try:
+            config = cls.Config.model_validate(spec.options)
+        except ValidationError as e:
+            raise _RE(errors_to_message(source, e, prefix=("passes", i))) from None
+        out.append(cls(config))
+    return out
+
+
+def validate_pass_chain(recipe, source: str) -> list[Pass]:
+    """Check stages, requirements and target fit before anything heavy runs."""
+    passes = instantiate(recipe, source)
+    from .targets import get_target
+
+    target = get_target(recipe.target)
+    stage, features = "torch", set()
+    for i, p in enumerate(passes):
+        where = f"{source}: passes[{i}] ({p.name})"
+        if p.targets is not None and recipe.target not in p.targets:
+            raise RecipeError(f"{where}: not available for target {recipe.target} (works for {', '.join(sorted(p.targets))})")
+        if p.input_stage != stage:
+            hint = " (put it before `export`)" if p.input_stage == "torch" else " (add `export` before it)"
+            raise RecipeError(f"{where}: works on the {p.input_stage} model, but the model is {stage} here{hint}")
+        missing = p.requires - features
+        if missing:
+            raise RecipeError(f"{where}: needs an earlier pass providing {', '.join(sorted(missing))}")
+        stage = p.output_stage
+        features |= set(p.provides)
+    if stage != target.final_stage:
+        raise RecipeError(f"{source}: passes: target {recipe.target} needs a {target.final_stage} model at the end, "
+                          f"the passes leave a {stage} model")
+    return passes
+
+
+def run_passes(passes: list[Pass], state: ModelState, ctx: PassContext, log=print) -> list[PassRecord]:
+    records = []
+    for i, p in enumerate(passes):
+        log(f"[{i + 1}/{len(passes)}] {p.name} ...")
+        t0 = time.perf_counter()
+        try:
+            result = p.call(state, ctx)
+        except BuildError as e:
+            raise BuildError(f"pass {p.name} (passes[{i}]): {e}") from None
+        except Exception as e:  # noqa: BLE001 - a pass crash names the pass, keeps the traceback chained
+            raise BuildError(f"pass {p.name} (passes[{i}]) failed: {type(e).__name__}: {e}") from e
+        seconds = time.perf_counter() - t0
+        state.stage = p.output_stage
+        state.features |= set(p.provides)
+        rec = PassRecord(p.name, p.config.model_dump(mode="json"), seconds, result.modified, result.changes, result.notes)
+        records.append(rec)
+        summary = ", ".join(f"{k}={v}" for k, v in result.changes.items() if not isinstance(v, (dict, list)))
+        log(f"    done in {seconds:.1f}s{': ' + summary if summary else ''}")
+    return records
