@@ -99,3 +99,36 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 INT32 = TensorProto.INT32
+
+
+def toposort(model: onnx.ModelProto) -> None:
+    """Re-order graph nodes so every input is produced before use (rewrites may insert out of order)."""
+    nodes = list(model.graph.node)
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    ordered, pending = [], nodes
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            missing = sorted({i for n in rest for i in n.input if i not in available})[:5]
+            raise ValueError(f"graph has unresolved inputs: {missing}")
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def set_metadata(model: onnx.ModelProto, **values) -> None:
+    current = metadata(model)
+    current.update({k.replace("__", "."): str(v) for k, v in values.items()})
+    del model.metadata_props[:]
+    for k, v in current.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))

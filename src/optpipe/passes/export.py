@@ -179,7 +179,7 @@ def build_decoder_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
     model_proto.ir_version = 10
     meta = {"optpipe.num_layers": L, "optpipe.num_heads": H, "optpipe.kv_num_heads": KV, "optpipe.head_dim": D,
             "optpipe.vocab_size": a["vocab"], "optpipe.kv_cache": "dynamic", "optpipe.max_length": cfg.max_positions,
-            "optpipe.model_type": a["model_type"]}
+            "optpipe.model_type": a["model_type"], "optpipe.rms_norm_eps": repr(a["eps"])}
     for k_, v_ in meta.items():
         model_proto.metadata_props.append(onnx.StringStringEntryProto(key=k_, value=str(v_)))
     return model_proto

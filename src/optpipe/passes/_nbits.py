@@ -1,0 +1,134 @@
+"""Shared by `quantize-int4` and `quantize-int8` (weight-only): select MatMuls, quantize, rewrite to MatMulNBits."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from tqdm import tqdm
+
+from ..pipeline import ModelState, PassContext
+from . import _quant
+from ._onnx import FLOAT, MS_DOMAIN, ensure_opset, initializer_map, metadata, toposort
+
+
+def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str]):
+    """MatMul nodes with a 2-D float initializer as B, filtered by regex on the node name.
+    Returns (selected, skipped: {name: reason})."""
+    inits = initializer_map(model)
+    selected, skipped = [], {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        init = inits.get(node.input[1])
+        if init is None or len(init.dims) != 2 or init.data_type != FLOAT:
+            skipped[node.name] = "B is not a constant 2-D float weight"
+            continue
+        if include and not any(re.search(p, node.name) for p in include):
+            skipped[node.name] = "not matched by include"
+            continue
+        hit = next((p for p in exclude if re.search(p, node.name)), None)
+        if hit:
+            skipped[node.name] = f"excluded by pattern {hit!r}"
+            continue
+        selected.append(node)
+    return selected, skipped
+
+
+def collect_hessians(model: onnx.ModelProto, names: list[str], windows, threads: int) -> dict[str, np.ndarray]:
+    """H = 2/n * sum(X^T X) for each activation `name`, running the float graph on calibration windows."""
+    import onnxruntime as ort
+
+    from ..targets.cpu_onnx import session_options
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for n in names:
+        probe.graph.output.append(helper.make_tensor_value_info(n, FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    meta = metadata(model)
+    layers, kv, d = (int(meta[k]) for k in ("optpipe.num_layers", "optpipe.kv_num_heads", "optpipe.head_dim"))
+    past = int(meta["optpipe.max_length"]) if meta.get("optpipe.kv_cache") == "static" else 0
+    hess = {n: None for n in names}
+    count = 0
+    for ids in tqdm(windows, desc="calibration (Hessians)", unit="window"):
+        feeds = {"input_ids": ids.reshape(1, -1).astype(np.int64), "attention_mask": np.ones((1, ids.size), np.int64)}
+        for i in range(layers):
+            for kvn in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kvn}"] = np.zeros((1, kv, past, d), np.float32)
+        outs = sess.run(names, feeds)
+        for n, x in zip(names, outs):
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            hess[n] = x.T @ x if hess[n] is None else hess[n] + x.T @ x
+        count += ids.size
+    return {n: (2.0 / count) * h for n, h in hess.items()}
+
+
+def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
+                     accuracy_level: int, include: list[str], exclude: list[str], damp: float = 0.01) -> tuple[dict, list]:
+    model = state.onnx_model
+    selected, skipped = select_matmuls(model, include, exclude)
+    inits = initializer_map(model)
+    usable = []
+    for node in selected:
+        k = inits[node.input[1]].dims[0]
+        if k % block:
+            skipped[node.name] = f"K={k} is not a multiple of block_size {block}"
+        else:
+            usable.append(node)
+    hessians = {}
+    if algorithm == "gptq" and usable:
+        hessians = collect_hessians(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(), ctx.threads)
+    new_nodes, new_inits, drop = [], [], set()
+    rel_errors = []
+    for node in tqdm(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):
+        w = numpy_helper.to_array(inits[node.input[1]]).T  # [N, K]
+        n, k = w.shape
+        if algorithm == "gptq":
+            qw = _quant.gptq(w, hessians[node.input[0]], bits, block, scheme, damp=damp)
+        else:
+            qw = _quant.rtn(w, bits, block, scheme)
+        rel_errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
+        b, scales, zp = _quant.pack_matmulnbits(qw, bits)
+        base = node.name
+        new_inits += [numpy_helper.from_array(b, base + ".qweight"), numpy_helper.from_array(scales, base + ".scales"),
+                      numpy_helper.from_array(zp, base + ".zero_points")]
+        out = node.output[0]
+        mm_out = out if qw.residual is None else base + "/nbits_out"
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], base + ".qweight", base + ".scales", base + ".zero_points"], [mm_out],
+            name=base, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
+        if qw.residual is not None:
+            nb = k // block
+            new_inits += [numpy_helper.from_array(np.array([0, 0, nb, block], np.int64), base + ".block_shape"),
+                          numpy_helper.from_array(np.array([-1], np.int64), base + ".last_axis"),
+                          numpy_helper.from_array(np.ascontiguousarray(qw.residual.T), base + ".zp_residual")]
+            new_nodes += [
+                helper.make_node("Reshape", [node.input[0], base + ".block_shape"], [base + "/blocks"], name=base + "/blocks"),
+                helper.make_node("ReduceSum", [base + "/blocks", base + ".last_axis"], [base + "/block_sums"],
+                                 name=base + "/block_sums", keepdims=0),
+                helper.make_node("MatMul", [base + "/block_sums", base + ".zp_residual"], [base + "/zp_correction"],
+                                 name=base + "/zp_correction"),
+                helper.make_node("Add", [mm_out, base + "/zp_correction"], [out], name=base + "/zp_add"),
+            ]
+        drop.add(node.input[1])
+    done = {id(n) for n in usable}
+    nodes = [n for n in model.graph.node if id(n) not in done] + new_nodes
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    still_used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name not in drop or t.name in still_used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    toposort(model)
+    ensure_opset(model, MS_DOMAIN, 1)
+    state.info.setdefault("quantized", {}).update({n.name: f"int{bits} {algorithm} block{block} {scheme}" for n in usable})
+    changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),
+               "weight_rel_error_mean": round(float(np.mean(rel_errors)), 5) if rel_errors else None,
+               "weight_rel_error_max": round(float(np.max(rel_errors)), 5) if rel_errors else None,
+               "skipped": skipped}
+    notes = []
+    if scheme == "float" and usable:
+        notes.append("float zero points: stored as uint8 zero point + per-block remainder correction (exact)")
+    return changes, notes

@@ -1,0 +1,133 @@
+"""Block-wise weight quantization for ONNX Runtime's MatMulNBits: RTN and GPTQ, three zero-point schemes.
+
+Weights are W[N, K] (output, input); blocks of `block` run along K, as MatMulNBits and GGUF both lay them out.
+- `float` zero point: w ≈ d*q + m with a float minimum m (GGUF Q4_1's grid). MatMulNBits only takes uint8
+  zero points on its fast path, so the block is stored as d*(q - z) with the nearest integer z, and the exact
+  remainder r = m + d*z per (block, column) is added back by a small correction: blocksum(x) @ R.
+- `int` zero point: asymmetric with an integer zero point (what ONNX Runtime's own quantizer writes).
+- `symmetric`: w ≈ d*(q - 2^(bits-1)) (Q4_0 / Q8_0 style).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class QuantizedWeight:
+    q: np.ndarray  # uint8 codes [N, nb, block]
+    scale: np.ndarray  # [N, nb]
+    zero: np.ndarray  # uint8 [N, nb]
+    residual: np.ndarray | None  # [N, nb] float: exact float zero-point remainder, or None
+
+    def dequantize(self) -> np.ndarray:
+        w = (self.q.astype(np.float32) - self.zero[..., None]) * self.scale[..., None]
+        if self.residual is not None:
+            w = w + self.residual[..., None]
+        return w.reshape(w.shape[0], -1)
+
+
+def _params(wb: np.ndarray, bits: int, scheme: str):
+    """Per-block quantizer parameters for wb[..., block]: returns (scale, zero_int, minimum_or_None)."""
+    qmax = (1 << bits) - 1
+    if scheme == "symmetric":
+        idx = np.abs(wb).argmax(-1)[..., None]
+        extreme = np.take_along_axis(wb, idx, -1)[..., 0]
+        half = 1 << (bits - 1)
+        scale = extreme / -half if bits == 4 else np.abs(extreme) / (half - 1)
+        scale = np.where(scale == 0, 1.0, scale)
+        return scale.astype(np.float32), np.full(scale.shape, half, np.float32), None
+    lo, hi = np.minimum(wb.min(-1), 0 if scheme == "int" else np.inf), wb.max(-1)
+    if scheme == "int":
+        hi = np.maximum(hi, 0)
+    scale = (hi - lo) / qmax
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.float32)
+    return scale, zero, (lo.astype(np.float32) if scheme == "float" else None)
+
+
+def _codes(wb, scale, zero, minimum, bits):
+    qmax = (1 << bits) - 1
+    if minimum is not None:
+        return np.clip(np.round((wb - minimum[..., None]) / scale[..., None]), 0, qmax)
+    return np.clip(np.round(wb / scale[..., None]) + zero[..., None], 0, qmax)
+
+
+def _finish(q, scale, zero, minimum) -> QuantizedWeight:
+    residual = None
+    if minimum is not None:
+        residual = (minimum + scale * zero).astype(np.float32)  # d*(q - z) + r == d*q + m
+    return QuantizedWeight(q.astype(np.uint8), scale, zero.astype(np.uint8), residual)
+
+
+def rtn(w: np.ndarray, bits: int, block: int, scheme: str) -> QuantizedWeight:
+    n, k = w.shape
+    wb = w.reshape(n, k // block, block).astype(np.float32)
+    scale, zero, minimum = _params(wb, bits, scheme)
+    return _finish(_codes(wb, scale, zero, minimum, bits), scale, zero, minimum)
+
+
+def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
+         damp: float = 0.01, cols_per_step: int = 128) -> QuantizedWeight:
+    """GPTQ (Frantar et al.): quantize column by column, spreading each column's error over the columns
+    not yet quantized, weighted by the inverse Hessian of the layer input. Group parameters are fitted
+    on the error-updated weights when a group starts."""
+    n, k = w.shape
+    W = w.astype(np.float64).copy()
+    H = hessian.astype(np.float64).copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+    nb = k // block
+    q = np.zeros((n, k), np.float64)
+    scale = np.zeros((n, nb), np.float32)
+    zero = np.zeros((n, nb), np.float32)
+    minimum = np.zeros((n, nb), np.float32) if scheme == "float" else None
+    step = max(block, cols_per_step - cols_per_step % block)
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        W1 = W[:, i1:i2].copy()
+        E1 = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block == 0:
+                b = col // block
+                s, z, m = _params(W1[:, i:i + block].astype(np.float32)[:, None, :], bits, scheme)
+                scale[:, b], zero[:, b] = s[:, 0], z[:, 0]
+                if minimum is not None:
+                    minimum[:, b] = m[:, 0]
+            b = col // block
+            m = minimum[:, b:b + 1] if minimum is not None else None
+            code = _codes(W1[:, i:i + 1].astype(np.float32), scale[:, b:b + 1], zero[:, b:b + 1], m, bits)[:, 0]
+            q[:, col] = code
+            deq = (code - zero[:, b]) * scale[:, b] if m is None else code * scale[:, b] + m[:, 0]
+            err = (W1[:, i] - deq) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    qb = q.reshape(n, nb, block)
+    return _finish(qb, scale, zero, minimum)
+
+
+def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis, `8 // bits` codes a byte, first code in the lowest bits."""
+    per = 8 // bits
+    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).astype(np.uint16)
+    out = np.zeros(grouped.shape[:-1], np.uint16)
+    for j in range(per):
+        out |= grouped[..., j] << (bits * j)
+    return out.astype(np.uint8)
+
+
+def pack_matmulnbits(qw: QuantizedWeight, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B [N, nb, block*bits/8] uint8, scales [N*nb] float32, zero_points uint8 [N*ceil(nb*bits/8)])."""
+    n, nb, block = qw.q.shape
+    per = 8 // bits
+    z = qw.zero
+    if nb % per:
+        z = np.concatenate([z, np.zeros((n, per - nb % per), np.uint8)], axis=1)
+    return _pack_bits(qw.q, bits), qw.scale.reshape(-1).astype(np.float32), _pack_bits(z, bits).reshape(-1)

@@ -1,0 +1,176 @@
+"""`fuse`: replace the exported graph's units with ONNX Runtime's fused CPU kernels, and count each fusion.
+
+- attention (`optpipe:CausalAttention`: rotary + KV cache + GQA) -> `com.microsoft:GroupQueryAttention`
+  with `do_rotary=1`, taking a packed QKV projection when q/k/v share their input;
+- q/k/v projections -> one MatMul (`qkv_proj`); MLP gate/up projections -> one MatMul + Split;
+- residual Add + RMSNorm -> `com.microsoft:SkipSimplifiedLayerNormalization`; other RMSNorm ->
+  `SimplifiedLayerNormalization`.
+SiLU-mul stays two element-wise ops: ONNX Runtime's CPU provider has no fused SwiGLU kernel.
+Run it before quantization: it fuses float MatMul weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ._onnx import (FN_DOMAIN, INT32, MS_DOMAIN, consumers, drop_unused_functions, ensure_opset, initializer_map,
+                    metadata, producers, toposort)
+
+
+class FuseConfig(PassConfig):
+    attention: bool = True
+    rmsnorm: bool = True
+    qkv: bool = True
+    gate_up: bool = True
+
+
+def _weight_matmul(node, inits) -> bool:
+    return node is not None and node.op_type == "MatMul" and node.input[1] in inits
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = initializer_map(model)
+        self.prod = producers(model)
+        self.cons = consumers(model)
+        self.remove: set[int] = set()
+        self.new_nodes: list = []
+        self.new_inits: list = []
+        self.drop_inits: set[str] = set()
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def source_of(self, value: str):
+        """(matmul, bias_add|None) producing `value` as x @ W (+ b), or None."""
+        node = self.prod.get(value)
+        if node is not None and node.op_type == "Add" and node.input[1] in self.inits:
+            mm = self.prod.get(node.input[0])
+            return (mm, node) if _weight_matmul(mm, self.inits) else None
+        return (node, None) if _weight_matmul(node, self.inits) else None
+
+    def concat_linears(self, parts, name: str):
+        """One MatMul over the concatenated weights (and biases) of `parts`, which share their input."""
+        weights = [self.array(mm.input[1]) for mm, _ in parts]
+        w = np.concatenate(weights, axis=1)
+        wname = name + ".weight_t"
+        self.new_inits.append(numpy_helper.from_array(w, wname))
+        out = name + "/out"
+        self.new_nodes.append(helper.make_node("MatMul", [parts[0][0].input[0], wname], [out], name=name))
+        if all(b is not None for _, b in parts):
+            bname = name + ".bias"
+            self.new_inits.append(numpy_helper.from_array(
+                np.concatenate([self.array(b.input[1]) for _, b in parts]), bname))
+            self.new_nodes.append(helper.make_node("Add", [out, bname], [out + "_bias"], name=name + ".bias_add"))
+            out = out + "_bias"
+        for mm, b in parts:
+            self.remove.add(id(mm))
+            self.drop_inits.add(mm.input[1])
+            if b is not None:
+                self.remove.add(id(b))
+                self.drop_inits.add(b.input[1])
+        return out, [wt.shape[1] for wt in weights]
+
+    def commit(self) -> None:
+        nodes = [n for n in self.model.graph.node if id(n) not in self.remove] + self.new_nodes
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(nodes)
+        keep = [t for t in self.model.graph.initializer if t.name not in self.drop_inits]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(keep + self.new_inits)
+        toposort(self.model)
+
+
+@register
+class Fuse(Pass):
+    name = "fuse"
+    Config = FuseConfig
+    provides = frozenset({"fused-attention"})
+    requires = frozenset({"onnx"})
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        model = state.onnx_model
+        meta = metadata(model)
+        counts = {"attention_gqa": 0, "qkv_packed": 0, "gate_up": 0, "skip_rmsnorm": 0, "rmsnorm": 0}
+        g = _Graph(model)
+        if self.config.attention:
+            self._attention(g, meta, counts)
+        if self.config.gate_up:
+            self._gate_up(g, counts)
+        g.commit()
+        if self.config.rmsnorm:
+            g = _Graph(model)
+            self._rmsnorm(g, float(meta["optpipe.rms_norm_eps"]), counts)
+            g.commit()
+        drop_unused_functions(model)
+        ensure_opset(model, MS_DOMAIN, 1)
+        notes = [] if counts["attention_gqa"] else ["no attention unit found to fuse"]
+        if not self.config.attention:
+            notes.append("attention left unfused (fuse.attention: false): the static KV cache needs it fused")
+        return PassResult(any(counts.values()), counts, notes)
+
+    def _attention(self, g: _Graph, meta: dict, counts: dict) -> None:
+        attn = [n for n in g.model.graph.node if n.domain == FN_DOMAIN and n.op_type == "CausalAttention"]
+        if not attn:
+            return
+        # Shared by every layer: GQA's sequence bookkeeping, from the attention mask.
+        g.new_nodes += [
+            helper.make_node("ReduceSum", ["attention_mask", "gqa/axes1"], ["gqa/mask_sum"], name="gqa/mask_sum", keepdims=0),
+            helper.make_node("Sub", ["gqa/mask_sum", "gqa/one"], ["gqa/seqlens_i64"], name="gqa/seqlens_sub"),
+            helper.make_node("Cast", ["gqa/seqlens_i64"], ["gqa/seqlens_k"], name="gqa/seqlens_k", to=INT32),
+            helper.make_node("Shape", ["attention_mask"], ["gqa/mask_shape"], name="gqa/mask_shape", start=1, end=2),
+            helper.make_node("Squeeze", ["gqa/mask_shape"], ["gqa/total_i64"], name="gqa/total_squeeze"),
+            helper.make_node("Cast", ["gqa/total_i64"], ["gqa/total_sequence_length"], name="gqa/total", to=INT32),
+        ]
+        g.new_inits += [numpy_helper.from_array(np.array([1], np.int64), "gqa/axes1"),
+                        numpy_helper.from_array(np.array(1, np.int64), "gqa/one")]
+        heads, kv_heads, head_dim = (int(meta[k]) for k in ("optpipe.num_heads", "optpipe.kv_num_heads", "optpipe.head_dim"))
+        for node in attn:
+            q, k, v, past_k, past_v, _mask, cos, sin = node.input
+            srcs = [g.source_of(x) for x in (q, k, v)]
+            packed = (self.config.qkv and all(srcs) and len({s[0].input[0] for s in srcs}) == 1
+                      and len({s[1] is None for s in srcs}) == 1)
+            if packed:
+                prefix = node.name.rsplit(".", 1)[0]
+                q, _ = g.concat_linears(srcs, prefix + ".qkv_proj")
+                k = v = ""
+                counts["qkv_packed"] += 1
+            g.new_nodes.append(helper.make_node(
+                "GroupQueryAttention", [q, k, v, past_k, past_v, "gqa/seqlens_k", "gqa/total_sequence_length", cos, sin],
+                list(node.output), name=node.name, domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
+                do_rotary=1, rotary_interleaved=0, scale=1.0 / float(np.sqrt(head_dim))))
+            g.remove.add(id(node))
+            counts["attention_gqa"] += 1
+
+    def _gate_up(self, g: _Graph, counts: dict) -> None:
+        for gate in [n for n in g.model.graph.node if n.op_type == "MatMul" and n.name.endswith(".mlp.gate_proj")]:
+            up = next((n for n in g.cons.get(gate.input[0], []) if n.op_type == "MatMul" and n.name.endswith(".mlp.up_proj")), None)
+            if up is None or not (_weight_matmul(gate, g.inits) and _weight_matmul(up, g.inits)):
+                continue
+            name = gate.name.rsplit(".", 1)[0] + ".gate_up_proj"
+            out, sizes = g.concat_linears([(gate, None), (up, None)], name)
+            g.new_inits.append(numpy_helper.from_array(np.array(sizes, np.int64), name + ".split"))
+            g.new_nodes.append(helper.make_node("Split", [out, name + ".split"], [gate.output[0], up.output[0]],
+                                                name=name + ".split", axis=-1))
+            counts["gate_up"] += 1
+
+    def _rmsnorm(self, g: _Graph, eps: float, counts: dict) -> None:
+        for node in [n for n in g.model.graph.node if n.domain == FN_DOMAIN and n.op_type == "RMSNorm"]:
+            x, gamma = node.input
+            add = g.prod.get(x)
+            g.remove.add(id(node))
+            if add is not None and add.op_type == "Add" and id(add) not in g.remove and add.input[1] not in g.inits:
+                others = [c for c in g.cons.get(x, []) if c is not node]
+                sum_out = x if others else ""
+                g.new_nodes.append(helper.make_node(
+                    "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], gamma],
+                    [node.output[0], "", "", sum_out], name=node.name, domain=MS_DOMAIN, epsilon=eps))
+                g.remove.add(id(add))
+                counts["skip_rmsnorm"] += 1
+            else:
+                g.new_nodes.append(helper.make_node("SimplifiedLayerNormalization", [x, gamma], [node.output[0]],
+                                                    name=node.name, axis=-1, epsilon=eps, stash_type=1))
+                counts["rmsnorm"] += 1
