@@ -1,0 +1,154 @@
+"""`build` and `gate`: recipe -> load -> passes -> target save (staging) -> gates -> atomic emit."""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import artifact, data, hw, models
+from .errors import GateFailed, RecipeError
+from .gates import GateResult, accuracy, speed
+from .pipeline import ModelState, PassContext, run_passes, validate_pass_chain
+from .recipe import DataSpec, Recipe, load_recipe, recipe_from_dict
+from .targets import get_target
+from .targets.torch_eager import TorchEagerRunner
+
+
+@dataclass
+class BuildResult:
+    passed: bool
+    metrics: dict
+    artifact_path: Path | None
+    manifest: dict = field(default_factory=dict)
+    rejected_path: Path | None = None
+    report: str = ""
+
+
+def _as_recipe(recipe) -> tuple[Recipe, str]:
+    if isinstance(recipe, Recipe):
+        return recipe, recipe.source_path or "<recipe>"
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe), "<recipe>"
+    return load_recipe(recipe), str(recipe)
+
+
+def speed_prompt(windows: list[np.ndarray], n: int) -> np.ndarray:
+    ids = np.concatenate(windows)
+    return np.resize(ids, n) if ids.size < n else ids[:n]
+
+
+def run_gates(recipe: Recipe, reference, candidate, eval_windows, threads: int, log=print) -> dict[str, GateResult]:
+    log("accuracy gate: candidate vs fp32 reference on the evaluation text")
+    acc = accuracy.check(accuracy.compare(reference, candidate, eval_windows.windows), recipe.gates.accuracy)
+    g = recipe.gates.speed
+    log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats} interleaved rounds, {threads} thread(s)")
+    spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
+                                    g.new_tokens, g.repeats), g, threads)
+    return {"accuracy": acc, "speed": spd}
+
+
+def _summary(gates: dict[str, GateResult]) -> dict:
+    keys = {"accuracy": ("ppl_delta_pct", "mean_kl", "top1_agreement", "ppl_reference", "ppl_candidate"),
+            "speed": ("decode_speedup", "prefill_speedup", "candidate_decode_tok_s", "reference_decode_tok_s")}
+    return {f"{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]}
+
+
+def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,
+          threads: int | None = None, log=print) -> BuildResult:
+    """Build, gate, and emit an artifact. Raises GateFailed (nothing at `output`) when a gate fails."""
+    t_start = time.perf_counter()
+    recipe, source = _as_recipe(recipe)
+    target = get_target(recipe.target)
+    if not target.implemented:
+        raise RecipeError(f"{source}: target: {recipe.target} is not implemented yet: {target.why}")
+    passes = validate_pass_chain(recipe, source)
+    out = output or recipe.output
+    if out is None:
+        raise RecipeError(f"{source}: output: no output path (give -o/--output or set `output:` in the recipe)")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
+    threads = threads or recipe.gates.speed.threads or hw.physical_cores()
+
+    log(f"loading model {recipe.model.source}")
+    model, tokenizer, resolved = models.load(recipe.model)
+    reference_model = copy.deepcopy(model) if any(p.input_stage == "torch" and p.name != "export" for p in passes) else model
+    calib_cache: dict = {}
+
+    def calibration():
+        if "w" not in calib_cache:
+            calib_cache["w"] = data.token_windows(recipe.calibration, tokenizer, recipe.base_dir, "calibration")
+        return calib_cache["w"].windows
+
+    eval_windows = data.token_windows(recipe.evaluation, tokenizer, recipe.base_dir, "evaluation")
+    staging = artifact.Staging(out)
+    try:
+        state = ModelState("torch", torch_model=model, tokenizer=tokenizer)
+        ctx = PassContext(calibration=calibration, threads=threads, workdir=staging.path.parent, seed=recipe.seed)
+        records = run_passes(passes, state, ctx, log=log)
+        log(f"saving {recipe.target} artifact to staging")
+        saved = target.save(state, staging.path)
+        del state
+        candidate = target.load(staging.path, threads)
+        reference = TorchEagerRunner(reference_model, threads)
+        gates = run_gates(recipe, reference, candidate, eval_windows, threads, log)
+        del candidate
+        passed = all(g.passed for g in gates.values())
+        manifest = {
+            "status": "passed" if passed else "rejected",
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - t_start, 1),
+            "recipe_file": None if source == "<recipe>" else str(Path(source)),
+            "recipe": recipe.resolved(),
+            "model": {**resolved.describe(), "architectures": list(model.config.architectures or [])},
+            "target": {"name": recipe.target, **saved},
+            "passes": [r.to_json() for r in records],
+            "data": {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
+                     "evaluation": eval_windows.describe()},
+            "gates": {k: g.to_json() for k, g in gates.items()},
+            "summary": _summary(gates),
+            "environment": hw.environment(),
+        }
+        manifest["report"] = artifact.REPORT
+        report = artifact.render_report(manifest)
+        (staging.path / artifact.REPORT).write_text(report, encoding="utf-8")
+        manifest = artifact.write_manifest(staging.path, manifest)
+        if not passed:
+            kept = staging.reject(keep_rejected)
+            failures = [f"{name}: {f}" for name, g in gates.items() for f in g.failures]
+            msg = "artifact refused, nothing written to {}:\n  - {}".format(out, "\n  - ".join(failures))
+            if kept:
+                msg += f"\nrejected candidate kept at {kept}"
+            raise GateFailed(msg, report={"manifest": manifest, "rejected_path": str(kept) if kept else None})
+        path = staging.emit(overwrite)
+        return BuildResult(True, manifest["summary"], path, manifest, None, report)
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | None = None, log=print) -> BuildResult:
+    """Re-run both gates on an existing artifact (optionally on other evaluation text); never modifies it."""
+    artifact_dir = Path(artifact_dir)
+    manifest = artifact.read_manifest(artifact_dir)
+    recipe = Recipe.model_validate({**manifest["recipe"], "source_path": manifest.get("recipe_file")})
+    if eval_data:
+        recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
+    threads = threads or recipe.gates.speed.threads or hw.physical_cores()
+    target = get_target(recipe.target)
+    log(f"loading reference model {recipe.model.source}")
+    model, tokenizer, _ = models.load(recipe.model)
+    windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
+    candidate = target.load(artifact_dir, threads)
+    gates = run_gates(recipe, TorchEagerRunner(model, threads), candidate, windows, threads, log)
+    passed = all(g.passed for g in gates.values())
+    result = {"status": "passed" if passed else "rejected", "gates": {k: g.to_json() for k, g in gates.items()},
+              "evaluation": windows.describe()}
+    if not passed:
+        failures = [f"{name}: {f}" for name, g in gates.items() for f in g.failures]
+        raise GateFailed("gate failed for {}:\n  - {}".format(artifact_dir, "\n  - ".join(failures)), report=result)
+    return BuildResult(True, _summary(gates), artifact_dir, result)

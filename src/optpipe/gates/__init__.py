@@ -1,0 +1,18 @@
+"""Gates: compare a runnable artifact with the unoptimized reference; a gate only sees runners."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GateResult:
+    name: str
+    passed: bool | None  # None: not measured
+    metrics: dict
+    thresholds: dict
+    failures: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        status = "not measured" if self.passed is None else ("passed" if self.passed else "failed")
+        return {"status": status, "passed": self.passed, **self.metrics, "thresholds": self.thresholds,
+                "failures": self.failures}
