@@ -50,7 +50,8 @@ def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
             raise ModelLoadError(f"model.source: {path} has no config.json (not a Hugging Face model directory)")
         return ResolvedModel("hf-dir", str(path.resolve()))
     if source.startswith(("/", "./", "../", "~")) or os.sep in source.strip("/").split("/", 1)[-1]:
-        raise ModelLoadError(f"model.source: {source} does not exist (expected a model directory or a .gguf file)")
+        raise ModelLoadError(f"model.source: {source} does not exist (expected a local model directory or a .gguf file; "
+                              "recipes may take it from an environment variable, e.g. OPTPIPE_LLAMA2_13B)")
     return ResolvedModel("hub", source, gguf_file)
 
 

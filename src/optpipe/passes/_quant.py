@@ -101,10 +101,14 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
                 if minimum is not None:
                     minimum[:, b] = m[:, 0]
             b = col // block
-            m = minimum[:, b:b + 1] if minimum is not None else None
-            code = _codes(W1[:, i:i + 1].astype(np.float32), scale[:, b:b + 1], zero[:, b:b + 1], m, bits)[:, 0]
+            s, z = scale[:, b].astype(np.float64), zero[:, b]
+            if minimum is not None:
+                code = np.clip(np.round((W1[:, i] - minimum[:, b]) / s), 0, (1 << bits) - 1)
+                deq = code * s + minimum[:, b]
+            else:
+                code = np.clip(np.round(W1[:, i] / s) + z, 0, (1 << bits) - 1)
+                deq = (code - z) * s
             q[:, col] = code
-            deq = (code - zero[:, b]) * scale[:, b] if m is None else code * scale[:, b] + m[:, 0]
             err = (W1[:, i] - deq) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E1[:, i] = err

@@ -1,0 +1,76 @@
+"""Fixtures: tiny random-init Llama/Qwen2 models (built from a config, saved locally) with a byte-level tokenizer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).parent.parent
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
+
+
+def make_tiny(path: Path, arch: str = "llama", layers: int = 2) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    with torch.no_grad():  # larger weights than the default init, so logits are not flat
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    _byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+def tiny_recipe(model_dir: Path, passes: list, **gates) -> dict:
+    return {
+        "name": "tiny",
+        "model": str(model_dir),
+        "target": "cpu-onnx",
+        "passes": passes,
+        "calibration": {"source": "builtin:calibration", "max_tokens": 512, "window": 128},
+        "evaluation": {"source": "builtin:evaluation", "max_tokens": 512, "window": 128},
+        "gates": {"accuracy": gates.get("accuracy", {"max_ppl_delta_pct": 5.0}),
+                  "speed": gates.get("speed", {"min_decode_speedup": 0.05, "prompt_tokens": 16, "new_tokens": 8,
+                                               "repeats": 1, "threads": 1})},
+    }
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return p
+
+
+FUSED_INT4 = [{"name": "export"}, {"name": "fuse"}, {"name": "static-kv-cache", "max_length": 256},
+              {"name": "quantize-int4", "block_size": 32, "accuracy_level": 0}]

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from optpipe.passes import _quant
+
+
+def grid_weights(n=16, k=64, block=32, seed=0):
+    """Weights exactly on a Q4_1-style grid: d*q + m per block of 32 along K."""
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.01, 0.05, (n, k // block, 1))
+    m = rng.uniform(-0.4, -0.1, (n, k // block, 1))
+    q = rng.integers(0, 16, (n, k // block, block))
+    q[..., 0], q[..., 1] = 0, 15  # full range used, as a min/max quantizer leaves it
+    return (d * q + m).reshape(n, k).astype(np.float32)
+
+
+def unpack(b, bits, count):
+    per = 8 // bits
+    vals = [(b >> (bits * j)) & ((1 << bits) - 1) for j in range(per)]
+    return np.stack(vals, -1).reshape(*b.shape[:-1], -1)[..., :count]
+
+
+def test_float_zero_point_is_exact_on_q4_1_grid():
+    w = grid_weights()
+    qw = _quant.rtn(w, 4, 32, "float")
+    assert np.abs(qw.dequantize() - w).max() < 1e-6
+    # the integer zero point alone cannot represent it: the remainder is what makes it exact
+    assert np.abs(qw.residual).max() > 1e-4
+    int_zp = _quant.rtn(w, 4, 32, "int")
+    assert np.abs(int_zp.dequantize() - w).max() > 1e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_roundtrip(bits):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 96)).astype(np.float32)
+    qw = _quant.rtn(w, bits, 32, "int")
+    b, scales, zp = _quant.pack_matmulnbits(qw, bits)
+    assert b.shape == (8, 3, 32 * bits // 8) and scales.shape == (24,)
+    assert np.array_equal(unpack(b, bits, 32), qw.q)
+    zp_rows = zp.reshape(8, -1)
+    assert np.array_equal(unpack(zp_rows[:, None, :], bits, 3)[:, 0], qw.zero)
+
+
+def test_symmetric_q8_exact_for_q8_0_grid():
+    rng = np.random.default_rng(2)
+    d = rng.uniform(0.001, 0.01, (4, 2, 1))
+    q = rng.integers(-127, 128, (4, 2, 32))
+    q[..., 0] = 127
+    w = (d * q).reshape(4, 64).astype(np.float32)
+    assert np.abs(_quant.rtn(w, 8, 32, "symmetric").dequantize() - w).max() < 1e-6
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    rng = np.random.default_rng(3)
+    k, n = 128, 32
+    mix = rng.normal(size=(k, k)) / np.sqrt(k)
+    x = rng.normal(size=(2048, k)) @ mix + rng.normal(size=(1, k)) * 2
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    h = 2 * x.T @ x / len(x)
+    for scheme in ("int", "float", "symmetric"):
+        err_rtn = np.linalg.norm(x @ (_quant.rtn(w, 4, 32, scheme).dequantize() - w).T)
+        err_gptq = np.linalg.norm(x @ (_quant.gptq(w, h, 4, 32, scheme).dequantize() - w).T)
+        assert err_gptq < 0.9 * err_rtn, scheme
