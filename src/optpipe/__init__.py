@@ -9,13 +9,13 @@ from .recipe import Recipe, load_recipe  # noqa: E402
 
 def build(recipe, output=None, **kwargs):
     """Build `recipe` (a path, dict or Recipe) into `output`; returns a BuildResult (raises GateFailed if refused)."""
-    from .build import build as _build
+    from .builder import build as _build
 
     return _build(recipe, output, **kwargs)
 
 
 def gate(artifact_dir, **kwargs):
-    from .build import gate as _gate
+    from .builder import gate as _gate
 
     return _gate(artifact_dir, **kwargs)
 

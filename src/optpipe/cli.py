@@ -26,7 +26,7 @@ def _print_gates(gates: dict) -> None:
 
 
 def cmd_build(a) -> int:
-    from .build import build
+    from .builder import build
 
     res = build(a.recipe, a.output, keep_rejected=a.keep_rejected, overwrite=a.overwrite, threads=a.threads, log=_log)
     _print_gates(res.manifest["gates"])
@@ -35,7 +35,7 @@ def cmd_build(a) -> int:
 
 
 def cmd_gate(a) -> int:
-    from .build import gate
+    from .builder import gate
 
     res = gate(a.artifact, eval_data=a.eval_data, threads=a.threads, log=_log)
     _print_gates(res.manifest["gates"])

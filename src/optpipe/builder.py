@@ -54,7 +54,7 @@ def run_gates(recipe: Recipe, reference, candidate, eval_windows, threads: int, 
 def _summary(gates: dict[str, GateResult]) -> dict:
     keys = {"accuracy": ("ppl_delta_pct", "mean_kl", "top1_agreement", "ppl_reference", "ppl_candidate"),
             "speed": ("decode_speedup", "prefill_speedup", "candidate_decode_tok_s", "reference_decode_tok_s")}
-    return {f"{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]}
+    return {f"gates.{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]}
 
 
 def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,

