@@ -84,3 +84,24 @@ def test_missing_model_and_offline_hub_errors(tmp_path):
     with pytest.raises(optpipe.ModelLoadError, match="does not exist"):
         optpipe.build(tiny_recipe(tmp_path / "no-such-dir" / "x", FUSED_INT4) | {"model": "./no/such/dir"},
                       output=tmp_path / "o", log=lambda m: None)
+
+
+def test_out_of_tree_plugin_pass_by_path(tiny_llama, tmp_path):
+    from .conftest import ROOT
+
+    passes = FUSED_INT4 + [{"name": "embedding-fp16", "path": str(ROOT / "passes" / "embedding_fp16.py")}]
+    res = optpipe.build(tiny_recipe(tiny_llama, passes), output=tmp_path / "a", log=lambda m: None)
+    rec = res.manifest["passes"][-1]
+    assert rec["name"] == "embedding-fp16" and rec["changes"]["gathers_rewritten"] == 1
+    assert rec["changes"]["bytes_saved"] == 256 * 64 * 2
+
+
+def test_plugin_errors_name_the_file(tiny_llama, tmp_path):
+    from optpipe.recipe import recipe_from_dict
+
+    bad = tmp_path / "nopass.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(optpipe.RecipeError, match="defines no Pass subclass with name = 'mine'"):
+        recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "mine", "path": str(bad)}]))
+    with pytest.raises(optpipe.RecipeError, match="not found"):
+        recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "mine", "path": str(tmp_path / "x.py")}]))

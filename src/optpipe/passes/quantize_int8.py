@@ -62,7 +62,8 @@ class QuantizeInt8(Pass):
             onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
                             location="in.onnx.data", size_threshold=1024)
             common = dict(per_channel=c.per_channel, nodes_to_quantize=names, op_types_to_quantize=["MatMul"],
-                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                          use_external_data_format=True,
+                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
             if c.mode == "dynamic":
                 quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, **common)
             else:

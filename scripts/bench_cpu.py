@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Side-by-side CPU benchmark, one process, same prompt, same threads, interleaved rounds:
+fp32 PyTorch eager, optpipe INT8 and INT4 artifacts, and llama.cpp (llama-cpp-python, optional) on the same
+GGUF (the shipped Q4_1 and a Q8_0 requantized from it). Reports prefill ms, decode tok/s (wall and per CPU-second),
+perplexity on the built-in evaluation text (same token ids for every engine), peak RSS (each engine alone in a
+child process) and artifact size. Writes a table into docs/benchmarks.md.
+
+    python scripts/bench_cpu.py --int4 artifacts/smollm2-int4 --int8 artifacts/smollm2-int8 --threads 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from optpipe import data, hw, models  # noqa: E402
+from optpipe.gates.accuracy import _log_softmax  # noqa: E402
+from optpipe.recipe import DataSpec, ModelSpec  # noqa: E402
+from optpipe.targets.base import Generation  # noqa: E402
+
+
+class LlamaCppRunner:
+    def __init__(self, path: str, threads: int, n_ctx: int = 1024):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         logits_all=True, verbose=False)
+
+    def logits(self, ids):
+        self.llm.reset()
+        self.llm.eval([int(t) for t in ids])
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def generate(self, ids, max_new_tokens, eos_token_id=None):
+        import llama_cpp
+
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval([int(t) for t in ids])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        tokens = [tok]
+        while len(tokens) < max_new_tokens:
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tokens.append(tok)
+        return Generation(tokens, t1 - t0, time.perf_counter() - t1)
+
+
+def gguf_path() -> Path:
+    r = models.resolve("builtin:smollm2-135m")
+    return Path(r.location) / r.gguf_file
+
+
+def requantize(src: Path, ftype: str, workdir: Path) -> Path:
+    import llama_cpp
+
+    dst = workdir / f"smollm2-{ftype}.gguf"
+    if not dst.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+        params.allow_requantize = True
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize to {ftype} failed ({rc})")
+    return dst
+
+
+def make_runner(kind: str, arg: str, threads: int, model=None):
+    if kind == "torch":
+        from optpipe.targets.torch_eager import TorchEagerRunner
+
+        if model is None:
+            model, _, _ = models.load(ModelSpec(source="builtin:smollm2-135m"))
+        return TorchEagerRunner(model, threads)
+    if kind == "onnx":
+        from optpipe.targets.cpu_onnx import CpuOnnxTarget
+
+        return CpuOnnxTarget().load(Path(arg), threads)
+    return LlamaCppRunner(arg, threads)
+
+
+def dir_size(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def child_rss(kind: str, arg: str, threads: int, prompt: list[int], new_tokens: int) -> float:
+    """Peak RSS (MiB) of a fresh process that loads one engine and generates."""
+    code = ("import sys,json,resource,numpy as np;sys.path.insert(0,%r);sys.path.insert(0,%r);"
+            "import bench_cpu as b;r=b.make_runner(%r,%r,%d);r.generate(np.array(%r),%d);"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)") % (
+        str(ROOT / "src"), str(ROOT / "scripts"), kind, arg, threads, prompt, new_tokens)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--int4", default="artifacts/smollm2-int4")
+    ap.add_argument("--int8", default="artifacts/smollm2-int8")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--json", default=str(ROOT / "docs" / "bench_cpu.json"))
+    a = ap.parse_args()
+
+    model, tok, _ = models.load(ModelSpec(source="builtin:smollm2-135m"))
+    ev = data.token_windows(DataSpec(source="builtin:evaluation", window=512), tok, None, "evaluation")
+    prompt = np.concatenate(ev.windows)[: a.prompt_tokens]
+    engines = [("PyTorch eager fp32", "torch", "", None), ("optpipe cpu-onnx INT8", "onnx", a.int8, Path(a.int8)),
+               ("optpipe cpu-onnx INT4", "onnx", a.int4, Path(a.int4))]
+    tmp = Path(tempfile.mkdtemp(prefix="optpipe-bench-"))
+    have_llama = not a.no_llama_cpp
+    if have_llama:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama-cpp-python not installed (pip install -e '.[bench]'): llama.cpp rows skipped", file=sys.stderr)
+            have_llama = False
+    if have_llama:
+        src = gguf_path()
+        engines += [("llama.cpp Q4_1 (shipped GGUF)", "llama", str(src), src),
+                    ("llama.cpp Q8_0", "llama", str(requantize(src, "q8_0", tmp)), None),
+                    ("llama.cpp Q4_0", "llama", str(requantize(src, "q4_0", tmp)), None)]
+        engines[-2] = (engines[-2][0], "llama", engines[-2][2], Path(engines[-2][2]))
+        engines[-1] = (engines[-1][0], "llama", engines[-1][2], Path(engines[-1][2]))
+
+    results = {name: {"size_mb": round(dir_size(p) / 1e6, 1) if p else None} for name, *_ , p in engines}
+    # perplexity (1 thread build of each runner is enough; same token ids everywhere)
+    ref_nll = None
+    for name, kind, arg, _ in engines:
+        r = make_runner(kind, arg, a.threads[0], model)
+        nll = n = 0.0
+        for w in ev.windows:
+            lp = _log_softmax(r.logits(w))[:-1]
+            nll -= lp[np.arange(w.size - 1), w[1:]].sum()
+            n += w.size - 1
+        results[name]["ppl"] = float(np.exp(nll / n))
+        ref_nll = results[name]["ppl"] if ref_nll is None else ref_nll
+        results[name]["ppl_delta_pct"] = round(100 * (results[name]["ppl"] / ref_nll - 1), 2)
+        del r
+    for threads in a.threads:
+        runners = {name: make_runner(kind, arg, threads, model) for name, kind, arg, _ in engines}
+        for r in runners.values():
+            r.generate(prompt, 8)
+        runs = {name: [] for name in runners}
+        for _ in range(a.rounds):
+            for name, r in runners.items():
+                c0 = time.process_time()
+                g = r.generate(prompt, a.new_tokens)
+                cpu = time.process_time() - c0
+                runs[name].append((g.prefill_seconds * 1e3, g.decode_tokens_per_second,
+                                   (len(g.tokens) - 1) / max(cpu, 1e-9)))  # whole generate call
+        for name, v in runs.items():
+            results[name][f"t{threads}"] = {"prefill_ms": round(statistics.median(x[0] for x in v), 1),
+                                            "decode_tok_s": round(statistics.median(x[1] for x in v), 1),
+                                            "tok_per_cpu_s": round(statistics.median(x[2] for x in v), 1)}
+        del runners
+    for name, kind, arg, _ in engines:
+        results[name]["peak_rss_mib"] = round(child_rss(kind, arg, a.threads[0], [int(t) for t in prompt], 16))
+
+    eager = {t: results["PyTorch eager fp32"][f"t{t}"]["decode_tok_s"] for t in a.threads}
+    date = datetime.date.today().isoformat()
+    env = hw.environment()
+    lines = [f"<!-- bench_cpu: generated by scripts/bench_cpu.py on {date} -->",
+             f"Machine: {env['cpu']}, {env['logical_cpus']} CPUs, ISA: "
+             f"{', '.join(k for k, v in env['isa'].items() if v)}; onnxruntime {env['versions'].get('onnxruntime')}, "
+             f"torch {env['versions'].get('torch')}. Date: {date}. Prompt {a.prompt_tokens} tokens, {a.new_tokens} new "
+             f"tokens, greedy, batch 1, median of {a.rounds} interleaved rounds. Perplexity on the built-in evaluation "
+             f"text ({ev.tokens} tokens, windows of 512, same token ids for every engine).", "",
+             "| engine | ppl | Δppl vs fp32 | " + " | ".join(
+                 f"{t}T prefill ms | {t}T decode tok/s | {t}T × eager | {t}T tok/CPU-s" for t in a.threads)
+             + " | peak RSS MiB | size MB |",
+             "|---|---|---|" + "---|---|---|---|" * len(a.threads) + "---|---|"]
+    for name, r in results.items():
+        cells = [f"{r['ppl']:.3f}", f"{r['ppl_delta_pct']:+.2f}%"]
+        for t in a.threads:
+            x = r[f"t{t}"]
+            cells += [str(x["prefill_ms"]), str(x["decode_tok_s"]), f"{x['decode_tok_s'] / eager[t]:.2f}",
+                      str(x["tok_per_cpu_s"])]
+        cells += [str(r["peak_rss_mib"]), str(r["size_mb"]) if r["size_mb"] else "–"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    Path(a.json).write_text(json.dumps({"date": date, "environment": env, "results": results}, indent=2))
+    doc = Path(a.doc)
+    begin, end = "<!-- BEGIN bench_cpu -->", "<!-- END bench_cpu -->"
+    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    pre, rest = text.split(begin, 1)
+    post = rest.split(end, 1)[1]
+    doc.write_text(f"{pre}{begin}\n{table}\n{end}{post}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
