@@ -99,10 +99,11 @@ def dir_size(p: Path) -> int:
 
 
 def child_rss(kind: str, arg: str, threads: int, prompt: list[int], new_tokens: int) -> float:
-    """Peak RSS (MiB) of a fresh process that loads one engine and generates."""
+    """Peak RSS (MiB, VmHWM) of a fresh process that loads one engine and generates (ru_maxrss would carry
+    over the parent's peak across fork/exec)."""
     code = ("import sys,json,resource,numpy as np;sys.path.insert(0,%r);sys.path.insert(0,%r);"
             "import bench_cpu as b;r=b.make_runner(%r,%r,%d);r.generate(np.array(%r),%d);"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)") % (
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0]/1024)") % (
         str(ROOT / "src"), str(ROOT / "scripts"), kind, arg, threads, prompt, new_tokens)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -59,6 +59,10 @@ class OnnxDecoder:
         self.layout = layout
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
+        vocab = session.get_outputs()[0].shape[-1]
+        self._step_logits_np = np.zeros((1, 1, vocab), np.float32)
+        self._step_logits = ort.OrtValue.ortvalue_from_numpy(self._step_logits_np)
+        self._mask = np.ones((1, layout.max_length if layout.static else 4096), dtype=np.int64)
 
     @classmethod
     def from_proto(cls, model: onnx.ModelProto, threads: int = 1) -> "OnnxDecoder":
@@ -82,37 +86,49 @@ class OnnxDecoder:
         shape = (1, L.kv_heads, length, L.head_dim)
         return [self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.past_names]
 
-    def _run(self, ids: np.ndarray, total: int, cache: list) -> tuple[np.ndarray, list]:
-        b = self.session.io_binding()
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        b.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        for name, value in zip(self.past_names, cache):
-            b.bind_ortvalue_input(name, value)
-        b.bind_output("logits", "cpu")
-        for name, value in zip(self.present_names, cache):
-            if self.layout.static:
-                b.bind_ortvalue_output(name, value)  # same buffer as the past: updated in place
+    def _run(self, ids: np.ndarray, total: int, state: dict) -> tuple[np.ndarray, dict]:
+        """One forward. Logits are bound first, so they are always output 0. With a static cache the decode
+        binding (cache + a preallocated logits buffer) is built once and reused for every step."""
+        cache = state["cache"]
+        step = ids.shape[1] == 1
+        b = state.get("binding") if (self.layout.static and step) else None
+        if b is None:
+            b = self.session.io_binding()
+            if step:
+                b.bind_ortvalue_output("logits", self._step_logits)
             else:
-                b.bind_output(name, "cpu")
+                b.bind_output("logits", "cpu")
+            for name, value in zip(self.past_names, cache):
+                b.bind_ortvalue_input(name, value)
+            for name, value in zip(self.present_names, cache):
+                if self.layout.static:
+                    b.bind_ortvalue_output(name, value)  # same buffer as the past: updated in place
+                else:
+                    b.bind_output(name, "cpu")
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        b.bind_cpu_input("attention_mask", self._mask[:, :total] if total <= self._mask.shape[1]
+                         else np.ones((1, total), dtype=np.int64))
         self.session.run_with_iobinding(b)
-        outs = b.get_outputs()
-        logits = outs[0].numpy()[0]
-        return logits, (cache if self.layout.static else list(outs[1:]))
+        outs = None if (step and self.layout.static) else b.get_outputs()
+        logits = self._step_logits_np[0].copy() if step else outs[0].numpy()[0]
+        if self.layout.static:
+            return logits, {"cache": cache, "binding": b if step else None}
+        return logits, {"cache": list(outs[1:])}
 
     def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict]:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         if self.layout.static and ids.shape[1] > self.layout.max_length:
             raise ValueError(f"{ids.shape[1]} tokens exceed the static cache of {self.layout.max_length}")
-        logits, cache = self._run(ids, ids.shape[1], self.new_cache())
-        return logits, {"cache": cache, "length": ids.shape[1]}
+        logits, state = self._run(ids, ids.shape[1], {"cache": self.new_cache()})
+        return logits, {**state, "length": ids.shape[1]}
 
     def step(self, ids: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         total = state["length"] + ids.shape[1]
         if self.layout.static and total > self.layout.max_length:
             raise ValueError(f"sequence of {total} tokens exceeds the static cache of {self.layout.max_length}")
-        logits, cache = self._run(ids, total, state["cache"])
-        return logits, {"cache": cache, "length": total}
+        logits, new_state = self._run(ids, total, state)
+        return logits, {**new_state, "length": total}
 
     # -- Runner API ----------------------------------------------------------------------------
     def logits(self, ids: np.ndarray) -> np.ndarray:
