@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..pipeline import ModelState, PassContext
 from . import _quant
-from ._onnx import FLOAT, MS_DOMAIN, ensure_opset, initializer_map, metadata, toposort
+from ._onnx import FLOAT, MS_DOMAIN, ensure_opset, initializer_map, prefill_feeds, toposort
 
 
 def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str]):
@@ -47,17 +47,10 @@ def collect_hessians(model: onnx.ModelProto, names: list[str], windows, threads:
     for n in names:
         probe.graph.output.append(helper.make_tensor_value_info(n, FLOAT, None))
     sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-    meta = metadata(model)
-    layers, kv, d = (int(meta[k]) for k in ("optpipe.num_layers", "optpipe.kv_num_heads", "optpipe.head_dim"))
-    past = int(meta["optpipe.max_length"]) if meta.get("optpipe.kv_cache") == "static" else 0
     hess = {n: None for n in names}
     count = 0
     for ids in tqdm(windows, desc="calibration (Hessians)", unit="window"):
-        feeds = {"input_ids": ids.reshape(1, -1).astype(np.int64), "attention_mask": np.ones((1, ids.size), np.int64)}
-        for i in range(layers):
-            for kvn in ("key", "value"):
-                feeds[f"past_key_values.{i}.{kvn}"] = np.zeros((1, kv, past, d), np.float32)
-        outs = sess.run(names, feeds)
+        outs = sess.run(names, prefill_feeds(model, ids))
         for n, x in zip(names, outs):
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)
             hess[n] = x.T @ x if hess[n] is None else hess[n] + x.T @ x

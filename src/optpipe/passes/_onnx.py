@@ -132,3 +132,15 @@ def set_metadata(model: onnx.ModelProto, **values) -> None:
     del model.metadata_props[:]
     for k, v in current.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+
+
+def prefill_feeds(model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs for one prefill of `ids` with an empty cache (static caches get zeroed max_length buffers)."""
+    meta = metadata(model)
+    layers, kv, d = (int(meta[k]) for k in ("optpipe.num_layers", "optpipe.kv_num_heads", "optpipe.head_dim"))
+    past = int(meta["optpipe.max_length"]) if meta.get("optpipe.kv_cache") == "static" else 0
+    feeds = {"input_ids": ids.reshape(1, -1).astype(np.int64), "attention_mask": np.ones((1, ids.size), np.int64)}
+    for i in range(layers):
+        for kvn in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kvn}"] = np.zeros((1, kv, past, d), np.float32)
+    return feeds

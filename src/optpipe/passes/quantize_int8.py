@@ -13,13 +13,12 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import onnx
 from pydantic import Field
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ._nbits import quantize_matmuls, select_matmuls
-from ._onnx import metadata
+from ._onnx import prefill_feeds
 
 
 class Int8Config(PassConfig):
@@ -56,7 +55,6 @@ class QuantizeInt8(Pass):
         model = state.onnx_model
         selected, skipped = select_matmuls(model, c.include, c.exclude)
         names = [n.name for n in selected]
-        meta = metadata(model)
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -67,8 +65,6 @@ class QuantizeInt8(Pass):
             if c.mode == "dynamic":
                 quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, **common)
             else:
-                layers, kv, d = (int(meta[k]) for k in ("optpipe.num_layers", "optpipe.kv_num_heads", "optpipe.head_dim"))
-                past = int(meta["optpipe.max_length"]) if meta.get("optpipe.kv_cache") == "static" else 0
                 windows = list(ctx.calibration_windows())
 
                 class Reader(CalibrationDataReader):
@@ -79,12 +75,7 @@ class QuantizeInt8(Pass):
                         ids = next(self.it, None)
                         if ids is None:
                             return None
-                        feeds = {"input_ids": ids.reshape(1, -1).astype(np.int64),
-                                 "attention_mask": np.ones((1, ids.size), np.int64)}
-                        for i in range(layers):
-                            for kvn in ("key", "value"):
-                                feeds[f"past_key_values.{i}.{kvn}"] = np.zeros((1, kv, past, d), np.float32)
-                        return feeds
+                        return prefill_feeds(model, ids)
 
                 quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **common)
