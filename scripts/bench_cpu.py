@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,8 +43,6 @@ class LlamaCppRunner:
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
     def generate(self, ids, max_new_tokens, eos_token_id=None):
-        import llama_cpp
-
         llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
@@ -137,11 +133,9 @@ def main() -> int:
             have_llama = False
     if have_llama:
         src = gguf_path()
-        engines += [("llama.cpp Q4_1 (shipped GGUF)", "llama", str(src), src),
-                    ("llama.cpp Q8_0", "llama", str(requantize(src, "q8_0", tmp)), None),
-                    ("llama.cpp Q4_0", "llama", str(requantize(src, "q4_0", tmp)), None)]
-        engines[-2] = (engines[-2][0], "llama", engines[-2][2], Path(engines[-2][2]))
-        engines[-1] = (engines[-1][0], "llama", engines[-1][2], Path(engines[-1][2]))
+        for label, path in (("llama.cpp Q4_1 (shipped GGUF)", src), ("llama.cpp Q8_0", requantize(src, "q8_0", tmp)),
+                            ("llama.cpp Q4_0", requantize(src, "q4_0", tmp))):
+            engines.append((label, "llama", str(path), path))
 
     results = {name: {"size_mb": round(dir_size(p) / 1e6, 1) if p else None} for name, *_ , p in engines}
     # perplexity (1 thread build of each runner is enough; same token ids everywhere)

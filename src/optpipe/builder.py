@@ -85,6 +85,8 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         return calib_cache["w"].windows
 
     eval_windows = data.token_windows(recipe.evaluation, tokenizer, recipe.base_dir, "evaluation")
+    if any("calibration" in p.needs for p in passes):
+        calibration()  # a bad calibration source fails now, before minutes of passes
     staging = artifact.Staging(out)
     try:
         state = ModelState("torch", torch_model=model, tokenizer=tokenizer)

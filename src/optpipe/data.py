@@ -52,7 +52,7 @@ def load_text(spec, base_dir: Path | None = None, field_name: str = "data") -> s
                               f"dataset/split): {str(e).splitlines()[0]}") from None
         column = spec.text_field
     if column not in ds.column_names:
-        raise RecipeError(f"{field_name}.text_field: column {column!r} not in {path if 'path' in dir() else source} "
+        raise RecipeError(f"{field_name}.text_field: column {column!r} not in {source} "
                           f"(columns: {', '.join(ds.column_names)})")
     texts = [t for t in ds[column] if isinstance(t, str) and t.strip()]
     if not texts:

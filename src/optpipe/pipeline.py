@@ -118,7 +118,6 @@ def load_plugin(path: Path, name: str) -> type[Pass]:
 
 
 def instantiate(recipe, source: str) -> list[Pass]:
-    from .errors import RecipeError as _RE
     from .recipe import errors_to_message
 
     known = registered_passes()
@@ -130,12 +129,12 @@ def instantiate(recipe, source: str) -> list[Pass]:
         elif spec.name in known:
             cls = known[spec.name]
         else:
-            raise _RE(f"{where}.name: unknown pass {spec.name!r}; known: {', '.join(sorted(known))} "
+            raise RecipeError(f"{where}.name: unknown pass {spec.name!r}; known: {', '.join(sorted(known))} "
                       "(or give `path:` to a plugin file)")
         try:
             config = cls.Config.model_validate(spec.options)
         except ValidationError as e:
-            raise _RE(errors_to_message(source, e, prefix=("passes", i))) from None
+            raise RecipeError(errors_to_message(source, e, prefix=("passes", i))) from None
         out.append(cls(config))
     return out
 

@@ -11,9 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 
-TARGETS = ("cpu-onnx", "cpu-torch", "cpu-ipex", "gpu-tensorrt")
-
-
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 

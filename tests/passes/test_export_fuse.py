@@ -2,7 +2,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from optpipe import models
 from optpipe.passes.export import ExportConfig, build_decoder_graph, check_against_torch
@@ -12,7 +11,7 @@ from optpipe.passes.static_kv_cache import StaticKVCache, StaticKVConfig
 from optpipe.errors import BuildError
 from optpipe.pipeline import ModelState, PassContext
 from optpipe.recipe import ModelSpec
-from optpipe.targets.cpu_onnx import OnnxDecoder
+from optpipe.ort_runtime import OnnxDecoder
 
 
 def load(path):

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..pipeline import ModelState, PassContext
 from . import _quant
-from ._onnx import FLOAT, MS_DOMAIN, ensure_opset, initializer_map, prefill_feeds, toposort
+from ._onnx import FLOAT, MS_DOMAIN, GraphEdit, ensure_opset, initializer_map, prefill_feeds
 
 
 def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str]):
@@ -40,7 +40,7 @@ def collect_hessians(model: onnx.ModelProto, names: list[str], windows, threads:
     """H = 2/n * sum(X^T X) for each activation `name`, running the float graph on calibration windows."""
     import onnxruntime as ort
 
-    from ..targets.cpu_onnx import session_options
+    from ..ort_runtime import session_options
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -62,7 +62,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                      accuracy_level: int, include: list[str], exclude: list[str], damp: float = 0.01) -> tuple[dict, list]:
     model = state.onnx_model
     selected, skipped = select_matmuls(model, include, exclude)
-    inits = initializer_map(model)
+    edit = GraphEdit(model)
+    inits = edit.inits
     usable = []
     for node in selected:
         k = inits[node.input[1]].dims[0]
@@ -73,7 +74,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     hessians = {}
     if algorithm == "gptq" and usable:
         hessians = collect_hessians(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(), ctx.threads)
-    new_nodes, new_inits, drop = [], [], set()
+    new_nodes, new_inits = edit.new_nodes, edit.new_inits
     rel_errors = []
     for node in tqdm(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):
         w = numpy_helper.to_array(inits[node.input[1]]).T  # [N, K]
@@ -105,16 +106,9 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                                  name=base + "/zp_correction"),
                 helper.make_node("Add", [mm_out, base + "/zp_correction"], [out], name=base + "/zp_add"),
             ]
-        drop.add(node.input[1])
-    done = {id(n) for n in usable}
-    nodes = [n for n in model.graph.node if id(n) not in done] + new_nodes
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    still_used = {i for n in model.graph.node for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name not in drop or t.name in still_used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + new_inits)
-    toposort(model)
+        edit.remove.add(id(node))
+        edit.drop_inits.add(node.input[1])
+    edit.commit()
     ensure_opset(model, MS_DOMAIN, 1)
     state.info.setdefault("quantized", {}).update({n.name: f"int{bits} {algorithm} block{block} {scheme}" for n in usable})
     changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),

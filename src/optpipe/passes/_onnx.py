@@ -59,19 +59,6 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
 
 
-def get_attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def replace_initializers(model: onnx.ModelProto, remove: set[str], add: list[onnx.TensorProto]) -> None:
-    keep = [t for t in model.graph.initializer if t.name not in remove]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep + add)
-
-
 def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     for o in model.opset_import:
         if o.domain == domain:
@@ -89,11 +76,6 @@ def drop_unused_functions(model: onnx.ModelProto) -> None:
         keep_ops = [o for o in model.opset_import if o.domain != FN_DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(keep_ops)
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
-               for t in model.graph.initializer)
 
 
 FLOAT = TensorProto.FLOAT
@@ -144,3 +126,31 @@ def prefill_feeds(model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarr
         for kvn in ("key", "value"):
             feeds[f"past_key_values.{i}.{kvn}"] = np.zeros((1, kv, past, d), np.float32)
     return feeds
+
+
+class GraphEdit:
+    """Batch edits to a graph: nodes to remove (by identity), nodes and initializers to add, initializers to drop.
+    `commit` applies them, keeps dropped initializers that something still reads, and re-sorts the nodes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = initializer_map(model)
+        self.prod = producers(model)
+        self.cons = consumers(model)
+        self.remove: set[int] = set()
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.new_inits: list[onnx.TensorProto] = []
+        self.drop_inits: set[str] = set()
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def commit(self) -> None:
+        nodes = [n for n in self.model.graph.node if id(n) not in self.remove] + self.new_nodes
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(nodes)
+        read = {i for n in nodes for i in n.input}
+        keep = [t for t in self.model.graph.initializer if t.name not in self.drop_inits or t.name in read]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(keep + self.new_inits)
+        toposort(self.model)

@@ -187,7 +187,7 @@ def build_decoder_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
 
 def check_against_torch(model, onnx_model: onnx.ModelProto, atol: float, threads: int = 1) -> dict:
     """Prefill 12 tokens then decode 1 with the cache, in both; compare logits. Raises BuildError on mismatch."""
-    from ..targets.cpu_onnx import OnnxDecoder
+    from ..ort_runtime import OnnxDecoder
 
     dec = OnnxDecoder.from_proto(onnx_model, threads=threads)
     rng = np.random.default_rng(0)

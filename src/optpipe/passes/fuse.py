@@ -11,12 +11,10 @@ Run it before quantization: it fuses float MatMul weights.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import helper, numpy_helper
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
-from ._onnx import (FN_DOMAIN, INT32, MS_DOMAIN, consumers, drop_unused_functions, ensure_opset, initializer_map,
-                    metadata, producers, toposort)
+from ._onnx import FN_DOMAIN, INT32, MS_DOMAIN, GraphEdit, drop_unused_functions, ensure_opset, metadata
 
 
 class FuseConfig(PassConfig):
@@ -30,19 +28,8 @@ def _weight_matmul(node, inits) -> bool:
     return node is not None and node.op_type == "MatMul" and node.input[1] in inits
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.inits = initializer_map(model)
-        self.prod = producers(model)
-        self.cons = consumers(model)
-        self.remove: set[int] = set()
-        self.new_nodes: list = []
-        self.new_inits: list = []
-        self.drop_inits: set[str] = set()
-
-    def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
+class _Graph(GraphEdit):
+    """GraphEdit plus the matching helpers fusion needs."""
 
     def source_of(self, value: str):
         """(matmul, bias_add|None) producing `value` as x @ W (+ b), or None."""
@@ -73,15 +60,6 @@ class _Graph:
                 self.remove.add(id(b))
                 self.drop_inits.add(b.input[1])
         return out, [wt.shape[1] for wt in weights]
-
-    def commit(self) -> None:
-        nodes = [n for n in self.model.graph.node if id(n) not in self.remove] + self.new_nodes
-        del self.model.graph.node[:]
-        self.model.graph.node.extend(nodes)
-        keep = [t for t in self.model.graph.initializer if t.name not in self.drop_inits]
-        del self.model.graph.initializer[:]
-        self.model.graph.initializer.extend(keep + self.new_inits)
-        toposort(self.model)
 
 
 @register

@@ -39,6 +39,10 @@ class QuantizeInt8(Pass):
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-onnx"})
 
+    @property
+    def needs(self):  # type: ignore[override]
+        return frozenset({"calibration"}) if self.config.mode == "static" else frozenset()
+
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config
         if c.mode == "weight-only":

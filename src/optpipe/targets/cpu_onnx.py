@@ -1,152 +1,17 @@
-"""`cpu-onnx`: an ONNX Runtime CPU artifact (model.onnx + external weights + tokenizer) and its runner.
+"""`cpu-onnx`: an ONNX Runtime CPU artifact (model.onnx + one external-data file + tokenizer).
 
-The decode loop binds inputs and outputs with IOBinding so the KV cache stays in ONNX Runtime's memory:
-with a static cache (see the `static-kv-cache` pass) past and present are the *same* preallocated buffer,
-so a decode step neither reallocates nor copies the cache; with a dynamic cache the present tensors of one
-step are bound as the past of the next without a round trip through numpy.
-"""
+Running it is `optpipe.ort_runtime.OnnxDecoder` (IOBinding decode loop, shared static KV buffer)."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from .base import Generation
+from ..ort_runtime import OnnxDecoder
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 TOKENIZER_DIR = "tokenizer"
-
-
-def session_options(threads: int, optimize: bool = True):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.log_severity_level = 3
-    return so
-
-
-@dataclass
-class _Layout:
-    layers: int
-    kv_heads: int
-    head_dim: int
-    static: bool
-    max_length: int
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, str]) -> "_Layout":
-        return cls(int(meta["optpipe.num_layers"]), int(meta["optpipe.kv_num_heads"]), int(meta["optpipe.head_dim"]),
-                   meta.get("optpipe.kv_cache", "dynamic") == "static", int(meta["optpipe.max_length"]))
-
-
-class OnnxDecoder:
-    """Batch-1 decoder over an exported graph; `prefill`/`step` keep the cache as OrtValues."""
-
-    def __init__(self, session, layout: _Layout):
-        import onnxruntime as ort
-
-        self.ort = ort
-        self.session = session
-        self.layout = layout
-        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
-        self.present_names = [f"present.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
-        vocab = session.get_outputs()[0].shape[-1]
-        self._step_logits_np = np.zeros((1, 1, vocab), np.float32)
-        self._step_logits = ort.OrtValue.ortvalue_from_numpy(self._step_logits_np)
-        self._mask = np.ones((1, layout.max_length if layout.static else 4096), dtype=np.int64)
-
-    @classmethod
-    def from_proto(cls, model: onnx.ModelProto, threads: int = 1) -> "OnnxDecoder":
-        import onnxruntime as ort
-
-        meta = {p.key: p.value for p in model.metadata_props}
-        sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-        return cls(sess, _Layout.from_metadata(meta))
-
-    @classmethod
-    def from_path(cls, path: Path, threads: int = 1) -> "OnnxDecoder":
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-        return cls(sess, _Layout.from_metadata(sess.get_modelmeta().custom_metadata_map))
-
-    # -- cache ---------------------------------------------------------------------------------
-    def new_cache(self) -> list:
-        L = self.layout
-        length = L.max_length if L.static else 0
-        shape = (1, L.kv_heads, length, L.head_dim)
-        return [self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.past_names]
-
-    def _run(self, ids: np.ndarray, total: int, state: dict) -> tuple[np.ndarray, dict]:
-        """One forward. Logits are bound first, so they are always output 0. With a static cache the decode
-        binding (cache + a preallocated logits buffer) is built once and reused for every step."""
-        cache = state["cache"]
-        step = ids.shape[1] == 1
-        b = state.get("binding") if (self.layout.static and step) else None
-        if b is None:
-            b = self.session.io_binding()
-            if step:
-                b.bind_ortvalue_output("logits", self._step_logits)
-            else:
-                b.bind_output("logits", "cpu")
-            for name, value in zip(self.past_names, cache):
-                b.bind_ortvalue_input(name, value)
-            for name, value in zip(self.present_names, cache):
-                if self.layout.static:
-                    b.bind_ortvalue_output(name, value)  # same buffer as the past: updated in place
-                else:
-                    b.bind_output(name, "cpu")
-        b.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        b.bind_cpu_input("attention_mask", self._mask[:, :total] if total <= self._mask.shape[1]
-                         else np.ones((1, total), dtype=np.int64))
-        self.session.run_with_iobinding(b)
-        outs = None if (step and self.layout.static) else b.get_outputs()
-        logits = self._step_logits_np[0].copy() if step else outs[0].numpy()[0]
-        if self.layout.static:
-            return logits, {"cache": cache, "binding": b if step else None}
-        return logits, {"cache": list(outs[1:])}
-
-    def prefill(self, ids: np.ndarray) -> tuple[np.ndarray, dict]:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        if self.layout.static and ids.shape[1] > self.layout.max_length:
-            raise ValueError(f"{ids.shape[1]} tokens exceed the static cache of {self.layout.max_length}")
-        logits, state = self._run(ids, ids.shape[1], {"cache": self.new_cache()})
-        return logits, {**state, "length": ids.shape[1]}
-
-    def step(self, ids: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        total = state["length"] + ids.shape[1]
-        if self.layout.static and total > self.layout.max_length:
-            raise ValueError(f"sequence of {total} tokens exceeds the static cache of {self.layout.max_length}")
-        logits, new_state = self._run(ids, total, state)
-        return logits, {**new_state, "length": total}
-
-    # -- Runner API ----------------------------------------------------------------------------
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        return self.prefill(ids)[0]
-
-    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
-        t0 = time.perf_counter()
-        logits, state = self.prefill(ids)
-        tok = int(np.argmax(logits[-1]))
-        t1 = time.perf_counter()
-        tokens = [tok]
-        nxt = np.empty((1, 1), dtype=np.int64)
-        while len(tokens) < max_new_tokens and tok != eos_token_id:
-            nxt[0, 0] = tok
-            logits, state = self.step(nxt, state)
-            tok = int(np.argmax(logits[-1]))
-            tokens.append(tok)
-        return Generation(tokens, t1 - t0, time.perf_counter() - t1)
 
 
 class CpuOnnxTarget:
@@ -156,11 +21,9 @@ class CpuOnnxTarget:
 
     def save(self, state, directory: Path) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
+        # Saving moves the weights out of the in-memory proto: the state is consumed (saving is the last step).
         onnx.save_model(state.onnx_model, str(directory / MODEL_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
-        # onnx.save_model converts the in-memory proto to external references; load it back so the
-        # state stays self-contained for anything that runs after saving.
-        onnx.load_external_data_for_model(state.onnx_model, str(directory))
         if state.tokenizer is not None:
             state.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         return {"format": "onnx", "model_file": MODEL_FILE, "external_data": DATA_FILE,
