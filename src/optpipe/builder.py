@@ -41,10 +41,31 @@ def speed_prompt(windows: list[np.ndarray], n: int) -> np.ndarray:
     return np.resize(ids, n) if ids.size < n else ids[:n]
 
 
-def run_gates(recipe: Recipe, reference, candidate, eval_windows, threads: int, log=print) -> dict[str, GateResult]:
+def speed_unmeasurable_reason(target) -> str | None:
+    """Why the target's speed cannot be measured on this machine (None: it can)."""
+    probe = getattr(target, "speed_measurable", None)
+    if probe is None:
+        return None
+    ok, why = probe()
+    return None if ok else why
+
+
+def check_speed_measurable(recipe: Recipe, target, source: str) -> None:
+    why = speed_unmeasurable_reason(target)
+    if why and recipe.gates.speed.unmeasured != "allow":
+        raise RecipeError(f"{source}: gates.speed: the {recipe.target} speed gate cannot run here ({why}); "
+                          "set gates.speed.unmeasured: allow to build anyway and record it as not measured")
+
+
+def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, threads: int,
+              log=print) -> dict[str, GateResult]:
     log("accuracy gate: candidate vs fp32 reference on the evaluation text")
     acc = accuracy.check(accuracy.compare(reference, candidate, eval_windows.windows), recipe.gates.accuracy)
     g = recipe.gates.speed
+    why = speed_unmeasurable_reason(target)
+    if why:  # check_speed_measurable already refused this unless the recipe allows it
+        log(f"speed gate: not measured ({why})")
+        return {"accuracy": acc, "speed": GateResult("speed", None, {"reason": why}, g.model_dump(), [])}
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats} interleaved rounds, {threads} thread(s)")
     spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
                                     g.new_tokens, g.repeats), g, threads)
@@ -54,7 +75,9 @@ def run_gates(recipe: Recipe, reference, candidate, eval_windows, threads: int, 
 def _summary(gates: dict[str, GateResult]) -> dict:
     keys = {"accuracy": ("ppl_delta_pct", "mean_kl", "top1_agreement", "ppl_reference", "ppl_candidate"),
             "speed": ("decode_speedup", "prefill_speedup", "candidate_decode_tok_s", "reference_decode_tok_s")}
-    return {f"gates.{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]}
+    out = {f"gates.{g}.status": gates[g].to_json()["status"] for g in keys if g in gates}
+    out.update({f"gates.{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]})
+    return out
 
 
 def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,
@@ -66,6 +89,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     if not target.implemented:
         raise RecipeError(f"{source}: target: {recipe.target} is not implemented yet: {target.why}")
     passes = validate_pass_chain(recipe, source)
+    check_speed_measurable(recipe, target, source)
     out = output or recipe.output
     if out is None:
         raise RecipeError(f"{source}: output: no output path (give -o/--output or set `output:` in the recipe)")
@@ -97,9 +121,9 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         del state
         candidate = target.load(staging.path, threads)
         reference = TorchEagerRunner(reference_model, threads)
-        gates = run_gates(recipe, reference, candidate, eval_windows, threads, log)
+        gates = run_gates(recipe, target, reference, candidate, eval_windows, threads, log)
         del candidate
-        passed = all(g.passed for g in gates.values())
+        passed = all(g.passed is not False for g in gates.values())
         manifest = {
             "status": "passed" if passed else "rejected",
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -142,12 +166,13 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
         recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
     threads = threads or recipe.gates.speed.threads or hw.physical_cores()
     target = get_target(recipe.target)
+    check_speed_measurable(recipe, target, str(artifact_dir / artifact.MANIFEST))
     log(f"loading reference model {recipe.model.source}")
     model, tokenizer, _ = models.load(recipe.model)
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
     candidate = target.load(artifact_dir, threads)
-    gates = run_gates(recipe, TorchEagerRunner(model, threads), candidate, windows, threads, log)
-    passed = all(g.passed for g in gates.values())
+    gates = run_gates(recipe, target, TorchEagerRunner(model, threads), candidate, windows, threads, log)
+    passed = all(g.passed is not False for g in gates.values())
     result = {"status": "passed" if passed else "rejected", "gates": {k: g.to_json() for k, g in gates.items()},
               "evaluation": windows.describe()}
     if not passed:

@@ -56,24 +56,28 @@ class OnnxDecoder:
         self.layout = layout
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
+        types = {o.name: o.type for o in list(session.get_inputs()) + list(session.get_outputs())}
+        self.cache_dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
         vocab = session.get_outputs()[0].shape[-1]
-        self._step_logits_np = np.zeros((1, 1, vocab), np.float32)
+        logits_dtype = np.float16 if types["logits"] == "tensor(float16)" else np.float32
+        self._step_logits_np = np.zeros((1, 1, vocab), logits_dtype)
         self._step_logits = ort.OrtValue.ortvalue_from_numpy(self._step_logits_np)
         self._mask = np.ones((1, layout.max_length if layout.static else 4096), dtype=np.int64)
 
     @classmethod
-    def from_proto(cls, model: onnx.ModelProto, threads: int = 1) -> "OnnxDecoder":
+    def from_proto(cls, model: onnx.ModelProto, threads: int = 1, optimize: bool = True) -> "OnnxDecoder":
         import onnxruntime as ort
 
         meta = {p.key: p.value for p in model.metadata_props}
-        sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(threads, optimize),
+                                    providers=["CPUExecutionProvider"])
         return cls(sess, _Layout.from_metadata(meta))
 
     @classmethod
-    def from_path(cls, path: Path, threads: int = 1) -> "OnnxDecoder":
+    def from_path(cls, path: Path, threads: int = 1, optimize: bool = True) -> "OnnxDecoder":
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), session_options(threads, optimize), providers=["CPUExecutionProvider"])
         return cls(sess, _Layout.from_metadata(sess.get_modelmeta().custom_metadata_map))
 
     # -- cache ---------------------------------------------------------------------------------
@@ -81,7 +85,7 @@ class OnnxDecoder:
         L = self.layout
         length = L.max_length if L.static else 0
         shape = (1, L.kv_heads, length, L.head_dim)
-        return [self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in self.past_names]
+        return [self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.cache_dtype)) for _ in self.past_names]
 
     def _run(self, ids: np.ndarray, total: int, state: dict) -> tuple[np.ndarray, dict]:
         """One forward. Logits are bound first, so they are always output 0. With a static cache the decode
@@ -107,7 +111,7 @@ class OnnxDecoder:
                          else np.ones((1, total), dtype=np.int64))
         self.session.run_with_iobinding(b)
         outs = None if (step and self.layout.static) else b.get_outputs()
-        logits = self._step_logits_np[0].copy() if step else outs[0].numpy()[0]
+        logits = self._step_logits_np[0].astype(np.float32) if step else outs[0].numpy()[0].astype(np.float32, copy=False)
         if self.layout.static:
             return logits, {"cache": cache, "binding": b if step else None}
         return logits, {"cache": list(outs[1:])}

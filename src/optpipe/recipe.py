@@ -71,6 +71,9 @@ class SpeedGate(Strict):
     new_tokens: int = Field(64, ge=2)
     repeats: int = Field(5, ge=1, le=50)
     threads: Optional[int] = Field(None, ge=1, description="default: physical cores")
+    unmeasured: Literal["fail", "allow"] = Field(
+        "fail", description="when the target's speed cannot be measured here (no GPU): fail the build, or allow it "
+                            "and record the speed gate as not measured")
 
 
 class Gates(Strict):

@@ -18,7 +18,7 @@ class CorruptScales(Pass):
         rng = np.random.default_rng(0)
         hit = 0
         for i, t in enumerate(state.onnx_model.graph.initializer):
-            if t.name.endswith(".scales"):
+            if t.name.endswith((".scales", ".weight_scale")):
                 a = numpy_helper.to_array(t)
                 a = a * rng.choice([-self.config.factor, self.config.factor], size=a.shape).astype(a.dtype)
                 state.onnx_model.graph.initializer[i].CopyFrom(numpy_helper.from_array(a, t.name))

@@ -1,2 +1,2 @@
 """Built-in passes; importing this package registers them."""
-from . import export, fuse, quantize_int4, quantize_int8, smoothquant, static_kv_cache  # noqa: F401
+from . import awq, export, fp16, fuse, qdq_int4, qdq_int8, quantize_int4, quantize_int8, smoothquant, static_kv_cache  # noqa: F401

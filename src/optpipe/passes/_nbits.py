@@ -36,8 +36,9 @@ def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str
     return selected, skipped
 
 
-def collect_hessians(model: onnx.ModelProto, names: list[str], windows, threads: int) -> dict[str, np.ndarray]:
-    """H = 2/n * sum(X^T X) for each activation `name`, running the float graph on calibration windows."""
+def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads: int, kind: str) -> dict[str, np.ndarray]:
+    """Run the graph on calibration windows and reduce each activation `name` ([..., C]):
+    kind "hessian": H = 2/n * sum(X^T X) (GPTQ); kind "absmax": max |x| over everything (per-tensor scales)."""
     import onnxruntime as ort
 
     from ..ort_runtime import session_options
@@ -45,17 +46,21 @@ def collect_hessians(model: onnx.ModelProto, names: list[str], windows, threads:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for n in names:
-        probe.graph.output.append(helper.make_tensor_value_info(n, FLOAT, None))
-    sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
-    hess = {n: None for n in names}
+        probe.graph.output.append(onnx.ValueInfoProto(name=n))
+    sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads, optimize=False),
+                                providers=["CPUExecutionProvider"])
+    acc: dict[str, np.ndarray | None] = {n: None for n in names}
     count = 0
-    for ids in tqdm(windows, desc="calibration (Hessians)", unit="window"):
+    for ids in tqdm(windows, desc=f"calibration ({kind})", unit="window"):
         outs = sess.run(names, prefill_feeds(model, ids))
         for n, x in zip(names, outs):
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            hess[n] = x.T @ x if hess[n] is None else hess[n] + x.T @ x
+            v = x.T @ x if kind == "hessian" else np.abs(x).max()
+            acc[n] = v if acc[n] is None else (acc[n] + v if kind == "hessian" else np.maximum(acc[n], v))
         count += ids.size
-    return {n: (2.0 / count) * h for n, h in hess.items()}
+    if kind == "hessian":
+        return {n: (2.0 / count) * h for n, h in acc.items()}
+    return dict(acc)
 
 
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
@@ -73,7 +78,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             usable.append(node)
     hessians = {}
     if algorithm == "gptq" and usable:
-        hessians = collect_hessians(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(), ctx.threads)
+        hessians = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
+                                    ctx.threads, "hessian")
     new_nodes, new_inits = edit.new_nodes, edit.new_inits
     rel_errors = []
     for node in tqdm(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):

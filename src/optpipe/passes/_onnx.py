@@ -122,9 +122,11 @@ def prefill_feeds(model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarr
     layers, kv, d = (int(meta[k]) for k in ("optpipe.num_layers", "optpipe.kv_num_heads", "optpipe.head_dim"))
     past = int(meta["optpipe.max_length"]) if meta.get("optpipe.kv_cache") == "static" else 0
     feeds = {"input_ids": ids.reshape(1, -1).astype(np.int64), "attention_mask": np.ones((1, ids.size), np.int64)}
+    past_type = next(i.type.tensor_type.elem_type for i in model.graph.input if i.name.startswith("past_key_values."))
+    dtype = np.float16 if past_type == TensorProto.FLOAT16 else np.float32
     for i in range(layers):
         for kvn in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kvn}"] = np.zeros((1, kv, past, d), np.float32)
+            feeds[f"past_key_values.{i}.{kvn}"] = np.zeros((1, kv, past, d), dtype)
     return feeds
 
 

@@ -5,13 +5,17 @@ Weights are W[N, K] (output, input); blocks of `block` run along K, as MatMulNBi
   zero points on its fast path, so the block is stored as d*(q - z) with the nearest integer z, and the exact
   remainder r = m + d*z per (block, column) is added back by a small correction: blocksum(x) @ R.
 - `int` zero point: asymmetric with an integer zero point (what ONNX Runtime's own quantizer writes).
-- `symmetric`: w ≈ d*(q - 2^(bits-1)) (Q4_0 / Q8_0 style).
+- `symmetric`: w ≈ d*(q - 2^(bits-1)) (Q4_0 / Q8_0 style; for 4 bits d may be negative to use level -8).
+- `symmetric-positive`: the same with d > 0 and codes within ±(2^(bits-1) - 1), as TensorRT's INT4 expects.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
 @dataclass
@@ -31,6 +35,20 @@ class QuantizedWeight:
 def _params(wb: np.ndarray, bits: int, scheme: str):
     """Per-block quantizer parameters for wb[..., block]: returns (scale, zero_int, minimum_or_None)."""
     qmax = (1 << bits) - 1
+    if scheme == "symmetric-positive":  # w ≈ s*(q - 2^(b-1)), s > 0, no zero point (TensorRT)
+        half = 1 << (bits - 1)
+        amax = np.abs(wb).max(-1)
+        best, best_err = None, None
+        for f in CLIP_GRID:  # MSE-optimal clipping of the range, per block
+            scale = np.where(amax == 0, 1.0, f * amax / (half - 1)).astype(np.float32)
+            deq = (np.clip(np.round(wb / scale[..., None]), -half, half - 1)) * scale[..., None]
+            err = ((deq - wb) ** 2).sum(-1)
+            if best is None:
+                best, best_err = scale, err
+            else:
+                take = err < best_err
+                best, best_err = np.where(take, scale, best), np.where(take, err, best_err)
+        return best, np.full(best.shape, half, np.float32), None
     if scheme == "symmetric":
         idx = np.abs(wb).argmax(-1)[..., None]
         extreme = np.take_along_axis(wb, idx, -1)[..., 0]

@@ -20,7 +20,6 @@ class PlannedTarget:
 _PLANNED = {
     "cpu-torch": PlannedTarget("cpu-torch", "torch", "the PyTorch-native CPU target is planned (issue: CPU PyTorch targets)"),
     "cpu-ipex": PlannedTarget("cpu-ipex", "torch", "the IPEX backend is planned as an optional extra (IPEX is archived upstream)"),
-    "gpu-tensorrt": PlannedTarget("gpu-tensorrt", "onnx", "the TensorRT-ready ONNX target is planned"),
 }
 
 
@@ -29,6 +28,10 @@ def get_target(name: str):
         from .cpu_onnx import CpuOnnxTarget
 
         return CpuOnnxTarget()
+    if name == "gpu-tensorrt":
+        from .gpu_tensorrt import GpuTensorRTTarget
+
+        return GpuTensorRTTarget()
     if name in _PLANNED:
         return _PLANNED[name]
     raise RecipeError(f"unknown target {name!r}")

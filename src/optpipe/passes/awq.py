@@ -1,0 +1,106 @@
+"""`awq`: activation-aware weight scaling (Lin et al., 2024) before weight-only INT4 quantization.
+
+Per group of linears that share an input (attention q/k/v after input_layernorm; MLP gate/up after
+post_attention_layernorm; down_proj after up_proj; o_proj after v_proj when there is no grouped-query sharing),
+channels with large mean |activation| are scaled up in the weights and down in the preceding op:
+s = mean|X|^alpha, with alpha searched on a grid to minimise the group's output error after quantizing the scaled
+weights with the same quantizer the later pass uses. In float the model computes the same function.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from . import _quant
+
+
+class AwqConfig(PassConfig):
+    bits: Literal[4] = 4
+    block_size: Literal[32, 64, 128] = 64
+    scheme: Literal["symmetric-positive", "symmetric", "int", "float"] = Field(
+        "symmetric-positive", description="the zero-point scheme of the quantizer that follows (must match)")
+    grid: int = Field(11, ge=2, le=41, description="alpha values tried in [0, 1]")
+    max_tokens: int = Field(512, ge=32, description="calibration tokens used for the error measure")
+
+
+def _groups(model):
+    cfg = model.config
+    gqa = cfg.num_key_value_heads != cfg.num_attention_heads
+    for i, layer in enumerate(model.model.layers):
+        a, m = layer.self_attn, layer.mlp
+        yield f"model.layers.{i}.attn_qkv", layer.input_layernorm, None, [a.q_proj, a.k_proj, a.v_proj]
+        if not gqa:
+            yield f"model.layers.{i}.attn_o", None, a.v_proj, [a.o_proj]
+        yield f"model.layers.{i}.mlp_gate_up", layer.post_attention_layernorm, None, [m.gate_proj, m.up_proj]
+        yield f"model.layers.{i}.mlp_down", None, m.up_proj, [m.down_proj]
+
+
+@register
+class Awq(Pass):
+    name = "awq"
+    Config = AwqConfig
+    input_stage = "torch"
+    output_stage = "torch"
+    needs = frozenset({"calibration"})
+    provides = frozenset({"awq"})
+
+    def _quantized(self, w: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        return torch.from_numpy(_quant.rtn(w.numpy(), c.bits, c.block_size, c.scheme).dequantize())
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        model = state.torch_model
+        groups = list(_groups(model))
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name, *_ in groups}
+        hooks = []
+        for name, _norm, _prev, linears in groups:
+            def hook(_mod, args, name=name):
+                inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            hooks.append(linears[0].register_forward_pre_hook(hook))
+        budget = self.config.max_tokens
+        try:
+            with torch.inference_mode():
+                for ids in ctx.calibration_windows():
+                    if budget <= 0:
+                        break
+                    ids = ids[:budget]
+                    model(torch.as_tensor(ids).reshape(1, -1), use_cache=False)
+                    budget -= ids.size
+        finally:
+            for h in hooks:
+                h.remove()
+        alphas = np.linspace(0, 1, self.config.grid)
+        chosen, gains = [], []
+        with torch.no_grad():
+            for name, norm, prev, linears in tqdm(groups, desc="awq scale search", unit="group"):
+                if any(lin.in_features % self.config.block_size for lin in linears):
+                    continue
+                x = torch.cat(inputs.pop(name))
+                w = torch.cat([lin.weight.float() for lin in linears])  # [sum N, K]
+                ref = x @ w.T
+                mean_abs = x.abs().mean(0).clamp(min=1e-6)
+                best = (None, None, None)
+                for alpha in alphas:
+                    s = mean_abs ** float(alpha)
+                    s = s / (s.max() * s.min()).sqrt()
+                    err = ((x / s) @ self._quantized(w * s).T - ref).pow(2).mean().item()
+                    if best[0] is None or err < best[0]:
+                        best = (err, float(alpha), s)
+                err0 = ((x @ self._quantized(w).T - ref).pow(2).mean().item())
+                _, alpha, s = best
+                if norm is not None:
+                    norm.weight.div_(s.to(norm.weight.dtype))
+                else:
+                    prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+                for lin in linears:
+                    lin.weight.mul_(s.to(lin.weight.dtype))
+                chosen.append(alpha)
+                gains.append(best[0] / err0 if err0 > 0 else 1.0)
+        return PassResult(True, {"groups_scaled": len(chosen), "alpha_mean": round(float(np.mean(chosen)), 3),
+                                 "output_error_ratio_mean": round(float(np.mean(gains)), 4)},
+                          ["output_error_ratio: quantized-group output error with / without the AWQ scales"])

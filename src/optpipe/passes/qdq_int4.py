@@ -1,0 +1,71 @@
+"""`qdq-int4`: weight-only INT4 with block-wise `DequantizeLinear` (opset 21 `block_size` on the K axis of a
+[K, N] weight), symmetric with positive scales and no zero point, as TensorRT takes it. RTN or GPTQ."""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+from tqdm import tqdm
+
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from . import _quant
+from ._nbits import activation_stats, select_matmuls
+from ._onnx import GraphEdit, ensure_opset
+from ._qdq import int4_tensor, replace_weight
+
+
+class QdqInt4Config(PassConfig):
+    algorithm: Literal["rtn", "gptq"] = "gptq"
+    block_size: Literal[64, 128] = 128
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+    damp: float = Field(0.01, gt=0, lt=1)
+
+
+@register
+class QdqInt4(Pass):
+    name = "qdq-int4"
+    Config = QdqInt4Config
+    requires = frozenset({"onnx"})
+    provides = frozenset({"quantized"})
+
+    @property
+    def needs(self):  # type: ignore[override]
+        return frozenset({"calibration"}) if self.config.algorithm == "gptq" else frozenset()
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        c = self.config
+        model = state.onnx_model
+        selected, skipped = select_matmuls(model, c.include, c.exclude)
+        edit = GraphEdit(model)
+        usable = []
+        for node in selected:
+            k = edit.inits[node.input[1]].dims[0]
+            if k % c.block_size:
+                skipped[node.name] = f"K={k} is not a multiple of block_size {c.block_size}"
+            else:
+                usable.append(node)
+        hess = {}
+        if c.algorithm == "gptq" and usable:
+            hess = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
+                                    ctx.threads, "hessian")
+        errors = []
+        for node in tqdm(usable, desc=f"qdq int4 ({c.algorithm})", unit="layer"):
+            w = edit.array(node.input[1]).T.astype(np.float32)  # [N, K]
+            if c.algorithm == "gptq":
+                qw = _quant.gptq(w, hess[node.input[0]], 4, c.block_size, "symmetric-positive", damp=c.damp)
+            else:
+                qw = _quant.rtn(w, 4, c.block_size, "symmetric-positive")
+            errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
+            signed = (qw.q.astype(np.int8) - 8).reshape(w.shape).T  # [K, N] in [-7, 7]
+            replace_weight(edit, node, int4_tensor(node.name + ".weight_q4", signed), qw.scale.T, axis=0,
+                           block_size=c.block_size)
+        edit.commit()
+        ensure_opset(model, "", 21)
+        state.info.setdefault("quantized", {}).update(
+            {n.name: f"int4 weight-only qdq block{c.block_size} {c.algorithm}" for n in usable})
+        state.info.setdefault("unquantized", {}).update(skipped)
+        return PassResult(bool(usable), {"layers_quantized": len(usable), "layers_skipped": len(skipped),
+                                         "weight_rel_error_mean": round(float(np.mean(errors)), 5) if errors else None,
+                                         "skipped": skipped}, [])

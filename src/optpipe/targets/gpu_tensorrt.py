@@ -1,0 +1,108 @@
+"""`gpu-tensorrt`: a TensorRT-ready ONNX artifact (explicit Q/DQ, fp16, standard ops), checked on the CPU.
+
+Saving inlines the export's local functions, runs the TensorRT-readiness lint (any violation fails the build),
+saves with external data, runs `onnx.checker` (full check, by path) and shape inference, and writes
+`tensorrt.json`: the optimization profile (min/opt/max of batch, sequence and past length) and the exact
+`trtexec` command that builds the engine. The runner used by the accuracy gate is ONNX Runtime's CPU provider
+with graph optimizations disabled (its DQ+MatMul fusions have known silent miscomputes), so the graph is
+evaluated as written. Speed cannot be measured without an NVIDIA GPU and TensorRT: see `speed_measurable`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import inliner
+
+from ..errors import BuildError
+from ..ort_runtime import OnnxDecoder
+from .trt_lint import lint
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_DIR = "tokenizer"
+PROFILE_FILE = "tensorrt.json"
+
+
+def profile(meta: dict[str, str], max_batch: int = 4, opt_seq: int = 128, max_total: int = 2048) -> dict:
+    """min/opt/max shapes for every dynamic input: batch, new tokens, past tokens (total <= max_total)."""
+    layers, kv, d = (int(meta[k]) for k in ("optpipe.num_layers", "optpipe.kv_num_heads", "optpipe.head_dim"))
+    max_total = min(max_total, int(meta["optpipe.max_length"]))
+    dims = {"min": (1, 1, 0), "opt": (1, 1, opt_seq), "max": (max_batch, max_total // 2, max_total // 2)}
+    shapes = {}
+    for level, (b, s, p) in dims.items():
+        x = {"input_ids": [b, s], "attention_mask": [b, s + p]}
+        for i in range(layers):
+            for kvn in ("key", "value"):
+                x[f"past_key_values.{i}.{kvn}"] = [b, kv, p, d]
+        shapes[level] = x
+    return shapes
+
+
+def trtexec_command(shapes: dict) -> str:
+    def fmt(level):
+        return ",".join(f"{k}:{'x'.join(str(v) for v in dims)}" for k, dims in shapes[level].items())
+
+    return (f"trtexec --onnx={MODEL_FILE} --stronglyTyped --saveEngine=model.engine "
+            f"--minShapes={fmt('min')} --optShapes={fmt('opt')} --maxShapes={fmt('max')}")
+
+
+def speed_measurable() -> tuple[bool, str]:
+    if shutil.which("nvidia-smi") is None:
+        return False, "no NVIDIA GPU on this machine (nvidia-smi not found)"
+    if shutil.which("trtexec") is None:
+        return False, "TensorRT's trtexec is not on PATH"
+    return False, "TensorRT engine timing is not implemented in this optpipe version"
+
+
+class GpuTensorRTTarget:
+    name = "gpu-tensorrt"
+    final_stage = "onnx"
+    implemented = True
+
+    @staticmethod
+    def speed_measurable() -> tuple[bool, str]:
+        return speed_measurable()
+
+    def save(self, state, directory: Path) -> dict:
+        model = inliner.inline_local_functions(state.onnx_model)
+        used = {n.domain for n in model.graph.node} | {"", "ai.onnx"}
+        keep = [o for o in model.opset_import if o.domain in used]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        violations = lint(model)
+        if violations:
+            shown = "\n  ".join(violations[:40])
+            more = f"\n  ... and {len(violations) - 40} more" if len(violations) > 40 else ""
+            raise BuildError(f"TensorRT-readiness lint: {len(violations)} violation(s):\n  {shown}{more}")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / MODEL_FILE
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"), strict_mode=True)
+        except Exception as e:  # noqa: BLE001 - checker/shape-inference errors become a build failure
+            raise BuildError(f"onnx checker / shape inference failed: {type(e).__name__}: {str(e)[:500]}") from None
+        meta = {p.key: p.value for p in model.metadata_props}
+        shapes = profile(meta)
+        info = {"optimization_profile": shapes, "trtexec": trtexec_command(shapes),
+                "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                "checks": ["trt-lint", "onnx.checker full_check", "shape inference (strict)"]}
+        (directory / PROFILE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        if state.tokenizer is not None:
+            state.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        return {"format": "onnx (TensorRT-ready: explicit Q/DQ, fp16)", "model_file": MODEL_FILE,
+                "external_data": DATA_FILE, "tensorrt": PROFILE_FILE, "trtexec": info["trtexec"],
+                "optimization_profile": {k: {"batch": v["input_ids"][0], "sequence": v["input_ids"][1],
+                                             "past": v["past_key_values.0.key"][2]} for k, v in shapes.items()},
+                "unquantized": state.info.get("unquantized", {}),
+                "float32_islands": state.info.get("float32_islands", []),
+                "cpu_check_runtime": "onnxruntime CPUExecutionProvider, graph optimizations disabled"}
+
+    def load(self, directory: Path, threads: int) -> OnnxDecoder:
+        return OnnxDecoder.from_path(Path(directory) / MODEL_FILE, threads=threads, optimize=False)
