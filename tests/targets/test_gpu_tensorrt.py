@@ -23,7 +23,7 @@ def trt_recipe(model_dir, passes, **gates):
 
 
 @pytest.mark.parametrize("passes,dq_type", [(INT8, onnx.TensorProto.INT8), (INT4, onnx.TensorProto.INT4)])
-def test_trt_artifact_is_lint_clean_and_speed_not_measured(tiny_llama, tmp_path, passes, dq_type):
+def test_trt_artifact_is_lint_clean_and_speed_not_measured(tiny_llama, tmp_path, passes, dq_type, capsys):
     out = tmp_path / "trt"
     res = optpipe.build(trt_recipe(tiny_llama, passes, accuracy={"max_ppl_delta_pct": 50.0}), output=out,
                         log=lambda m: None)
@@ -38,6 +38,9 @@ def test_trt_artifact_is_lint_clean_and_speed_not_measured(tiny_llama, tmp_path,
     weights = {t.name: t.data_type for t in model.graph.initializer}
     assert any(t == dq_type for t in weights.values())
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    # the pre-deploy check re-runs the accuracy gate and reports speed as not measured
+    assert main(["gate", str(out), "--threads", "1"]) == 0
+    assert "speed: status=not measured" in capsys.readouterr().out
 
 
 def test_speed_gate_cannot_be_skipped_silently(tiny_llama, tmp_path, capsys):

@@ -87,23 +87,34 @@ def rtn(w: np.ndarray, bits: int, block: int, scheme: str) -> QuantizedWeight:
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
-         damp: float = 0.01, cols_per_step: int = 128) -> QuantizedWeight:
+         damp: float = 0.01, cols_per_step: int = 128, act_order: bool = False) -> QuantizedWeight:
     """GPTQ (Frantar et al.): quantize column by column, spreading each column's error over the columns
-    not yet quantized, weighted by the inverse Hessian of the layer input. Group parameters are fitted
-    on the error-updated weights when a group starts."""
+    not yet quantized, weighted by the inverse Hessian of the layer input. Without `act_order` group parameters
+    are fitted on the error-updated weights when a group starts; with it, columns go in order of decreasing
+    Hessian diagonal (most activated first) and every group's parameters are fitted up front ("static groups")."""
     n, k = w.shape
     W = w.astype(np.float64).copy()
     H = hessian.astype(np.float64).copy()
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
     nb = k // block
-    q = np.zeros((n, k), np.float64)
+    qmax = (1 << bits) - 1
     scale = np.zeros((n, nb), np.float32)
     zero = np.zeros((n, nb), np.float32)
     minimum = np.zeros((n, nb), np.float32) if scheme == "float" else None
+    if act_order:
+        s_, z_, m_ = _params(W.reshape(n, nb, block).astype(np.float32), bits, scheme)
+        scale[:], zero[:] = s_, z_
+        if minimum is not None:
+            minimum[:] = m_
+        perm = np.argsort(-np.diag(H), kind="stable")
+    else:
+        perm = np.arange(k)
+    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+    q = np.zeros((n, k), np.float64)
     step = max(block, cols_per_step - cols_per_step % block)
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
@@ -111,28 +122,26 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
         E1 = np.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            if col % block == 0:
-                b = col // block
-                s, z, m = _params(W1[:, i:i + block].astype(np.float32)[:, None, :], bits, scheme)
-                scale[:, b], zero[:, b] = s[:, 0], z[:, 0]
-                if minimum is not None:
-                    minimum[:, b] = m[:, 0]
+            col = perm[i1 + i]  # original column index
             b = col // block
+            if not act_order and col % block == 0:
+                s_, z_, m_ = _params(W1[:, i:i + block].astype(np.float32)[:, None, :], bits, scheme)
+                scale[:, b], zero[:, b] = s_[:, 0], z_[:, 0]
+                if minimum is not None:
+                    minimum[:, b] = m_[:, 0]
             s, z = scale[:, b].astype(np.float64), zero[:, b]
             if minimum is not None:
-                code = np.clip(np.round((W1[:, i] - minimum[:, b]) / s), 0, (1 << bits) - 1)
+                code = np.clip(np.round((W1[:, i] - minimum[:, b]) / s), 0, qmax)
                 deq = code * s + minimum[:, b]
             else:
-                code = np.clip(np.round(W1[:, i] / s) + z, 0, (1 << bits) - 1)
+                code = np.clip(np.round(W1[:, i] / s) + z, 0, qmax)
                 deq = (code - z) * s
             q[:, col] = code
             err = (W1[:, i] - deq) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    qb = q.reshape(n, nb, block)
-    return _finish(qb, scale, zero, minimum)
+    return _finish(q.reshape(n, nb, block), scale, zero, minimum)
 
 
 def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:

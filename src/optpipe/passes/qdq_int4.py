@@ -20,7 +20,8 @@ class QdqInt4Config(PassConfig):
     block_size: Literal[64, 128] = 128
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
-    damp: float = Field(0.01, gt=0, lt=1)
+    damp: float = Field(0.1, gt=0, lt=1, description="GPTQ Hessian dampening; small calibration sets need more")
+    act_order: bool = Field(True, description="GPTQ: most-activated columns first, static groups")
 
 
 @register
@@ -54,7 +55,8 @@ class QdqInt4(Pass):
         for node in tqdm(usable, desc=f"qdq int4 ({c.algorithm})", unit="layer"):
             w = edit.array(node.input[1]).T.astype(np.float32)  # [N, K]
             if c.algorithm == "gptq":
-                qw = _quant.gptq(w, hess[node.input[0]], 4, c.block_size, "symmetric-positive", damp=c.damp)
+                qw = _quant.gptq(w, hess[node.input[0]], 4, c.block_size, "symmetric-positive", damp=c.damp,
+                                 act_order=c.act_order)
             else:
                 qw = _quant.rtn(w, 4, c.block_size, "symmetric-positive")
             errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
