@@ -1,5 +1,7 @@
 """gpu-tensorrt on a tiny model: builds TensorRT-ready ONNX, speed recorded as not measured, refusals."""
+import importlib.util
 import json
+import shutil
 
 import onnx
 import pytest
@@ -32,6 +34,10 @@ def test_trt_artifact_is_lint_clean_and_speed_not_measured(tiny_llama, tmp_path,
     assert m["summary"]["gates.speed.status"] == "not measured"
     assert "--stronglyTyped" in m["target"]["trtexec"] and "--maxShapes=input_ids:4x" in m["target"]["trtexec"]
     assert json.loads((out / "tensorrt.json").read_text())["optimization_profile"]["min"]["input_ids"] == [1, 1]
+    checks = m["target"]["checks"]
+    assert "trt-lint: passed" in checks and "onnx.checker full_check: passed" in checks
+    if importlib.util.find_spec("onnx_graphsurgeon") and shutil.which("polygraphy"):
+        assert "polygraphy check lint: passed" in checks
     model = onnx.load(str(out / "model.onnx"))
     assert lint(model) == [] and not model.functions
     assert {i.type.tensor_type.elem_type for i in model.graph.output} == {onnx.TensorProto.FLOAT16}

@@ -50,6 +50,25 @@ def trtexec_command(shapes: dict) -> str:
             f"--minShapes={fmt('min')} --optShapes={fmt('opt')} --maxShapes={fmt('max')}")
 
 
+def polygraphy_lint(path: Path) -> str:
+    """`polygraphy check lint` when polygraphy (and onnx-graphsurgeon) are installed (`pip install -e '.[trt]'`).
+    Returns what happened, for the manifest; raises BuildError when it reports failing nodes."""
+    import importlib.util
+    import subprocess
+
+    exe = shutil.which("polygraphy")
+    if exe is None or importlib.util.find_spec("onnx_graphsurgeon") is None:
+        return "polygraphy check lint: skipped (polygraphy / onnx-graphsurgeon not installed)"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "lint.json"
+        proc = subprocess.run([exe, "check", "lint", str(path), "-o", str(report)], capture_output=True, text=True)
+        failing = json.loads(report.read_text()).get("failing", []) if report.is_file() else None
+    if proc.returncode != 0 or failing:
+        detail = ", ".join(failing[:10]) if failing else proc.stdout[-500:] + proc.stderr[-500:]
+        raise BuildError(f"polygraphy check lint failed: {detail}")
+    return "polygraphy check lint: passed"
+
+
 def speed_measurable() -> tuple[bool, str]:
     if shutil.which("nvidia-smi") is None:
         return False, "no NVIDIA GPU on this machine (nvidia-smi not found)"
@@ -90,14 +109,16 @@ class GpuTensorRTTarget:
             raise BuildError(f"onnx checker / shape inference failed: {type(e).__name__}: {str(e)[:500]}") from None
         meta = {p.key: p.value for p in model.metadata_props}
         shapes = profile(meta)
+        checks = ["trt-lint: passed", "onnx.checker full_check: passed", "shape inference (strict): passed",
+                  polygraphy_lint(path)]
         info = {"optimization_profile": shapes, "trtexec": trtexec_command(shapes),
                 "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-                "checks": ["trt-lint", "onnx.checker full_check", "shape inference (strict)"]}
+                "checks": checks}
         (directory / PROFILE_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if state.tokenizer is not None:
             state.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         return {"format": "onnx (TensorRT-ready: explicit Q/DQ, fp16)", "model_file": MODEL_FILE,
-                "external_data": DATA_FILE, "tensorrt": PROFILE_FILE, "trtexec": info["trtexec"],
+                "external_data": DATA_FILE, "tensorrt": PROFILE_FILE, "trtexec": info["trtexec"], "checks": checks,
                 "optimization_profile": {k: {"batch": v["input_ids"][0], "sequence": v["input_ids"][1],
                                              "past": v["past_key_values.0.key"][2]} for k, v in shapes.items()},
                 "unquantized": state.info.get("unquantized", {}),
