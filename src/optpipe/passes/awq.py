@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from . import _quant
+from ._torch_calib import capture_inputs
 
 
 class AwqConfig(PassConfig):
@@ -56,31 +57,15 @@ class Awq(Pass):
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         model = state.torch_model
         groups = list(_groups(model))
-        inputs: dict[str, list[torch.Tensor]] = {name: [] for name, *_ in groups}
-        hooks = []
-        for name, _norm, _prev, linears in groups:
-            def hook(_mod, args, name=name):
-                inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
-            hooks.append(linears[0].register_forward_pre_hook(hook))
-        budget = self.config.max_tokens
-        try:
-            with torch.inference_mode():
-                for ids in ctx.calibration_windows():
-                    if budget <= 0:
-                        break
-                    ids = ids[:budget]
-                    model(torch.as_tensor(ids).reshape(1, -1), use_cache=False)
-                    budget -= ids.size
-        finally:
-            for h in hooks:
-                h.remove()
+        inputs = capture_inputs(model, {name: linears[0] for name, _n, _p, linears in groups}, ctx.calibration_windows(),
+                                max_tokens=self.config.max_tokens, desc="awq calibration")
         alphas = np.linspace(0, 1, self.config.grid)
         chosen, gains = [], []
         with torch.no_grad():
             for name, norm, prev, linears in tqdm(groups, desc="awq scale search", unit="group"):
                 if any(lin.in_features % self.config.block_size for lin in linears):
                     continue
-                x = torch.cat(inputs.pop(name))
+                x = inputs.pop(name)
                 w = torch.cat([lin.weight.float() for lin in linears])  # [sum N, K]
                 ref = x @ w.T
                 mean_abs = x.abs().mean(0).clamp(min=1e-6)

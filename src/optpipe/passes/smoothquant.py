@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from pydantic import Field
-from tqdm import tqdm
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ._torch_calib import capture_inputs
 
 
 class SmoothQuantConfig(PassConfig):
@@ -25,6 +25,11 @@ def _groups(model):
         a, m = layer.self_attn, layer.mlp
         yield f"model.layers.{i}.input_layernorm", layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]
         yield f"model.layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, [m.gate_proj, m.up_proj]
+
+
+def _channel_absmax(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    m = x.abs().amax(0)
+    return m if prev is None else torch.maximum(prev, m)
 
 
 @register
@@ -39,20 +44,8 @@ class SmoothQuant(Pass):
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         model = state.torch_model
         groups = list(_groups(model))
-        amax: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name, _norm, linears in groups:
-            def hook(_mod, args, name=name):
-                x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-                amax[name] = x if name not in amax else torch.maximum(amax[name], x)
-            hooks.append(linears[0].register_forward_pre_hook(hook))
-        try:
-            with torch.inference_mode():
-                for ids in tqdm(ctx.calibration_windows(), desc="smoothquant calibration", unit="window"):
-                    model(torch.as_tensor(ids).reshape(1, -1), use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        amax = capture_inputs(model, {name: linears[0] for name, _norm, linears in groups}, ctx.calibration_windows(),
+                              reduce=_channel_absmax, desc="smoothquant calibration")
         a = self.config.alpha
         scales = []
         with torch.no_grad():
