@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Side-by-side CPU benchmark, one process, same prompt, same threads, interleaved rounds:
-fp32 PyTorch eager, optpipe INT8 and INT4 artifacts, and llama.cpp (llama-cpp-python, optional) on the same
+fp32 PyTorch eager, optpipe artifacts (cpu-onnx INT8/INT4; cpu-torch bf16/INT8/INT4 when given), and llama.cpp (llama-cpp-python, optional) on the same
 GGUF (the shipped Q4_1 and a Q8_0 requantized from it). Reports prefill ms, decode tok/s (wall and per CPU-second),
 perplexity on the built-in evaluation text (same token ids for every engine), peak RSS (each engine alone in a
 child process) and artifact size. Writes a table into docs/benchmarks.md.
 
-    python scripts/bench_cpu.py --int4 artifacts/smollm2-int4 --int8 artifacts/smollm2-int8 --threads 1 2
+    python scripts/bench_cpu.py --int4 artifacts/smollm2-int4 --int8 artifacts/smollm2-int8 --threads 1 2 \
+        --torch-bf16 artifacts/smollm2-torch-bf16 --torch-int8 artifacts/smollm2-torch-int8 \
+        --torch-int4 artifacts/smollm2-torch-int4
 """
 from __future__ import annotations
 
@@ -87,6 +89,10 @@ def make_runner(kind: str, arg: str, threads: int, model=None):
         from optpipe.targets.cpu_onnx import CpuOnnxTarget
 
         return CpuOnnxTarget().load(Path(arg), threads)
+    if kind == "torch-artifact":
+        from optpipe.targets.cpu_torch import CpuTorchTarget
+
+        return CpuTorchTarget().load(Path(arg), threads)
     return LlamaCppRunner(arg, threads)
 
 
@@ -109,6 +115,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--int4", default="artifacts/smollm2-int4")
     ap.add_argument("--int8", default="artifacts/smollm2-int8")
+    for fmt in ("bf16", "int8", "int4"):
+        ap.add_argument(f"--torch-{fmt}", default=None, help=f"a cpu-torch {fmt} artifact (row left out when absent)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -123,6 +131,10 @@ def main() -> int:
     prompt = np.concatenate(ev.windows)[: a.prompt_tokens]
     engines = [("PyTorch eager fp32", "torch", "", None), ("optpipe cpu-onnx INT8", "onnx", a.int8, Path(a.int8)),
                ("optpipe cpu-onnx INT4", "onnx", a.int4, Path(a.int4))]
+    for fmt in ("bf16", "int8", "int4"):
+        path = getattr(a, f"torch_{fmt}")
+        if path:
+            engines.append((f"optpipe cpu-torch {fmt.upper()}", "torch-artifact", path, Path(path)))
     tmp = Path(tempfile.mkdtemp(prefix="optpipe-bench-"))
     have_llama = not a.no_llama_cpp
     if have_llama:

@@ -2,7 +2,10 @@
 and a destructive recipe is refused. Minutes each on 2 cores; run with -m integration."""
 import json
 
+import numpy as np
 import pytest
+
+import optpipe
 
 from optpipe.cli import main
 
@@ -13,6 +16,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("name,max_delta,min_speedup", [("smollm2-135m-cpu-int4", 3.0, 2.5),
                                                          ("smollm2-135m-cpu-int8", 1.5, 1.5),
+                                                         ("smollm2-135m-cpu-torch-bf16", 0.5, 1.05),
+                                                         ("smollm2-135m-cpu-torch-int4", 3.0, 2.0),
                                                          ("smollm2-135m-gpu-trt-int8", 3.0, None)])
 def test_shipped_recipe_builds_and_passes(name, max_delta, min_speedup, tmp_path):
     out = tmp_path / name
@@ -26,6 +31,10 @@ def test_shipped_recipe_builds_and_passes(name, max_delta, min_speedup, tmp_path
         assert s["gates.speed.decode_speedup"] >= min_speedup
     assert m["gates"]["accuracy"]["tokens"] > 1000
     assert main(["verify", str(out)]) == 0
+    if m["target"]["name"] == "cpu-torch":  # reloaded: the same greedy tokens as the candidate the gates ran
+        speed = m["gates"]["speed"]
+        again = optpipe.load(out, threads=speed["threads"]).generate(np.array(speed["prompt_ids"]), speed["new_tokens"])
+        assert again.tokens == speed["candidate_tokens"]
 
 
 def test_destructive_recipe_is_refused_by_both_gates(tmp_path, capsys):

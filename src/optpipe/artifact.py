@@ -122,7 +122,7 @@ def render_report(m: dict) -> str:
             continue
         lines += ["", f"## Gate: {gname} — {g['status']}", ""]
         for k, v in g.items():
-            if k in ("status", "passed", "thresholds", "failures", "runs", "runs_columns"):
+            if k in ("status", "passed", "thresholds", "failures", "runs", "runs_columns") or isinstance(v, list):
                 continue
             lines.append(f"- {k}: {v}")
         lines.append(f"- thresholds: {json.dumps(g['thresholds'])}")

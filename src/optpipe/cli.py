@@ -19,7 +19,8 @@ def _log(msg: str) -> None:
 
 def _print_gates(gates: dict) -> None:
     for name, g in gates.items():
-        keys = [k for k in g if k not in ("thresholds", "failures", "runs", "runs_columns", "passed")]
+        keys = [k for k in g if k not in ("thresholds", "failures", "runs", "runs_columns", "passed")
+                and not isinstance(g[k], list)]
         print(f"{name}: " + ", ".join(f"{k}={g[k]}" for k in keys))
         for f in g.get("failures", []):
             print(f"  FAILED: {f}")

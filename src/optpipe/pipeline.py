@@ -87,18 +87,27 @@ class Pass:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Pass]] = {}
+_REGISTRY: dict[str, list[type[Pass]]] = {}
 
 
 def register(cls: type[Pass]) -> type[Pass]:
-    _REGISTRY[cls.name] = cls
+    """One name may have one implementation per target (e.g. `quantize-int4` for cpu-onnx and cpu-torch)."""
+    _REGISTRY.setdefault(cls.name, []).append(cls)
     return cls
 
 
-def registered_passes() -> dict[str, type[Pass]]:
+def registered_passes() -> dict[str, list[type[Pass]]]:
     from . import passes  # noqa: F401 - importing registers the built-in passes
 
-    return dict(_REGISTRY)
+    return {name: list(impls) for name, impls in _REGISTRY.items()}
+
+
+def pass_for_target(impls: list[type[Pass]], target: str) -> type[Pass]:
+    """The implementation made for `target`, else one for any target, else the first (validation then says why)."""
+    for cls in impls:
+        if cls.targets is not None and target in cls.targets:
+            return cls
+    return next((cls for cls in impls if cls.targets is None), impls[0])
 
 
 def load_plugin(path: Path, name: str) -> type[Pass]:
@@ -127,7 +136,7 @@ def instantiate(recipe, source: str) -> list[Pass]:
         if spec.path:
             cls = load_plugin(recipe.resolve_path(spec.path), spec.name)
         elif spec.name in known:
-            cls = known[spec.name]
+            cls = pass_for_target(known[spec.name], recipe.target)
         else:
             raise RecipeError(f"{where}.name: unknown pass {spec.name!r}; known: {', '.join(sorted(known))} "
                       "(or give `path:` to a plugin file)")

@@ -36,6 +36,7 @@ def measure(reference, candidate, prompt: np.ndarray, new_tokens: int, repeats: 
         "prefill_speedup": round(med["reference"][0] / med["candidate"][0], 3),
         "decode_speedup": round(med["candidate"][1] / med["reference"][1], 3),
         "greedy_token_agreement": round(agree, 3),
+        "prompt_ids": [int(t) for t in prompt], "candidate_tokens": [int(t) for t in tokens["candidate"]],
         "prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "repeats": repeats,
         "runs": {k: [[round(a * 1e3, 2), round(b, 2), round(c, 3)] for a, b, c in v] for k, v in runs.items()},
         "runs_columns": ["prefill_ms", "decode_tok_s", "cpu_seconds"],

@@ -18,7 +18,6 @@ class PlannedTarget:
 
 
 _PLANNED = {
-    "cpu-torch": PlannedTarget("cpu-torch", "torch", "the PyTorch-native CPU target is planned (issue: CPU PyTorch targets)"),
     "cpu-ipex": PlannedTarget("cpu-ipex", "torch", "the IPEX backend is planned as an optional extra (IPEX is archived upstream)"),
 }
 
@@ -28,6 +27,10 @@ def get_target(name: str):
         from .cpu_onnx import CpuOnnxTarget
 
         return CpuOnnxTarget()
+    if name == "cpu-torch":
+        from .cpu_torch import CpuTorchTarget
+
+        return CpuTorchTarget()
     if name == "gpu-tensorrt":
         from .gpu_tensorrt import GpuTensorRTTarget
 

@@ -1,0 +1,129 @@
+"""`quantize-int4` / `quantize-int8` for cpu-torch: swap nn.Linear modules for quantized ones in place.
+
+INT4 is weight-only, per group along the input axis, with a float zero point (RTN, or GPTQ with the
+Hessian of each layer's input from calibration text); INT8 is per-channel symmetric, weight-only or with
+dynamic per-token activation quantization. The modules run on torch's own CPU kernels (torch_runtime).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..torch_runtime import Int4WeightOnlyLinear, Int8Linear, select_linears, set_module, untie_lm_head
+from . import _quant
+from ._torch_calib import capture_inputs
+
+
+class TorchInt4Config(PassConfig):
+    algorithm: Literal["rtn", "gptq"] = "rtn"
+    group_size: Literal[32, 64, 128] = 32
+    zero_point: Literal["float", "symmetric"] = Field("float", description="float: exact on GGUF Q4_1-style grids")
+    include: list[str] = Field(default_factory=list, description="regexes on module names; empty = all Linear")
+    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+    damp: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of mean diagonal)")
+    act_order: bool = Field(False, description="GPTQ: columns by decreasing Hessian diagonal, static groups")
+    max_calibration_tokens: int | None = Field(None, ge=16)
+
+
+class TorchInt8Config(PassConfig):
+    mode: Literal["weight-only", "dynamic"] = "weight-only"
+    include: list[str] = Field(default_factory=list, description="regexes on module names; empty = all Linear")
+    exclude: list[str] = Field(default_factory=list)
+
+
+def _hessian(prev, x: torch.Tensor) -> tuple:
+    h, n = prev if prev is not None else (0, 0)
+    x = x.double()
+    return h + x.T @ x, n + x.shape[0]
+
+
+def _record(state: ModelState, quantized: dict[str, str], skipped: dict[str, str], rel: list[float]) -> dict:
+    state.info.setdefault("quantized", {}).update(quantized)
+    return {"layers_quantized": len(quantized), "layers_skipped": len(skipped),
+            "weight_rel_error_mean": round(float(np.mean(rel)), 5) if rel else None,
+            "weight_rel_error_max": round(float(np.max(rel)), 5) if rel else None, "skipped": skipped}
+
+
+def _rel_error(new: torch.Tensor, old: torch.Tensor) -> float:
+    return float(torch.linalg.norm(new - old) / torch.linalg.norm(old).clamp(min=1e-12))
+
+
+@register
+class TorchQuantizeInt4(Pass):
+    name = "quantize-int4"
+    Config = TorchInt4Config
+    input_stage = "torch"
+    output_stage = "torch"
+    provides = frozenset({"quantized"})
+    targets = frozenset({"cpu-torch"})
+
+    @property
+    def needs(self):  # type: ignore[override]
+        return frozenset({"calibration"}) if self.config.algorithm == "gptq" else frozenset()
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        c = self.config
+        model = state.torch_model
+        chosen, skipped = select_linears(model, c.include, c.exclude)
+        for name, lin in list(chosen.items()):
+            if lin.in_features % c.group_size:
+                skipped[name] = f"in_features={lin.in_features} is not a multiple of group_size {c.group_size}"
+                del chosen[name]
+            elif lin.out_features % 16:
+                skipped[name] = f"out_features={lin.out_features} is not a multiple of 16 (the CPU int4 kernel's packing)"
+                del chosen[name]
+        if "lm_head" in chosen:
+            untie_lm_head(model)
+            chosen["lm_head"] = model.get_output_embeddings()
+        hessians = {}
+        if c.algorithm == "gptq" and chosen:
+            stats = capture_inputs(model, chosen, ctx.calibration_windows(), reduce=_hessian,
+                                   max_tokens=c.max_calibration_tokens, desc="gptq calibration")
+            hessians = {name: ((2.0 / n) * h).numpy() for name, (h, n) in stats.items()}
+        scheme = c.zero_point
+        rel, done = [], {}
+        for name, lin in tqdm(chosen.items(), desc=f"quantize int4 ({c.algorithm})", unit="layer"):
+            w = lin.weight.detach().float().numpy()
+            if c.algorithm == "gptq":
+                qw = _quant.gptq(w, hessians[name], 4, c.group_size, scheme, damp=c.damp, act_order=c.act_order)
+            else:
+                qw = _quant.rtn(w, 4, c.group_size, scheme)
+            residual = qw.residual if qw.residual is not None else 0.0
+            minimum = residual - qw.scale * qw.zero.astype(np.float32)  # w = q*scale + minimum per group
+            mod = Int4WeightOnlyLinear.from_codes(qw.q.reshape(w.shape), qw.scale, minimum, lin.bias)
+            rel.append(_rel_error(mod.dequantize(), lin.weight.detach().float()))
+            set_module(model, name, mod)
+            done[name] = f"int4 {c.algorithm} group{c.group_size} {scheme} (bf16 compute)"
+        return PassResult(bool(done), _record(state, done, skipped, rel),
+                          ["scales and zero points are stored in bf16 (what the CPU int4 kernel takes)"])
+
+
+@register
+class TorchQuantizeInt8(Pass):
+    name = "quantize-int8"
+    Config = TorchInt8Config
+    input_stage = "torch"
+    output_stage = "torch"
+    provides = frozenset({"quantized"})
+    targets = frozenset({"cpu-torch"})
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        c = self.config
+        model = state.torch_model
+        chosen, skipped = select_linears(model, c.include, c.exclude)
+        if "lm_head" in chosen:
+            untie_lm_head(model)
+            chosen["lm_head"] = model.get_output_embeddings()
+        rel, done = [], {}
+        dynamic = c.mode == "dynamic"
+        for name, lin in tqdm(chosen.items(), desc=f"quantize int8 ({c.mode})", unit="layer"):
+            mod = Int8Linear.from_float(lin.weight, lin.bias, dynamic)
+            rel.append(_rel_error(mod.dequantize(), lin.weight.detach().float()))
+            set_module(model, name, mod)
+            done[name] = f"int8 per-channel symmetric, {c.mode}"
+        return PassResult(bool(done), _record(state, done, skipped, rel))

@@ -1,0 +1,35 @@
+"""`static-kv-cache` (cpu-torch): decode with transformers' StaticCache, preallocated to `max_length`.
+
+The cache tensors are allocated once per generation and written in place, so decode steps neither grow
+nor copy the cache; fixed shapes also let torch.compile (`compile: true`) specialise the decode step."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+
+
+class TorchStaticKVConfig(PassConfig):
+    max_length: int = Field(2048, ge=16, description="prompt + generated tokens the cache holds")
+    compile: bool = Field(False, description="torch.compile (Inductor) the forward when the artifact is loaded; "
+                                            "costs a compile of a minute or more on load")
+
+
+@register
+class TorchStaticKVCache(Pass):
+    name = "static-kv-cache"
+    Config = TorchStaticKVConfig
+    input_stage = "torch"
+    output_stage = "torch"
+    provides = frozenset({"static-kv-cache"})
+    targets = frozenset({"cpu-torch"})
+
+    def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        limit = getattr(state.torch_model.config, "max_position_embeddings", None)
+        n = self.config.max_length
+        notes = []
+        if limit and n > limit:
+            notes.append(f"max_length {n} is beyond the model's max_position_embeddings {limit}")
+        state.info["kv_cache"] = {"mode": "static", "max_length": n}
+        state.info["compile"] = self.config.compile
+        return PassResult(True, {"max_length": n, "compile": self.config.compile}, notes)

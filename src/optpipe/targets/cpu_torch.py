@@ -1,0 +1,116 @@
+"""`cpu-torch`: a PyTorch-native CPU artifact — plain tensors in safetensors, no pickled modules.
+
+Layout (docs/recipes.md, "cpu-torch artifact"):
+- `weights.safetensors`: the model's state dict. A quantized Linear `<name>` is stored as `<name>.qweight`
+  (int4: uint8 [out, in/2], even input column in the low nibble; int8: int8 [out, in]), `<name>.scales`
+  and, for int4, `<name>.zeros` (bf16 [out, in/group]: w = (q - 8) * scale + zero).
+- `quantization.json`: which modules are quantized and how (kind, shapes, group size).
+- `config.json`: the transformers config; `runtime.json`: KV cache mode/length, compile flag, dtype.
+- `tokenizer/`.
+Loading builds the architecture from config.json on the meta device, swaps in the quantized modules and
+assigns the tensors, so it needs neither the original checkpoint nor the memory for a float copy of it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import ArtifactError
+from ..torch_runtime import QUANTIZED_MODULES, TorchRunner, build_quantized, quantized_layout, set_module
+
+WEIGHTS_FILE = "weights.safetensors"
+LAYOUT_FILE = "quantization.json"
+RUNTIME_FILE = "runtime.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def _state_dict_without_ties(model) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in sd.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape))
+        if t.numel() and key in seen:
+            continue  # tied weight (lm_head = embed_tokens): stored once, re-tied on load
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+class CpuTorchTarget:
+    name = "cpu-torch"
+    final_stage = "torch"
+    implemented = True
+
+    def save(self, state, directory: Path) -> dict:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        model = state.torch_model
+        layout = quantized_layout(model)
+        tensors = _state_dict_without_ties(model)
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "optpipe-cpu-torch/1"})
+        model.config.to_json_file(str(directory / "config.json"))
+        (directory / LAYOUT_FILE).write_text(json.dumps(layout, indent=1, sort_keys=True), encoding="utf-8")
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        runtime = {"kv_cache": state.info.get("kv_cache", {"mode": "dynamic"}),
+                   "compile": bool(state.info.get("compile", False)), "dtypes": dtypes,
+                   "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False))}
+        (directory / RUNTIME_FILE).write_text(json.dumps(runtime, indent=1), encoding="utf-8")
+        if state.tokenizer is not None:
+            state.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        kinds: dict[str, int] = {}
+        for entry in layout.values():
+            kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
+        return {"format": "safetensors", "weights_file": WEIGHTS_FILE, "layout_file": LAYOUT_FILE,
+                "runtime_file": RUNTIME_FILE, "tokenizer_dir": TOKENIZER_DIR if state.tokenizer is not None else None,
+                "runtime": f"torch {torch.__version__} CPU (aten int4/int8 kernels)", "quantized_modules": kinds,
+                **runtime}
+
+    def load(self, directory: Path, threads: int) -> TorchRunner:
+        model, runtime = load_model(Path(directory))
+        return TorchRunner(model, threads, runtime["kv_cache"], compile=runtime.get("compile", False))
+
+
+def load_model(directory: Path):
+    """(model, runtime.json) from a cpu-torch artifact directory."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for f in (WEIGHTS_FILE, LAYOUT_FILE, RUNTIME_FILE, "config.json"):
+        if not (directory / f).is_file():
+            raise ArtifactError(f"{directory}: {f} is missing (not a cpu-torch artifact?)")
+    runtime = json.loads((directory / RUNTIME_FILE).read_text(encoding="utf-8"))
+    layout = json.loads((directory / LAYOUT_FILE).read_text(encoding="utf-8"))
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, entry in layout.items():
+        set_module(model, name, build_quantized(entry, device="meta"))
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ArtifactError(f"{directory / WEIGHTS_FILE}: tensors the model does not have: {result.unexpected_keys[:5]}")
+    if runtime.get("tied_embeddings"):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    missing = [k for k in result.missing_keys if not (runtime.get("tied_embeddings") and k.startswith("lm_head."))]
+    if missing:
+        raise ArtifactError(f"{directory / WEIGHTS_FILE}: tensors missing: {missing[:5]}")
+    _rebuild_rotary(model, config)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ArtifactError(f"{directory}: not restored from the artifact: {left[:5]}")
+    for mod in model.modules():
+        if isinstance(mod, QUANTIZED_MODULES):
+            mod.prepare()
+    model.eval()
+    return model, runtime
+
+
+def _rebuild_rotary(model, config) -> None:
+    """Rotary inverse frequencies are a non-persistent buffer (not in any state dict): compute them again."""
+    for name, mod in list(model.named_modules()):
+        if name.endswith("rotary_emb"):
+            set_module(model, name, type(mod)(config=config))

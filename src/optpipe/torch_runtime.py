@@ -1,0 +1,276 @@
+"""PyTorch-native CPU runtime: quantized Linear modules on torch's own CPU kernels, and the decode loop.
+
+The kernels are the ones torchao's CPU int4/int8 layouts call (`aten._weight_int4pack_mm_for_cpu`,
+`aten._weight_int8pack_mm`, `aten._int_mm` on oneDNN/VNNI), used directly so that an artifact is plain
+tensors in safetensors and needs nothing beyond torch to load. The packed int4 layout depends on the CPU's
+ISA, so artifacts store the plain codes and pack them when loaded.
+"""
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+
+import numpy as np
+import torch
+
+from .targets.base import Generation
+
+INT4_GROUPS = (32, 64, 128)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] uint8, even column in the low nibble."""
+    c = codes.to(torch.uint8)
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], -1).reshape(packed.shape[0], -1)
+
+
+class Int4WeightOnlyLinear(torch.nn.Module):
+    """y = x @ W^T (+ b) with W[n, k] = (q - 8) * scale[n, g] + zero[n, g] per group of `group_size` along k.
+
+    The zero point is a float (not an integer code), so asymmetric grids with a float minimum — GGUF's Q4_1,
+    GPTQ/RTN `float` scheme — are represented exactly up to the bf16 scales the kernel takes. Activations are
+    computed in bf16 (the CPU kernel's fast path) and returned in the input's dtype."""
+
+    kind = "int4-weight-only"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        ng = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, ng, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, ng, dtype=torch.bfloat16, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self._packed = None
+        self._scales_zeros = None
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, bias) -> Int4WeightOnlyLinear:
+        """codes [N, K] in 0..15 with w = codes*scale + minimum per group (float zero point)."""
+        n, k = codes.shape
+        group = k // scale.shape[1]
+        mod = cls(k, n, group, bias is not None)
+        mod.qweight.copy_(_pack_nibbles(torch.from_numpy(codes.astype(np.uint8))))
+        s = torch.from_numpy(scale.astype(np.float32))
+        mod.scales.copy_(s.to(torch.bfloat16))
+        # (q - 8) * s + zero == q * s + minimum  =>  zero = minimum + 8 s (computed in fp32, then rounded once)
+        mod.zeros.copy_((torch.from_numpy(minimum.astype(np.float32)) + 8 * s).to(torch.bfloat16))
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
+        mod.prepare()
+        return mod
+
+    def prepare(self) -> None:
+        """Pack for this CPU (after construction or after loading the plain tensors)."""
+        codes = _unpack_nibbles(self.qweight).to(torch.int32)
+        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], -1).contiguous()
+
+    def dequantize(self) -> torch.Tensor:
+        codes = _unpack_nibbles(self.qweight).float().reshape(self.out_features, -1, self.group_size)
+        w = (codes - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self._packed,
+                                                       self.group_size, self._scales_zeros)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+
+class Int8Linear(torch.nn.Module):
+    """Per-output-channel symmetric INT8 weights. `dynamic`: activations quantized per token at run time and
+    multiplied on int8 units (VNNI via oneDNN); otherwise weight-only (bf16 activations)."""
+
+    def __init__(self, in_features: int, out_features: int, dynamic: bool, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.dynamic = in_features, out_features, dynamic
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+        self._wt = None
+        self._scales_bf16 = None
+
+    @property
+    def kind(self) -> str:
+        return "int8-dynamic" if self.dynamic else "int8-weight-only"
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias, dynamic: bool) -> Int8Linear:
+        w = weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        mod = cls(w.shape[1], w.shape[0], dynamic, bias is not None)
+        mod.qweight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        mod.scales.copy_(scale)
+        if bias is not None:
+            mod.bias.copy_(bias.detach().float())
+        mod.prepare()
+        return mod
+
+    def prepare(self) -> None:
+        # Tensors read from safetensors can sit at any byte offset; the int8 CPU kernel crashes (SIGSEGV) on
+        # a weight that is not 64-byte aligned, so such a weight gets its own (aligned) storage.
+        if self.qweight.data_ptr() % 64:
+            self.qweight = self.qweight.clone()
+        self._wt = self.qweight.t().contiguous()
+        self._scales_bf16 = self.scales.to(torch.bfloat16)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.dynamic:
+            xf = x2.float()
+            xs = (xf.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+            xq = torch.round(xf / xs).clamp(-127, 127).to(torch.int8)
+            y = torch._int_mm(xq, self._wt).float() * (xs * self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16)
+        y = y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+
+QUANTIZED_MODULES = (Int4WeightOnlyLinear, Int8Linear)
+
+
+def select_linears(model, include: list[str], exclude: list[str]) -> tuple[dict[str, torch.nn.Linear], dict[str, str]]:
+    """Plain nn.Linear modules by qualified name, filtered by regexes; returns (chosen, skipped name -> why)."""
+    chosen, skipped = {}, {}
+    for name, mod in model.named_modules():
+        if type(mod) is not torch.nn.Linear:
+            continue
+        if include and not any(re.search(p, name) for p in include):
+            continue
+        hit = next((p for p in exclude if re.search(p, name)), None)
+        if hit:
+            skipped[name] = f"excluded by pattern {hit!r}"
+            continue
+        chosen[name] = mod
+    return chosen, skipped
+
+
+def set_module(model, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def untie_lm_head(model) -> bool:
+    """Give lm_head its own weight (before quantizing it while the embedding stays float)."""
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head is None or head.weight is not emb.weight:
+        return False
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+    return True
+
+
+def quantized_layout(model) -> dict[str, dict]:
+    """name -> how the module is quantized: written to the artifact, read back to rebuild the modules."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Int4WeightOnlyLinear):
+            out[name] = {"kind": mod.kind, "in_features": mod.in_features, "out_features": mod.out_features,
+                         "group_size": mod.group_size, "bias": mod.bias is not None}
+        elif isinstance(mod, Int8Linear):
+            out[name] = {"kind": mod.kind, "in_features": mod.in_features, "out_features": mod.out_features,
+                         "bias": mod.bias is not None}
+    return out
+
+
+def build_quantized(entry: dict, device=None) -> torch.nn.Module:
+    if entry["kind"] == "int4-weight-only":
+        return Int4WeightOnlyLinear(entry["in_features"], entry["out_features"], entry["group_size"], entry["bias"], device)
+    if entry["kind"] in ("int8-dynamic", "int8-weight-only"):
+        return Int8Linear(entry["in_features"], entry["out_features"], entry["kind"] == "int8-dynamic", entry["bias"], device)
+    raise ValueError(f"unknown quantized module kind {entry['kind']!r}")
+
+
+_FILLED = contextvars.ContextVar("optpipe_static_cache_filled", default=None)
+STATIC_ATTENTION = "optpipe_static_sdpa"
+
+
+def _static_cache_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA over the filled part of a static cache only. A StaticCache hands attention the whole
+    preallocated buffer (masked), so without this every decode step costs attention over `max_length`
+    positions; the runner sets how many positions are filled before each forward."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n = _FILLED.get()
+    if n is not None and key.shape[-2] > n:
+        key, value = key[..., :n, :], value[..., :n, :]
+        if attention_mask is not None and attention_mask.shape[-1] > n:
+            attention_mask = attention_mask[..., :n]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_static_cache_attention(model) -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(STATIC_ATTENTION, _static_cache_sdpa)
+    model.config._attn_implementation = STATIC_ATTENTION
+
+
+class TorchRunner:
+    """Batch-1 logits and greedy decoding for a PyTorch causal LM, with a static (preallocated) or dynamic KV
+    cache; optionally the model's forward compiled by torch.compile (Inductor)."""
+
+    def __init__(self, model, threads: int, kv_cache: dict | None = None, compile: bool = False):
+        self.model = model
+        self.threads = threads
+        self.kv_cache = kv_cache or {"mode": "dynamic"}
+        if self.kv_cache.get("mode") == "static" and not compile:  # compiled graphs keep the full buffer
+            use_static_cache_attention(model)
+        self._forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            out = self.model(torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1), use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def _new_cache(self, needed: int):
+        from transformers import DynamicCache, StaticCache
+
+        if self.kv_cache.get("mode") == "static":
+            limit = int(self.kv_cache["max_length"])
+            if needed > limit:
+                raise ValueError(f"prompt + new tokens = {needed} exceeds the static KV cache of {limit} tokens")
+            return StaticCache(config=self.model.config, max_cache_len=limit)
+        return DynamicCache(config=self.model.config)
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
+        torch.set_num_threads(self.threads)
+        ids = np.asarray(ids, dtype=np.int64)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            cache = self._new_cache(ids.size + max_new_tokens)
+            _FILLED.set(ids.size)
+            out = self._forward(torch.as_tensor(ids).reshape(1, -1), past_key_values=cache, use_cache=True,
+                                cache_position=torch.arange(ids.size))
+            tok = int(out.logits[0, -1].argmax())
+            t1 = time.perf_counter()
+            tokens = [tok]
+            nxt = torch.empty((1, 1), dtype=torch.long)
+            pos = torch.empty((1,), dtype=torch.long)
+            while len(tokens) < max_new_tokens and tok != eos_token_id:
+                nxt[0, 0] = tok
+                pos[0] = ids.size + len(tokens) - 1
+                _FILLED.set(int(pos[0]) + 1)
+                out = self._forward(nxt, past_key_values=cache, use_cache=True, cache_position=pos)
+                tok = int(out.logits[0, -1].argmax())
+                tokens.append(tok)
+            t2 = time.perf_counter()
+            _FILLED.set(None)
+            return Generation(tokens, t1 - t0, t2 - t1)

@@ -1,0 +1,90 @@
+"""cpu-torch target on a tiny model: build with every torch pass, reload from safetensors alone, same tokens."""
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import optpipe
+from optpipe.cli import main
+from optpipe.pipeline import registered_passes, validate_pass_chain
+from optpipe.recipe import recipe_from_dict
+
+from ..conftest import DATA, tiny_recipe, write_recipe
+
+SPEED = {"min_decode_speedup": 0.05, "prompt_tokens": 16, "new_tokens": 8, "repeats": 1, "threads": 1}
+INT4_CHAIN = [{"name": "quantize-int4", "group_size": 32, "exclude": ["lm_head"]},
+              {"name": "quantize-int8", "include": ["^lm_head$"]},
+              {"name": "static-kv-cache", "max_length": 128}]
+
+
+def torch_recipe(model_dir, passes, **gates):
+    r = tiny_recipe(model_dir, passes, speed=gates.pop("speed", SPEED), **gates)
+    r["target"] = "cpu-torch"
+    return r
+
+
+def test_same_pass_name_resolves_per_target(tiny_llama):
+    impls = {c.__module__.rsplit(".", 1)[1] for c in registered_passes()["quantize-int4"]}
+    assert impls == {"quantize_int4", "torch_quantize"}
+    onnx_chain = validate_pass_chain(recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "quantize-int4"}])), "r")
+    torch_chain = validate_pass_chain(recipe_from_dict(torch_recipe(tiny_llama, INT4_CHAIN)), "r")
+    assert onnx_chain[1].input_stage == "onnx" and torch_chain[0].input_stage == "torch"
+
+
+def test_int4_artifact_reloads_with_same_greedy_tokens(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    recipe = torch_recipe(tiny_llama, [{"name": "bf16-autocast", "force": True}] + INT4_CHAIN)
+    res = optpipe.build(recipe, output=out, log=lambda m: None)
+    m = res.manifest
+    assert m["target"]["quantized_modules"] == {"int4-weight-only": 14, "int8-weight-only": 1}
+    assert m["target"]["kv_cache"] == {"mode": "static", "max_length": 128}
+    assert m["passes"][1]["changes"]["skipped"] == {"lm_head": "excluded by pattern 'lm_head'"}
+    assert {"weights.safetensors", "quantization.json", "runtime.json", "config.json"} <= set(m["files"])
+    assert not any(f.endswith((".pt", ".bin", ".pkl")) for f in m["files"])
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert str(f.get_tensor("model.layers.0.mlp.down_proj.qweight").dtype) == "torch.uint8"
+    assert {"model.layers.0.self_attn.q_proj.scales", "model.layers.0.self_attn.q_proj.zeros", "lm_head.qweight"} <= keys
+    assert "model.layers.0.self_attn.q_proj.weight" not in keys
+    ids = np.arange(20, 40)
+    first = optpipe.load(out, threads=1).generate(ids, 10).tokens
+    again = optpipe.load(out, threads=1).generate(ids, 10).tokens
+    assert first == again and len(first) == 10
+    layout = json.loads((out / "quantization.json").read_text())
+    assert layout["model.layers.1.mlp.up_proj"]["group_size"] == 32
+    assert main(["verify", str(out)]) == 0
+
+
+def test_gptq_and_tied_float_head(tiny_qwen2, tmp_path):
+    recipe = torch_recipe(tiny_qwen2, [{"name": "quantize-int4", "algorithm": "gptq", "group_size": 64},
+                                      {"name": "static-kv-cache", "max_length": 128}])
+    res = optpipe.build(recipe, output=tmp_path / "art", log=lambda m: None)
+    assert res.manifest["target"]["tied_embeddings"] is True  # lm_head stayed float and tied: stored once
+    with safe_open(str(tmp_path / "art" / "weights.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    assert res.manifest["passes"][0]["changes"]["layers_quantized"] == 14
+    assert len(optpipe.load(tmp_path / "art", threads=1).generate(np.arange(5, 25), 6).tokens) == 6
+
+
+def test_bf16_is_refused_without_native_support_unless_forced(tiny_llama, tmp_path, monkeypatch, capsys):
+    from optpipe import hw
+
+    monkeypatch.setattr(hw, "isa", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    recipe = write_recipe(tmp_path, torch_recipe(tiny_llama, [{"name": "bf16-autocast"}]))
+    assert main(["build", str(recipe), "-o", str(tmp_path / "art")]) == 1
+    assert "no avx512_bf16 or AMX" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+
+
+def test_accuracy_gate_rejects_corrupted_torch_weights(tiny_llama, tmp_path, capsys):
+    passes = INT4_CHAIN + [{"name": "corrupt-torch-scales", "path": str(DATA / "corrupt_torch_scales.py")}]
+    recipe = write_recipe(tmp_path, torch_recipe(tiny_llama, passes, accuracy={"max_ppl_delta_pct": 5.0}))
+    assert main(["build", str(recipe), "-o", str(tmp_path / "art")]) == 3
+    assert "accuracy: perplexity delta" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+
+
+def test_torch_pass_is_refused_for_onnx_target(tiny_llama):
+    with pytest.raises(optpipe.RecipeError, match=r"passes\[0\] \(bf16-autocast\): not available for target cpu-onnx"):
+        recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "bf16-autocast"}, {"name": "export"}]))
