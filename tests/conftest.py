@@ -22,13 +22,14 @@ def _byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[0])
 
 
-def make_tiny(path: Path, arch: str = "llama", layers: int = 2) -> Path:
+def make_tiny(path: Path, arch: str = "llama", layers: int = 2, **shape) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    common.update(shape)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:

@@ -69,10 +69,3 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_planned_target_validates_but_build_says_not_implemented(tmp_path):
-    import optpipe
-
-    r = recipe_from_dict(base(target="cpu-ipex", passes=[]) | {"passes": [{"name": "smoothquant"}]})
-    with pytest.raises(RecipeError, match="not implemented yet"):
-        optpipe.build(r, tmp_path / "out")
-    assert not (tmp_path / "out").exists()

@@ -58,7 +58,7 @@ def check_speed_measurable(recipe: Recipe, target, source: str) -> None:
 
 
 def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, threads: int,
-              log=print) -> dict[str, GateResult]:
+              log=print, saved: dict | None = None) -> dict[str, GateResult]:
     log("accuracy gate: candidate vs fp32 reference on the evaluation text")
     acc = accuracy.check(accuracy.compare(reference, candidate, eval_windows.windows), recipe.gates.accuracy)
     g = recipe.gates.speed
@@ -69,6 +69,9 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats} interleaved rounds, {threads} thread(s)")
     spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
                                     g.new_tokens, g.repeats), g, threads)
+    hint = target.speed_failure_hint(saved) if spd.failures and hasattr(target, "speed_failure_hint") else None
+    if hint:
+        spd.failures.append(hint)
     return {"accuracy": acc, "speed": spd}
 
 
@@ -86,9 +89,9 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     t_start = time.perf_counter()
     recipe, source = _as_recipe(recipe)
     target = get_target(recipe.target)
-    if not target.implemented:
-        raise RecipeError(f"{source}: target: {recipe.target} is not implemented yet: {target.why}")
     passes = validate_pass_chain(recipe, source)
+    if hasattr(target, "preflight"):
+        target.preflight()
     check_speed_measurable(recipe, target, source)
     out = output or recipe.output
     if out is None:
@@ -121,7 +124,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         del state
         candidate = target.load(staging.path, threads)
         reference = TorchEagerRunner(reference_model, threads)
-        gates = run_gates(recipe, target, reference, candidate, eval_windows, threads, log)
+        gates = run_gates(recipe, target, reference, candidate, eval_windows, threads, log, saved)
         del candidate
         passed = all(g.passed is not False for g in gates.values())
         manifest = {
@@ -166,12 +169,15 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
         recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
     threads = threads or recipe.gates.speed.threads or hw.physical_cores()
     target = get_target(recipe.target)
+    if hasattr(target, "preflight"):
+        target.preflight()
     check_speed_measurable(recipe, target, str(artifact_dir / artifact.MANIFEST))
     log(f"loading reference model {recipe.model.source}")
     model, tokenizer, _ = models.load(recipe.model)
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
     candidate = target.load(artifact_dir, threads)
-    gates = run_gates(recipe, target, TorchEagerRunner(model, threads), candidate, windows, threads, log)
+    gates = run_gates(recipe, target, TorchEagerRunner(model, threads), candidate, windows, threads, log,
+                      manifest.get("target"))
     passed = all(g.passed is not False for g in gates.values())
     result = {"status": "passed" if passed else "rejected", "gates": {k: g.to_json() for k, g in gates.items()},
               "evaluation": windows.describe()}

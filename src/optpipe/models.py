@@ -76,6 +76,13 @@ def _fix_gguf(model, tokenizer) -> None:
         cfg.quantization_config = None
 
 
+def dtype_keyword() -> str:
+    """transformers 5 takes `dtype`; 4.x (the IPEX environment pins 4.51.3) takes `torch_dtype`."""
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
 def load(spec, dtype: str = "float32"):
     """Load (model, tokenizer, ResolvedModel) in eval mode; never downloads when offline."""
     import torch
@@ -91,7 +98,7 @@ def load(spec, dtype: str = "float32"):
         kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(resolved.location, dtype=getattr(torch, dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, **{dtype_keyword(): getattr(torch, dtype)}, **kwargs)
     except OSError as e:
         if resolved.kind == "hub":
             raise ModelLoadError(f"model.source: could not fetch {resolved.location!r} from the hub "

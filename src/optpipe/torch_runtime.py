@@ -248,7 +248,10 @@ class TorchRunner:
             if needed > limit:
                 raise ValueError(f"prompt + new tokens = {needed} exceeds the static KV cache of {limit} tokens")
             return StaticCache(config=self.model.config, max_cache_len=limit)
-        return DynamicCache(config=self.model.config)
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # transformers < 4.56 (the IPEX environment pins 4.51.3)
+            return DynamicCache()
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
         torch.set_num_threads(self.threads)

@@ -34,7 +34,6 @@ class Runner(Protocol):
 class Target(Protocol):
     name: str
     final_stage: str
-    implemented: bool
 
     def save(self, state, directory: Path) -> dict: ...
 

@@ -17,7 +17,6 @@ TOKENIZER_DIR = "tokenizer"
 class CpuOnnxTarget:
     name = "cpu-onnx"
     final_stage = "onnx"
-    implemented = True
 
     def save(self, state, directory: Path) -> dict:
         directory.mkdir(parents=True, exist_ok=True)

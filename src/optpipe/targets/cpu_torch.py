@@ -42,7 +42,6 @@ def _state_dict_without_ties(model) -> dict[str, torch.Tensor]:
 class CpuTorchTarget:
     name = "cpu-torch"
     final_stage = "torch"
-    implemented = True
 
     def save(self, state, directory: Path) -> dict:
         from safetensors.torch import save_file

@@ -80,7 +80,6 @@ def speed_measurable() -> tuple[bool, str]:
 class GpuTensorRTTarget:
     name = "gpu-tensorrt"
     final_stage = "onnx"
-    implemented = True
 
     @staticmethod
     def speed_measurable() -> tuple[bool, str]:

@@ -1,0 +1,140 @@
+"""`cpu-ipex`: an optional backend for users who already run Intel Extension for PyTorch in production.
+
+IPEX is archived upstream (last release 2.8.0, needs torch 2.8.* exactly) and is not a dependency of optpipe:
+`scripts/check_ipex.sh` builds its own environment. The artifact is the HF checkpoint (safetensors, fp32 or
+bf16) + `ipex.json`; loading applies `ipex.llm.optimize` with those settings and runs HF `generate` on it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import hw
+from ..errors import ArtifactError, RecipeError
+from ..models import dtype_keyword
+from .base import Generation
+
+SETTINGS_FILE = "ipex.json"
+INSTALL_HINT = ("IPEX is an optional backend: it needs torch 2.8.* exactly, which conflicts with optpipe's torch "
+                "pin, so it lives in its own environment. Run scripts/check_ipex.sh (creates .venv-ipex with torch "
+                "2.8.0, intel-extension-for-pytorch 2.8.0, transformers 4.51.3) and use .venv-ipex/bin/optpipe")
+
+
+def import_ipex():
+    try:
+        import intel_extension_for_pytorch as ipex
+    except ImportError as e:
+        raise RecipeError(f"target cpu-ipex: intel-extension-for-pytorch is not importable ({e}). {INSTALL_HINT}") from None
+    except Exception as e:  # noqa: BLE001 - IPEX raises at import on a torch version mismatch
+        raise RecipeError(f"target cpu-ipex: intel-extension-for-pytorch fails to import: {e}. {INSTALL_HINT}") from None
+    return ipex
+
+
+def fast_woq_kernels() -> tuple[bool, str]:
+    """IPEX builds its fast weight-only kernels only for CPUs with AVX512-FP16 or AMX."""
+    isa = hw.isa()
+    have = [k for k in ("avx512_fp16", "amx_tile", "amx_int8", "amx_bf16") if isa.get(k)]
+    return bool(have), ", ".join(have) if have else "neither AVX512-FP16 nor AMX"
+
+
+class IpexRunner:
+    """HF generate on the IPEX-optimized model; the first streamed token marks the end of the prefill."""
+
+    def __init__(self, model, threads: int):
+        self.model = model
+        self.threads = threads
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode(), torch.autocast("cpu", enabled=self.model.dtype == torch.bfloat16):
+            out = self.model(torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1), use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
+        from transformers.generation.streamers import BaseStreamer
+
+        marks: list[float] = []
+
+        class _Clock(BaseStreamer):
+            def put(self, value):
+                marks.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        torch.set_num_threads(self.threads)
+        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)
+        with torch.inference_mode(), torch.autocast("cpu", enabled=self.model.dtype == torch.bfloat16):
+            t0 = time.perf_counter()
+            out = self.model.generate(ids_t, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      eos_token_id=eos_token_id, pad_token_id=eos_token_id or 0, streamer=_Clock())
+            t_end = time.perf_counter()
+        tokens = [int(t) for t in out[0, ids_t.shape[1]:]]
+        t1 = marks[1] if len(marks) > 1 else t_end  # marks[0]: the prompt, marks[1]: the first new token
+        return Generation(tokens, t1 - t0, t_end - t1)
+
+
+class CpuIpexTarget:
+    name = "cpu-ipex"
+    final_stage = "torch"
+
+    def preflight(self) -> None:
+        """Before the model is loaded: stop at once when IPEX is missing."""
+        import_ipex()
+
+    def save(self, state, directory: Path) -> dict:
+        settings = state.info.get("ipex")
+        if settings is None:
+            raise RecipeError("target cpu-ipex: the recipe needs an `ipex-optimize` pass (it sets what IPEX applies)")
+        directory.mkdir(parents=True, exist_ok=True)
+        model = state.torch_model
+        dtype = str(model.dtype).removeprefix("torch.")
+        model.save_pretrained(str(directory), safe_serialization=True)
+        if state.tokenizer is not None:
+            state.tokenizer.save_pretrained(str(directory))
+        full = {**settings, "dtype": dtype, "torch_version": torch.__version__}
+        (directory / SETTINGS_FILE).write_text(json.dumps(full, indent=1), encoding="utf-8")
+        fast, why = fast_woq_kernels()
+        return {"format": "hf-safetensors + ipex.json (ipex.llm.optimize applied at load)", "settings_file": SETTINGS_FILE,
+                "runtime": f"intel-extension-for-pytorch {settings['ipex_version']}", "dtype": dtype, "ipex": full,
+                "fast_woq_kernels": fast, "fast_woq_kernels_reason": why}
+
+    def speed_failure_hint(self, saved: dict | None) -> str | None:
+        ipex = (saved or {}).get("ipex", {})
+        if ipex.get("weight_only", "none") != "none" and not fast_woq_kernels()[0]:
+            return ("likely cause: IPEX's fast weight-only kernels need AVX512-FP16 or AMX; this CPU has "
+                    f"{fast_woq_kernels()[1]} (detected at run time: {hw.cpu_model()}), so IPEX dequantizes the "
+                    "weights on every call")
+        return None
+
+    def load(self, directory: Path, threads: int) -> IpexRunner:
+        from transformers import AutoModelForCausalLM
+
+        ipex = import_ipex()
+        path = Path(directory) / SETTINGS_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{directory}: {SETTINGS_FILE} is missing (not a cpu-ipex artifact?)")
+        s = json.loads(path.read_text(encoding="utf-8"))
+        dtype = getattr(torch, s["dtype"])
+        model = AutoModelForCausalLM.from_pretrained(str(directory), **{dtype_keyword(): dtype}, local_files_only=True).eval()
+        if not getattr(model.config, "architectures", None):  # ipex.llm.optimize indexes it
+            model.config.architectures = [type(model).__name__]
+        qconfig = None
+        if s["weight_only"] != "none":
+            from intel_extension_for_pytorch.quantization import (
+                WoqLowpMode,
+                WoqWeightDtype,
+                get_weight_only_quant_qconfig_mapping,
+            )
+
+            qconfig = get_weight_only_quant_qconfig_mapping(
+                weight_dtype=getattr(WoqWeightDtype, s["weight_only"].upper()),
+                lowp_mode=getattr(WoqLowpMode, s["lowp_mode"].upper()), group_size=s["group_size"])
+        torch.set_num_threads(threads)
+        model = ipex.llm.optimize(model, dtype=dtype, inplace=True, quantization_config=qconfig,
+                                  deployment_mode=s["deployment_mode"])
+        return IpexRunner(model, threads)
