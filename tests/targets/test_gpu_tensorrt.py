@@ -15,6 +15,7 @@ from ..conftest import DATA, tiny_recipe, write_recipe
 INT8 = [{"name": "smoothquant"}, {"name": "export"}, {"name": "qdq-int8", "exclude": ["lm_head"]}, {"name": "fp16"}]
 INT4 = [{"name": "awq", "block_size": 64}, {"name": "export"},
         {"name": "qdq-int4", "algorithm": "gptq", "block_size": 64, "exclude": []}, {"name": "fp16"}]
+INT4_SEQUENTIAL = [INT4[0], INT4[1], {**INT4[2], "sequential": True}, INT4[3]]
 
 
 def trt_recipe(model_dir, passes, **gates):
@@ -24,7 +25,8 @@ def trt_recipe(model_dir, passes, **gates):
     return r
 
 
-@pytest.mark.parametrize("passes,dq_type", [(INT8, onnx.TensorProto.INT8), (INT4, onnx.TensorProto.INT4)])
+@pytest.mark.parametrize("passes,dq_type", [(INT8, onnx.TensorProto.INT8), (INT4, onnx.TensorProto.INT4),
+                                            (INT4_SEQUENTIAL, onnx.TensorProto.INT4)])
 def test_trt_artifact_is_lint_clean_and_speed_not_measured(tiny_llama, tmp_path, passes, dq_type, capsys):
     out = tmp_path / "trt"
     res = optpipe.build(trt_recipe(tiny_llama, passes, accuracy={"max_ppl_delta_pct": 50.0}), output=out,

@@ -2,6 +2,7 @@
 [K, N] weight), symmetric with positive scales and no zero point, as TensorRT takes it. RTN or GPTQ."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import numpy as np
@@ -15,6 +16,15 @@ from ._onnx import GraphEdit, ensure_opset
 from ._qdq import int4_tensor, replace_weight
 
 
+def _layer_groups(nodes) -> list[list]:
+    """MatMuls grouped by decoder layer (`layers.<i>.` in the node name), in layer order; others last."""
+    groups: dict[int, list] = {}
+    for n in nodes:
+        m = re.search(r"layers\.(\d+)\.", n.name)
+        groups.setdefault(int(m.group(1)) if m else 1 << 30, []).append(n)
+    return [groups[k] for k in sorted(groups)]
+
+
 class QdqInt4Config(PassConfig):
     algorithm: Literal["rtn", "gptq"] = "gptq"
     block_size: Literal[64, 128] = 128
@@ -22,6 +32,8 @@ class QdqInt4Config(PassConfig):
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
     damp: float = Field(0.1, gt=0, lt=1, description="GPTQ Hessian dampening; small calibration sets need more")
     act_order: bool = Field(True, description="GPTQ: most-activated columns first, static groups")
+    sequential: bool = Field(False, description="GPTQ: layer by layer, each layer's Hessians measured with the "
+                                                "layers before it already quantized (one calibration run a layer)")
 
 
 @register
@@ -35,6 +47,18 @@ class QdqInt4(Pass):
     def needs(self):  # type: ignore[override]
         return frozenset({"calibration"}) if self.config.algorithm == "gptq" else frozenset()
 
+    def _quantize(self, edit: GraphEdit, node, hessian) -> float:
+        c = self.config
+        w = edit.array(node.input[1]).T.astype(np.float32)  # [N, K]
+        if c.algorithm == "gptq":
+            qw = _quant.gptq(w, hessian, 4, c.block_size, "symmetric-positive", damp=c.damp, act_order=c.act_order)
+        else:
+            qw = _quant.rtn(w, 4, c.block_size, "symmetric-positive")
+        signed = (qw.q.astype(np.int8) - 8).reshape(w.shape).T  # [K, N] in [-7, 7]
+        replace_weight(edit, node, int4_tensor(node.name + ".weight_q4", signed), qw.scale.T, axis=0,
+                       block_size=c.block_size)
+        return float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12))
+
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config
         model = state.onnx_model
@@ -47,24 +71,25 @@ class QdqInt4(Pass):
                 skipped[node.name] = f"K={k} is not a multiple of block_size {c.block_size}"
             else:
                 usable.append(node)
-        hess = {}
-        if c.algorithm == "gptq" and usable:
-            hess = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
-                                    ctx.threads, "hessian")
-        errors = []
-        for node in tqdm(usable, desc=f"qdq int4 ({c.algorithm})", unit="layer"):
-            w = edit.array(node.input[1]).T.astype(np.float32)  # [N, K]
-            if c.algorithm == "gptq":
-                qw = _quant.gptq(w, hess[node.input[0]], 4, c.block_size, "symmetric-positive", damp=c.damp,
-                                 act_order=c.act_order)
-            else:
-                qw = _quant.rtn(w, 4, c.block_size, "symmetric-positive")
-            errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
-            signed = (qw.q.astype(np.int8) - 8).reshape(w.shape).T  # [K, N] in [-7, 7]
-            replace_weight(edit, node, int4_tensor(node.name + ".weight_q4", signed), qw.scale.T, axis=0,
-                           block_size=c.block_size)
-        edit.commit()
+        groups = _layer_groups(usable) if c.algorithm == "gptq" and c.sequential else [usable]
+        groups = [[n.name for n in g] for g in groups]  # a commit rebuilds the node list: find nodes by name again
         ensure_opset(model, "", 21)
+        errors = []
+        bar = tqdm(total=len(usable), desc=f"qdq int4 ({c.algorithm}{', sequential' if len(groups) > 1 else ''})",
+                   unit="layer")
+        for names in groups:
+            edit = GraphEdit(model)
+            by_name = {n.name: n for n in model.graph.node}
+            group = [by_name[name] for name in names]
+            hess = {}
+            if c.algorithm == "gptq":
+                hess = activation_stats(model, sorted({n.input[0] for n in group}), ctx.calibration_windows(),
+                                        ctx.threads, "hessian")
+            for node in group:
+                errors.append(self._quantize(edit, node, hess.get(node.input[0])))
+                bar.update(1)
+            edit.commit()
+        bar.close()
         state.info.setdefault("quantized", {}).update(
             {n.name: f"int4 weight-only qdq block{c.block_size} {c.algorithm}" for n in usable})
         state.info.setdefault("unquantized", {}).update(skipped)
