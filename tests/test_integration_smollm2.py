@@ -43,3 +43,25 @@ def test_destructive_recipe_is_refused_by_both_gates(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "accuracy: perplexity delta" in err and "speed: decode speedup" in err
     assert not out.exists()
+
+
+def test_streaming_build_matches_in_memory_build(tmp_path):
+    """The streaming path (safetensors read tensor by tensor, layer-by-layer reference) gives SmolLM2 the same
+    artifact quality as the in-memory path: perplexity within 0.1%."""
+    import yaml
+
+    from optpipe import models
+    from optpipe.recipe import ModelSpec
+
+    model, tok, _ = models.load(ModelSpec(source="builtin:smollm2-135m"))
+    ckpt = tmp_path / "smollm2-safetensors"
+    models.save_checkpoint(model, tok, ckpt)
+    del model
+    recipe = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-cpu-int4-q8head.yaml").read_text())
+    recipe["gates"]["speed"] = {"min_decode_speedup": 1.0, "prompt_tokens": 16, "new_tokens": 8, "repeats": 1}
+    mem = optpipe.build(recipe, output=tmp_path / "mem", log=lambda m: None)
+    recipe["model"] = {"source": str(ckpt), "streaming": True}
+    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    assert st.manifest["target"]["streamed"] and "layer by layer" in st.manifest["reference"]
+    for key in ("gates.accuracy.ppl_reference", "gates.accuracy.ppl_candidate"):
+        assert abs(st.metrics[key] / mem.metrics[key] - 1) < 0.001, (key, st.metrics[key], mem.metrics[key])

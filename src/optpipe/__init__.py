@@ -3,7 +3,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import ArtifactError, BuildError, GateFailed, ModelLoadError, OptpipeError, RecipeError  # noqa: E402
+from .errors import (  # noqa: E402
+    ArtifactError,
+    BuildError,
+    GateFailed,
+    ModelLoadError,
+    OptpipeError,
+    RecipeError,
+)
 from .recipe import Recipe, load_recipe  # noqa: E402
 
 

@@ -75,6 +75,26 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
     return {"accuracy": acc, "speed": spd}
 
 
+STREAMING_PASSES = {"export", "fuse", "static-kv-cache", "quantize-int4", "quantize-int8"}
+
+
+def check_streaming_passes(passes, source: str) -> None:
+    """A streaming build never has the model in memory: only passes that work weight by weight can run."""
+    for i, p in enumerate(passes):
+        if p.name not in STREAMING_PASSES:
+            raise RecipeError(f"{source}: passes[{i}] ({p.name}): not available with model.streaming (it needs the "
+                              f"whole model in memory); streaming runs {', '.join(sorted(STREAMING_PASSES))}")
+
+
+def reference_runner(checkpoint, model, threads: int):
+    """The fp32 reference the gates compare against: the model in memory, or layer by layer when streaming."""
+    if checkpoint is not None:
+        from .targets.torch_layerwise import LayerwiseReference
+
+        return LayerwiseReference(checkpoint, threads)
+    return TorchEagerRunner(model, threads)
+
+
 def _summary(gates: dict[str, GateResult]) -> dict:
     keys = {"accuracy": ("ppl_delta_pct", "mean_kl", "top1_agreement", "ppl_reference", "ppl_candidate"),
             "speed": ("decode_speedup", "prefill_speedup", "candidate_decode_tok_s", "reference_decode_tok_s")}
@@ -101,9 +121,18 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
     threads = threads or recipe.gates.speed.threads or hw.physical_cores()
 
-    log(f"loading model {recipe.model.source}")
-    model, tokenizer, resolved = models.load(recipe.model)
-    reference_model = copy.deepcopy(model) if any(p.input_stage == "torch" and p.name != "export" for p in passes) else model
+    streaming = recipe.model.streaming
+    if streaming:
+        check_streaming_passes(passes, source)
+        log(f"opening checkpoint {recipe.model.source} (streaming: tensors are read one at a time)")
+        checkpoint, tokenizer, resolved = models.open_streaming(recipe.model)
+        model, config = None, checkpoint.config
+    else:
+        log(f"loading model {recipe.model.source}")
+        model, tokenizer, resolved = models.load(recipe.model)
+        checkpoint, config = None, model.config
+        reference_model = (copy.deepcopy(model) if any(p.input_stage == "torch" and p.name != "export" for p in passes)
+                           else model)
     calib_cache: dict = {}
 
     def calibration():
@@ -116,24 +145,34 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         calibration()  # a bad calibration source fails now, before minutes of passes
     staging = artifact.Staging(out)
     try:
-        state = ModelState("torch", torch_model=model, tokenizer=tokenizer)
+        state = ModelState("torch", torch_model=model, tokenizer=tokenizer, checkpoint=checkpoint)
+        del model
         ctx = PassContext(calibration=calibration, threads=threads, workdir=staging.path.parent, seed=recipe.seed)
+        stages = {"load": round(time.perf_counter() - t_start, 1)}
+        t = time.perf_counter()
         records = run_passes(passes, state, ctx, log=log)
+        stages["passes"] = round(time.perf_counter() - t, 1)
         log(f"saving {recipe.target} artifact to staging")
+        t = time.perf_counter()
         saved = target.save(state, staging.path)
+        stages["save"] = round(time.perf_counter() - t, 1)
         del state
+        t = time.perf_counter()
         candidate = target.load(staging.path, threads)
-        reference = TorchEagerRunner(reference_model, threads)
+        reference = reference_runner(checkpoint, None if streaming else reference_model, threads)
         gates = run_gates(recipe, target, reference, candidate, eval_windows, threads, log, saved)
+        stages["gates"] = round(time.perf_counter() - t, 1)
         del candidate
         passed = all(g.passed is not False for g in gates.values())
         manifest = {
             "status": "passed" if passed else "rejected",
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t_start, 1),
+            "stage_seconds": stages,
             "recipe_file": None if source == "<recipe>" else str(Path(source)),
             "recipe": recipe.resolved(),
-            "model": {**resolved.describe(), "architectures": list(model.config.architectures or [])},
+            "model": {**resolved.describe(), "architectures": list(config.architectures or []), "streaming": streaming},
+            "reference": getattr(reference, "kind", "fp32 eager PyTorch, whole model in memory"),
             "target": {"name": recipe.target, **saved},
             "passes": [r.to_json() for r in records],
             "data": {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
@@ -173,11 +212,15 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
         target.preflight()
     check_speed_measurable(recipe, target, str(artifact_dir / artifact.MANIFEST))
     log(f"loading reference model {recipe.model.source}")
-    model, tokenizer, _ = models.load(recipe.model)
+    if recipe.model.streaming:
+        checkpoint, tokenizer, _ = models.open_streaming(recipe.model)
+        reference = reference_runner(checkpoint, None, threads)
+    else:
+        model, tokenizer, _ = models.load(recipe.model)
+        reference = reference_runner(None, model, threads)
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
     candidate = target.load(artifact_dir, threads)
-    gates = run_gates(recipe, target, TorchEagerRunner(model, threads), candidate, windows, threads, log,
-                      manifest.get("target"))
+    gates = run_gates(recipe, target, reference, candidate, windows, threads, log, manifest.get("target"))
     passed = all(g.passed is not False for g in gates.values())
     result = {"status": "passed" if passed else "rejected", "gates": {k: g.to_json() for k, g in gates.items()},
               "evaluation": windows.describe()}

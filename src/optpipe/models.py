@@ -112,3 +112,36 @@ def load(spec, dtype: str = "float32"):
     elif not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     return model, tokenizer, resolved
+
+
+def open_streaming(spec):
+    """(LazyCheckpoint, tokenizer, ResolvedModel) for a streaming build: a local safetensors directory only."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import LazyCheckpoint
+
+    resolved = resolve(spec.source, spec.gguf_file)
+    if resolved.kind != "hf-dir":
+        raise ModelLoadError(f"model.source: streaming needs a local checkpoint directory with safetensors shards; "
+                             f"{spec.source!r} is a {resolved.kind}")
+    checkpoint = LazyCheckpoint.open(resolved.location, trust_remote_code=spec.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, local_files_only=True,
+                                                  trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"model.source: {resolved.location}: cannot load the tokenizer: {e}") from None
+    return checkpoint, tokenizer, resolved
+
+
+def save_checkpoint(model, tokenizer, directory) -> None:
+    """Write a loaded model as a plain safetensors checkpoint (e.g. a GGUF model, dequantized on load, for the
+    streaming build). transformers refuses to save a model it loaded from GGUF; the weights in memory are
+    plain floats by then, so the quantizer marker is dropped first."""
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    try:
+        model.is_quantized = False
+    except AttributeError:  # a read-only property in some versions
+        pass
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))

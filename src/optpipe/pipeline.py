@@ -51,6 +51,7 @@ class ModelState:
     torch_model: Any = None  # transformers PreTrainedModel
     tokenizer: Any = None
     onnx_model: Any = None  # onnx.ModelProto
+    checkpoint: Any = None  # LazyCheckpoint: the streaming build (no torch_model in memory)
     features: set[str] = field(default_factory=set)  # provided by passes so far
     info: dict[str, Any] = field(default_factory=dict)  # e.g. kv-cache layout, unquantized layers
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import RecipeError
 
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -37,6 +38,8 @@ class ModelSpec(Strict):
     gguf_file: Optional[str] = None
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    streaming: bool = Field(False, description="read a local safetensors checkpoint tensor by tensor (models larger "
+                                              "than memory): no model in memory, fp32 reference layer by layer")
 
     @field_validator("source")
     @classmethod

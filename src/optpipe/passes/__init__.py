@@ -1,5 +1,17 @@
 """Built-in passes; importing this package registers them."""
 from . import (  # noqa: F401
-    awq, export, fp16, fuse, ipex_optimize, qdq_int4, qdq_int8, quantize_int4, quantize_int8, smoothquant, static_kv_cache,
-    torch_bf16, torch_quantize, torch_static_kv_cache,
+    awq,
+    export,
+    fp16,
+    fuse,
+    ipex_optimize,
+    qdq_int4,
+    qdq_int8,
+    quantize_int4,
+    quantize_int8,
+    smoothquant,
+    static_kv_cache,
+    torch_bf16,
+    torch_quantize,
+    torch_static_kv_cache,
 )

@@ -8,9 +8,17 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
+from ..errors import BuildError
 from ..pipeline import ModelState, PassContext
-from . import _quant
-from ._onnx import FLOAT, MS_DOMAIN, GraphEdit, ensure_opset, initializer_map, prefill_feeds
+from . import _lazy, _quant
+from ._onnx import (
+    FLOAT,
+    MS_DOMAIN,
+    GraphEdit,
+    ensure_opset,
+    initializer_map,
+    prefill_feeds,
+)
 
 
 def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str]):
@@ -63,6 +71,14 @@ def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads:
     return dict(acc)
 
 
+def _packed(qw: _quant.QuantizedWeight, bits: int) -> dict[str, np.ndarray]:
+    b, scales, zp = _quant.pack_matmulnbits(qw, bits)
+    out = {"b": b, "scales": scales, "zp": zp}
+    if qw.residual is not None:
+        out["residual"] = np.ascontiguousarray(qw.residual.T)
+    return out
+
+
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
                      accuracy_level: int, include: list[str], exclude: list[str], damp: float = 0.01) -> tuple[dict, list]:
     model = state.onnx_model
@@ -77,33 +93,52 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         else:
             usable.append(node)
     hessians = {}
+    if algorithm == "gptq" and any(_lazy.is_lazy(inits[n.input[1]]) for n in usable):
+        raise BuildError("GPTQ needs calibration runs over the whole model, which the streaming build does not do; "
+                         "use algorithm: rtn")
     if algorithm == "gptq" and usable:
         hessians = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
                                     ctx.threads, "hessian")
     new_nodes, new_inits = edit.new_nodes, edit.new_inits
     rel_errors = []
+    streamed = 0
     for node in tqdm(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):
-        w = numpy_helper.to_array(inits[node.input[1]]).T  # [N, K]
-        n, k = w.shape
-        if algorithm == "gptq":
-            qw = _quant.gptq(w, hessians[node.input[0]], bits, block, scheme, damp=damp)
-        else:
-            qw = _quant.rtn(w, bits, block, scheme)
-        rel_errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
-        b, scales, zp = _quant.pack_matmulnbits(qw, bits)
+        src = inits[node.input[1]]
+        k, n = src.dims
         base = node.name
-        new_inits += [numpy_helper.from_array(b, base + ".qweight"), numpy_helper.from_array(scales, base + ".scales"),
-                      numpy_helper.from_array(zp, base + ".zero_points")]
+        nb = k // block
+        float_zp = scheme == "float"
+        if _lazy.is_lazy(src):  # streaming build: quantized when the writer reaches these tensors
+            streamed += 1
+            shared = _lazy.Shared(lambda src=src: _packed(_quant.rtn(_lazy.array(src).T, bits, block, scheme), bits),
+                                  4 if float_zp else 3)
+            zp_len = n * ((nb * bits + 7) // 8)
+            new_inits += [_lazy.tensor(base + ".qweight", (n, nb, block * bits // 8), np.uint8, shared.part("b")),
+                          _lazy.tensor(base + ".scales", (n * nb,), np.float32, shared.part("scales")),
+                          _lazy.tensor(base + ".zero_points", (zp_len,), np.uint8, shared.part("zp"))]
+            if float_zp:
+                new_inits.append(_lazy.tensor(base + ".zp_residual", (nb, n), np.float32, shared.part("residual")))
+        else:
+            w = numpy_helper.to_array(src).T  # [N, K]
+            if algorithm == "gptq":
+                qw = _quant.gptq(w, hessians[node.input[0]], bits, block, scheme, damp=damp)
+            else:
+                qw = _quant.rtn(w, bits, block, scheme)
+            rel_errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
+            packed = _packed(qw, bits)
+            new_inits += [numpy_helper.from_array(packed["b"], base + ".qweight"),
+                          numpy_helper.from_array(packed["scales"], base + ".scales"),
+                          numpy_helper.from_array(packed["zp"], base + ".zero_points")]
+            if float_zp:
+                new_inits.append(numpy_helper.from_array(packed["residual"], base + ".zp_residual"))
         out = node.output[0]
-        mm_out = out if qw.residual is None else base + "/nbits_out"
+        mm_out = out if not float_zp else base + "/nbits_out"
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], base + ".qweight", base + ".scales", base + ".zero_points"], [mm_out],
             name=base, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
-        if qw.residual is not None:
-            nb = k // block
+        if float_zp:
             new_inits += [numpy_helper.from_array(np.array([0, 0, nb, block], np.int64), base + ".block_shape"),
-                          numpy_helper.from_array(np.array([-1], np.int64), base + ".last_axis"),
-                          numpy_helper.from_array(np.ascontiguousarray(qw.residual.T), base + ".zp_residual")]
+                          numpy_helper.from_array(np.array([-1], np.int64), base + ".last_axis")]
             new_nodes += [
                 helper.make_node("Reshape", [node.input[0], base + ".block_shape"], [base + "/blocks"], name=base + "/blocks"),
                 helper.make_node("ReduceSum", [base + "/blocks", base + ".last_axis"], [base + "/block_sums"],
@@ -122,6 +157,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                "weight_rel_error_max": round(float(np.max(rel_errors)), 5) if rel_errors else None,
                "skipped": skipped}
     notes = []
+    if streamed:
+        notes.append(f"{streamed} weights quantized while the artifact is written (streaming build)")
     if scheme == "float" and usable:
         notes.append("float zero points: stored as uint8 zero point + per-block remainder correction (exact)")
     return changes, notes

@@ -145,7 +145,21 @@ class GraphEdit:
         self.drop_inits: set[str] = set()
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.inits[name])
+        from . import _lazy
+
+        return _lazy.array(self.inits[name])
+
+    def concat(self, new_name: str, names: list[str], axis: int) -> onnx.TensorProto:
+        """Initializers `names` concatenated; stays lazy (computed when written) if any of them is lazy."""
+        from . import _lazy
+
+        srcs = [self.inits[n] for n in names]
+        if not any(_lazy.is_lazy(t) for t in srcs):
+            return numpy_helper.from_array(np.concatenate([numpy_helper.to_array(t) for t in srcs], axis=axis), new_name)
+        shape = list(srcs[0].dims)
+        shape[axis] = sum(t.dims[axis] for t in srcs)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(srcs[0].data_type)
+        return _lazy.derived(new_name, shape, dtype, lambda *a: np.concatenate(a, axis=axis), *srcs)
 
     def commit(self) -> None:
         nodes = [n for n in self.model.graph.node if id(n) not in self.remove] + self.new_nodes

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from ..errors import BuildError
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from . import _lazy
 from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder
 
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -112,36 +113,74 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def rotary_cache(model, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [n, D/2] from the model's own rotary module (covers scaled rope types too)."""
-    rot = model.model.rotary_emb
+def rotary_module(config):
+    """The architecture's own rotary module, built from the config alone (covers scaled rope types too)."""
+    import importlib
+
+    mt = config.model_type
+    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("RotaryEmbedding") and not n.startswith("_"))
+    return cls(config=config)
+
+
+def rotary_cache(rot, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [n, D/2] from a rotary module."""
     inv = rot.inv_freq.detach().to(torch.float64)
     freqs = torch.outer(torch.arange(n, dtype=torch.float64), inv)
     scale = float(getattr(rot, "attention_scaling", 1.0))
     return (freqs.cos() * scale).float().numpy(), (freqs.sin() * scale).float().numpy()
 
 
-def build_decoder_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
-    a = _arch(model.config)
+class _Weights:
+    """Where export takes weights from: an HF model in memory (arrays now), or a checkpoint read tensor by
+    tensor (lazy initializers, read and converted only when the artifact is written: the streaming build)."""
+
+    def __init__(self, source):
+        from ..checkpoint import LazyCheckpoint
+
+        self.lazy = isinstance(source, LazyCheckpoint)
+        self.config = source.config
+        self.source = source
+        self.sd = None if self.lazy else source.state_dict()
+
+    def has(self, name: str) -> bool:
+        return name in self.source if self.lazy else name in self.sd
+
+    def init(self, g: GraphBuilder, onnx_name: str, name: str, transpose: bool = False) -> str:
+        if not self.lazy:
+            arr = _np(self.sd[name])
+            return g.init(onnx_name, arr.T if transpose else arr)
+        ck = self.source
+        shape = ck.shapes[name][::-1] if transpose else ck.shapes[name]
+        load = (lambda: np.ascontiguousarray(ck.get(name).T)) if transpose else (lambda: ck.get(name))
+        g.initializers.append(_lazy.tensor(onnx_name, shape, np.float32, load))
+        return onnx_name
+
+    def rotary(self):
+        return rotary_module(self.config) if self.lazy else self.source.model.rotary_emb
+
+
+def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
+    """`source`: a transformers model, or a LazyCheckpoint (streaming: no weight is read here)."""
+    wts = _Weights(source)
+    a = _arch(wts.config)
     a["scale"] = 1.0 / float(np.sqrt(a["head_dim"]))
     H, KV, D, L = a["heads"], a["kv_heads"], a["head_dim"], a["layers"]
-    sd = model.state_dict()
     g = GraphBuilder()
-    embed = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
-    cos, sin = rotary_cache(model, cfg.max_positions)
+    embed = wts.init(g, "model.embed_tokens.weight", "model.embed_tokens.weight")
+    cos, sin = rotary_cache(wts.rotary(), cfg.max_positions)
     g.init("cos_cache", cos)
     g.init("sin_cache", sin)
 
     def linear(x, module: str):
-        w = g.init(module + ".weight_t", _np(sd[module + ".weight"]).T)
+        w = wts.init(g, module + ".weight_t", module + ".weight", transpose=True)
         y = g.op("MatMul", [x, w], name=module)
-        if module + ".bias" in sd:
-            y = g.op("Add", [y, g.init(module + ".bias", _np(sd[module + ".bias"]))], name=module + ".bias_add")
+        if wts.has(module + ".bias"):
+            y = g.op("Add", [y, wts.init(g, module + ".bias", module + ".bias")], name=module + ".bias_add")
         return y
 
     def norm(x, module: str):
-        return g.op("RMSNorm", [x, g.init(module + ".weight", _np(sd[module + ".weight"]))], domain=FN_DOMAIN,
-                    name=module)
+        return g.op("RMSNorm", [x, wts.init(g, module + ".weight", module + ".weight")], domain=FN_DOMAIN, name=module)
 
     h = g.op("Gather", [embed, "input_ids"], name="model.embed_tokens")
     inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence"]),
@@ -168,8 +207,8 @@ def build_decoder_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
         for nm in (pres_k, pres_v):
             outputs.append(helper.make_tensor_value_info(nm, FLOAT, ["batch", KV, "total_sequence", D]))
     x = norm(h, "model.norm")
-    lm = "lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"
-    w = g.init("lm_head.weight_t", _np(sd[lm]).T)  # materialized even when tied, so it can be quantized
+    lm = "lm_head.weight" if wts.has("lm_head.weight") else "model.embed_tokens.weight"
+    w = wts.init(g, "lm_head.weight_t", lm, transpose=True)  # materialized even when tied, so it can be quantized
     g.op("MatMul", [x, w], name="lm_head", outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
@@ -215,11 +254,16 @@ class Export(Pass):
     targets = frozenset({"cpu-onnx", "gpu-tensorrt"})
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
-        state.onnx_model = build_decoder_graph(state.torch_model, self.config)
+        streaming = state.torch_model is None and state.checkpoint is not None
+        source = state.checkpoint if streaming else state.torch_model
+        state.onnx_model = build_decoder_graph(source, self.config)
         changes = {"nodes": len(state.onnx_model.graph.node), "initializers": len(state.onnx_model.graph.initializer),
-                   "layers": _arch(state.torch_model.config)["layers"]}
+                   "layers": _arch(source.config)["layers"], "streaming": streaming}
         notes = []
-        if self.config.check == "logits":
+        if streaming:
+            notes.append("streaming: weights stay in the checkpoint until the artifact is written; the PyTorch "
+                         "output check is replaced by the accuracy gate against the layer-by-layer reference")
+        elif self.config.check == "logits":
             changes.update(check_against_torch(state.torch_model, state.onnx_model, self.config.atol, ctx.threads))
         else:
             notes.append("output check against PyTorch disabled by the recipe (check: off)")

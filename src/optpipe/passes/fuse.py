@@ -14,7 +14,15 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
-from ._onnx import FN_DOMAIN, INT32, MS_DOMAIN, GraphEdit, drop_unused_functions, ensure_opset, metadata
+from ._onnx import (
+    FN_DOMAIN,
+    INT32,
+    MS_DOMAIN,
+    GraphEdit,
+    drop_unused_functions,
+    ensure_opset,
+    metadata,
+)
 
 
 class FuseConfig(PassConfig):
@@ -41,16 +49,13 @@ class _Graph(GraphEdit):
 
     def concat_linears(self, parts, name: str):
         """One MatMul over the concatenated weights (and biases) of `parts`, which share their input."""
-        weights = [self.array(mm.input[1]) for mm, _ in parts]
-        w = np.concatenate(weights, axis=1)
         wname = name + ".weight_t"
-        self.new_inits.append(numpy_helper.from_array(w, wname))
+        self.new_inits.append(self.concat(wname, [mm.input[1] for mm, _ in parts], axis=1))
         out = name + "/out"
         self.new_nodes.append(helper.make_node("MatMul", [parts[0][0].input[0], wname], [out], name=name))
         if all(b is not None for _, b in parts):
             bname = name + ".bias"
-            self.new_inits.append(numpy_helper.from_array(
-                np.concatenate([self.array(b.input[1]) for _, b in parts]), bname))
+            self.new_inits.append(self.concat(bname, [b.input[1] for _, b in parts], axis=0))
             self.new_nodes.append(helper.make_node("Add", [out, bname], [out + "_bias"], name=name + ".bias_add"))
             out = out + "_bias"
         for mm, b in parts:
@@ -59,7 +64,7 @@ class _Graph(GraphEdit):
             if b is not None:
                 self.remove.add(id(b))
                 self.drop_inits.add(b.input[1])
-        return out, [wt.shape[1] for wt in weights]
+        return out, [self.inits[mm.input[1]].dims[1] for mm, _ in parts]
 
 
 @register

@@ -16,7 +16,9 @@ from typing import Literal
 import onnx
 from pydantic import Field
 
+from ..errors import BuildError
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from . import _lazy
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import prefill_feeds
 
@@ -53,10 +55,19 @@ class QuantizeInt8(Pass):
         return self._ort(state, ctx)
 
     def _ort(self, state: ModelState, ctx: PassContext) -> PassResult:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
 
         c = self.config
         model = state.onnx_model
+        if _lazy.any_lazy(model):
+            raise BuildError(f"mode {c.mode} runs ONNX Runtime's quantizer over the whole model in memory, which the "
+                             "streaming build does not have; use mode: weight-only")
         selected, skipped = select_matmuls(model, c.include, c.exclude)
         names = [n.name for n in selected]
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:

@@ -14,7 +14,13 @@ from pydantic import Field
 from tqdm import tqdm
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
-from ..torch_runtime import Int4WeightOnlyLinear, Int8Linear, select_linears, set_module, untie_lm_head
+from ..torch_runtime import (
+    Int4WeightOnlyLinear,
+    Int8Linear,
+    select_linears,
+    set_module,
+    untie_lm_head,
+)
 from . import _quant
 from ._torch_calib import capture_inputs
 

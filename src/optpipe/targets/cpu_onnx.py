@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from ..ort_runtime import OnnxDecoder
+from ..passes import _lazy
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -21,13 +22,18 @@ class CpuOnnxTarget:
     def save(self, state, directory: Path) -> dict:
         directory.mkdir(parents=True, exist_ok=True)
         # Saving moves the weights out of the in-memory proto: the state is consumed (saving is the last step).
-        onnx.save_model(state.onnx_model, str(directory / MODEL_FILE), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
+        streamed = _lazy.any_lazy(state.onnx_model)
+        if streamed:  # streaming build: weights are read, quantized and written one tensor at a time
+            _lazy.save_streaming(state.onnx_model, directory / MODEL_FILE, DATA_FILE)
+        else:
+            onnx.save_model(state.onnx_model, str(directory / MODEL_FILE), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=1024)
         if state.tokenizer is not None:
             state.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         return {"format": "onnx", "model_file": MODEL_FILE, "external_data": DATA_FILE,
                 "tokenizer_dir": TOKENIZER_DIR if state.tokenizer is not None else None,
-                "runtime": "onnxruntime CPUExecutionProvider", "kv_cache": state.info.get("kv_cache", "dynamic")}
+                "runtime": "onnxruntime CPUExecutionProvider", "kv_cache": state.info.get("kv_cache", "dynamic"),
+                "streamed": streamed}
 
     def load(self, directory: Path, threads: int) -> OnnxDecoder:
         return OnnxDecoder.from_path(Path(directory) / MODEL_FILE, threads=threads)

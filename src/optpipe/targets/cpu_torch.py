@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from ..errors import ArtifactError
-from ..torch_runtime import QUANTIZED_MODULES, TorchRunner, build_quantized, quantized_layout, set_module
+from ..torch_runtime import (
+    QUANTIZED_MODULES,
+    TorchRunner,
+    build_quantized,
+    quantized_layout,
+    set_module,
+)
 
 WEIGHTS_FILE = "weights.safetensors"
 LAYOUT_FILE = "quantization.json"

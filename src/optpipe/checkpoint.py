@@ -1,0 +1,73 @@
+"""A safetensors checkpoint read tensor by tensor, for models larger than memory (the streaming build).
+
+Nothing is loaded up front: `get(name)` opens the shard that holds the tensor (memory-mapped), copies that one
+tensor out as float32 and closes the file, so the mapped pages never accumulate in the process's RSS.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+@dataclass
+class LazyCheckpoint:
+    directory: Path
+    config: object  # transformers PretrainedConfig
+    weight_map: dict[str, str]  # tensor name -> shard file name
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, directory: str | Path, trust_remote_code: bool = False) -> LazyCheckpoint:
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        d = Path(directory)
+        if (d / INDEX).is_file():
+            weight_map = json.loads((d / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        elif (d / SINGLE).is_file():
+            with safe_open(str(d / SINGLE), "pt") as f:
+                weight_map = {k: SINGLE for k in f.keys()}
+        else:
+            raise ModelLoadError(f"model.source: {d} has neither {INDEX} nor {SINGLE} "
+                                 "(streaming reads safetensors checkpoints)")
+        try:
+            config = AutoConfig.from_pretrained(str(d), local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"model.source: {d}: cannot read config.json: {e}") from None
+        ck = cls(d, config, weight_map)
+        for shard in sorted(set(weight_map.values())):
+            with safe_open(str(d / shard), "pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    ck.shapes[k] = tuple(sl.get_shape())
+                    ck.dtypes[k] = sl.get_dtype()
+        missing = [k for k in weight_map if k not in ck.shapes]
+        if missing:
+            raise ModelLoadError(f"model.source: {d}: index names tensors missing from their shards: {missing[:3]}")
+        return ck
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as float32 (bf16/fp16 shards are converted)."""
+        import torch
+        from safetensors import safe_open
+
+        if name not in self.weight_map:
+            raise ModelLoadError(f"{self.directory}: tensor {name} not in the checkpoint")
+        with safe_open(str(self.directory / self.weight_map[name]), "pt") as f:
+            t = f.get_tensor(name)
+        return t.to(torch.float32).numpy() if t.dtype != torch.float32 else t.numpy().copy()
+
+    def nbytes(self) -> int:
+        return sum((self.directory / s).stat().st_size for s in set(self.weight_map.values()))
