@@ -67,3 +67,18 @@ def test_int4_block_and_output_quantization_rules():
              helper.make_node("DequantizeLinear", ["mq", "os", "oz"], ["y"], name="out_dq")]
     v = "\n".join(lint(model(nodes, inits)))
     assert "w4_dq: INT4 block_size 32" in v and "out_q: quantizes something other than a MatMul input" in v
+
+
+def test_profile_rules_report_missing_and_inconsistent_profiles():
+    from optpipe.targets.trt_lint import lint_profile
+
+    g = helper.make_graph([helper.make_node("Identity", ["ids"], ["y"], name="id")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", "sequence"])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    ok = {"min": {"ids": [1, 1]}, "opt": {"ids": [1, 64]}, "max": {"ids": [4, 512]}}
+    assert lint_profile(m, ok) == []
+    assert "profile: missing" in lint_profile(m, None)[0]
+    assert "has no min/opt/max shape" in lint_profile(m, {"min": {}, "opt": {}, "max": {}})[0]
+    bad = {"min": {"ids": [1, 128]}, "opt": {"ids": [1, 64]}, "max": {"ids": [4, 512]}}
+    assert "axis 1: min 128 <= opt 64 <= max 512 does not hold" in lint_profile(m, bad)[0]

@@ -19,7 +19,7 @@ from onnx import inliner
 
 from ..errors import BuildError
 from ..ort_runtime import OnnxDecoder
-from .trt_lint import lint
+from .trt_lint import lint, lint_profile
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -108,7 +108,10 @@ class GpuTensorRTTarget:
             raise BuildError(f"onnx checker / shape inference failed: {type(e).__name__}: {str(e)[:500]}") from None
         meta = {p.key: p.value for p in model.metadata_props}
         shapes = profile(meta)
-        checks = ["trt-lint: passed", "onnx.checker full_check: passed", "shape inference (strict): passed",
+        bad = lint_profile(model, shapes)
+        if bad:
+            raise BuildError("TensorRT optimization profile: " + "; ".join(bad[:10]))
+        checks = ["trt-lint: passed", "optimization profile: covers every dynamic input", "onnx.checker full_check: passed", "shape inference (strict): passed",
                   polygraphy_lint(path)]
         info = {"optimization_profile": shapes, "trtexec": trtexec_command(shapes),
                 "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),

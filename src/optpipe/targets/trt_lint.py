@@ -124,3 +124,33 @@ def lint(model: onnx.ModelProto) -> list[str]:
         if any(u.op_type == "Add" for u in users):
             v.append(f"{where}: dequantized tensor feeds an Add (bias must stay float)")
     return v
+
+
+def lint_profile(model: onnx.ModelProto, shapes: dict | None) -> list[str]:
+    """The optimization profile TensorRT needs for dynamic inputs: min/opt/max for each, of the input's rank,
+    agreeing with its fixed dimensions, min <= opt <= max."""
+    dynamic = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            dynamic[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if not dynamic:
+        return []
+    if not shapes or any(level not in shapes for level in ("min", "opt", "max")):
+        return [f"profile: missing (dynamic inputs {', '.join(sorted(dynamic)[:3])}... need min/opt/max shapes)"]
+    v = []
+    for name, dims in dynamic.items():
+        got = [shapes[level].get(name) for level in ("min", "opt", "max")]
+        if any(g is None for g in got):
+            v.append(f"profile: input {name} has no min/opt/max shape")
+            continue
+        if any(len(g) != len(dims) for g in got):
+            v.append(f"profile: input {name} shape rank differs from the graph's ({len(dims)})")
+            continue
+        for axis, fixed in enumerate(dims):
+            lo, opt, hi = (g[axis] for g in got)
+            if fixed is not None and not lo == opt == hi == fixed:
+                v.append(f"profile: input {name} axis {axis} is fixed at {fixed} in the graph")
+            elif not lo <= opt <= hi:
+                v.append(f"profile: input {name} axis {axis}: min {lo} <= opt {opt} <= max {hi} does not hold")
+    return v
