@@ -88,3 +88,26 @@ def test_accuracy_gate_rejects_corrupted_torch_weights(tiny_llama, tmp_path, cap
 def test_torch_pass_is_refused_for_onnx_target(tiny_llama):
     with pytest.raises(optpipe.RecipeError, match=r"passes\[0\] \(bf16-autocast\): not available for target cpu-onnx"):
         recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "bf16-autocast"}, {"name": "export"}]))
+
+
+def test_fuse_packs_projections_same_function_and_reloads(tiny_qwen2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from optpipe.passes.torch_fuse import fusable, fuse_projections
+    from optpipe.torch_runtime import TorchRunner
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2).eval()
+    ids = np.arange(3, 30)
+    before = TorchRunner(model, 1).logits(ids)
+    groups = fusable(model)
+    assert len(groups) == 4  # 2 layers x (qkv, gate_up); qwen2's q/k/v biases are fused too
+    fuse_projections(model, groups)
+    assert np.abs(TorchRunner(model, 1).logits(ids) - before).max() < 1e-4
+    assert not any(k.endswith("q_proj.weight") for k in model.state_dict())
+
+    recipe = torch_recipe(tiny_qwen2, [{"name": "fuse"}] + INT4_CHAIN)
+    res = optpipe.build(recipe, output=tmp_path / "art", log=lambda m: None)
+    assert res.manifest["passes"][0]["changes"] == {"qkv_fused": 2, "gate_up_fused": 2}
+    assert res.manifest["target"]["quantized_modules"] == {"int4-weight-only": 8, "int8-weight-only": 1}
+    first = optpipe.load(tmp_path / "art", threads=1).generate(ids, 8).tokens
+    assert optpipe.load(tmp_path / "art", threads=1).generate(ids, 8).tokens == first

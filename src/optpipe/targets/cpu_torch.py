@@ -62,6 +62,7 @@ class CpuTorchTarget:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
         runtime = {"kv_cache": state.info.get("kv_cache", {"mode": "dynamic"}),
                    "compile": bool(state.info.get("compile", False)), "dtypes": dtypes,
+                   "fused": state.info.get("fused", []),
                    "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False))}
         (directory / RUNTIME_FILE).write_text(json.dumps(runtime, indent=1), encoding="utf-8")
         if state.tokenizer is not None:
@@ -92,6 +93,10 @@ def load_model(directory: Path):
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    if runtime.get("fused"):
+        from ..passes.torch_fuse import fuse_projections
+
+        fuse_projections(model, [(p, f, tuple(parts)) for p, f, parts in runtime["fused"]], device="meta")
     for name, entry in layout.items():
         set_module(model, name, build_quantized(entry, device="meta"))
     tensors = load_file(str(directory / WEIGHTS_FILE))
