@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
                                                          ("smollm2-135m-cpu-int8", 1.5, 1.5),
                                                          ("smollm2-135m-cpu-torch-bf16", 0.5, 1.05),
                                                          ("smollm2-135m-cpu-torch-int4", 3.0, 2.0),
-                                                         ("smollm2-135m-gpu-trt-int8", 3.0, None)])
+                                                         ("smollm2-135m-gpu-trt-int8", 3.0, None),
+                                                         ("smollm2-135m-gpu-trt-int4", 8.0, None)])
 def test_shipped_recipe_builds_and_passes(name, max_delta, min_speedup, tmp_path):
     out = tmp_path / name
     assert main(["build", str(ROOT / "recipes" / f"{name}.yaml"), "-o", str(out)]) == 0

@@ -70,3 +70,15 @@ def test_lazy_checkpoint_reads_bf16_shards(tmp_path):
     ck = LazyCheckpoint.open(tmp_path)
     assert ck.shapes["a"] == (4, 8) and ck.dtypes["a"] == "BF16"
     assert np.array_equal(ck.get("a"), t.float().numpy())
+
+
+def test_layerwise_reference_on_bf16_checkpoint_is_the_fp32_model(tiny_llama, tmp_path):
+    """Weights stored in bf16 are upcast per matmul: the same function as the fp32 model loaded from them."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ck = LazyCheckpoint.open(tmp_path / "bf16")
+    assert set(ck.dtypes.values()) == {"BF16"}
+    eager = TorchEagerRunner(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval(), 1)
+    ids = np.arange(7, 40)
+    assert np.abs(LayerwiseReference(ck, 1).logits(ids) - eager.logits(ids)).max() < 1e-4

@@ -58,16 +58,21 @@ class LazyCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> np.ndarray:
-        """One tensor as float32 (bf16/fp16 shards are converted)."""
-        import torch
+    def get_torch(self, name: str, rows: tuple[int, int] | None = None):
+        """One tensor (or rows [start, end) of it) as a torch tensor in its stored dtype, owning its memory."""
         from safetensors import safe_open
 
         if name not in self.weight_map:
             raise ModelLoadError(f"{self.directory}: tensor {name} not in the checkpoint")
         with safe_open(str(self.directory / self.weight_map[name]), "pt") as f:
-            t = f.get_tensor(name)
-        return t.to(torch.float32).numpy() if t.dtype != torch.float32 else t.numpy().copy()
+            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
+            return t.clone()
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy (bf16/fp16 shards are converted; the conversion is exact)."""
+        import torch
+
+        return self.get_torch(name).to(torch.float32).numpy()
 
     def nbytes(self) -> int:
         return sum((self.directory / s).stat().st_size for s in set(self.weight_map.values()))

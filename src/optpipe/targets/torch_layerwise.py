@@ -1,9 +1,11 @@
 """The fp32 reference for models larger than memory: the same eager PyTorch modules, one decoder layer at a time.
 
-Each forward reads a layer's weights from the checkpoint (converted to fp32), runs it, and drops it before the
-next, so memory holds one layer plus the embedding and head. It computes exactly what the eager fp32 model
-computes (same transformers modules, same order); only slower, because every forward reads the weights again.
-The manifest states that the reference was computed this way.
+Each forward reads a layer's weights from the checkpoint, runs it, and drops it before the next; the embedding
+rows and the head are read the same way (the head in row chunks), so memory holds about one layer. Weights stay
+in their stored dtype and each matmul upcasts its weight to fp32 as it runs: activations and arithmetic are
+fp32 throughout, and bf16/fp16 -> fp32 is exact, so this computes what the eager fp32 model computes (same
+transformers modules, same order), only slower, because every forward reads the weights again. The manifest
+states that the reference was computed this way.
 """
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ def _class(mod, suffix: str):
     return next(getattr(mod, n) for n in sorted(dir(mod)) if n.endswith(suffix) and not n.startswith("_"))
 
 
+def _fp32_linear(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 class LayerwiseReference:
     kind = "fp32 eager, layer by layer from the checkpoint (the model does not fit in memory)"
 
@@ -40,34 +46,33 @@ class LayerwiseReference:
         self.layer_cls = _class(mod, "DecoderLayer")
         self.norm_cls = _class(mod, "RMSNorm")
         self.rotary = rotary_module(self.config)
-        self._embed = None
-        self._head = None
-
-    def _tensor(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(self.ck.get(name))
 
     def _layer(self, i: int):
         prefix = f"model.layers.{i}."
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
-        state = {k[len(prefix):]: self._tensor(k) for k in self.ck.weight_map if k.startswith(prefix)}
+        state = {k[len(prefix):]: self.ck.get_torch(k) for k in self.ck.weight_map if k.startswith(prefix)}
         layer.load_state_dict(state, assign=True, strict=True)
+        for mod in layer.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.forward = _fp32_linear.__get__(mod)
+            else:
+                for name, p in list(mod.named_parameters(recurse=False)):
+                    setattr(mod, name, torch.nn.Parameter(p.detach().float(), requires_grad=False))
         return layer.eval()
 
-    def _ends(self):
-        if self._embed is None:
-            self._embed = self._tensor("model.embed_tokens.weight")
-            head = "lm_head.weight" if "lm_head.weight" in self.ck else "model.embed_tokens.weight"
-            self._head = self._embed if head == "model.embed_tokens.weight" else self._tensor(head)
-            with torch.device("meta"):
-                norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
-            norm.load_state_dict({"weight": self._tensor("model.norm.weight")}, assign=True)
-            self._norm = norm
-        return self._embed, self._norm, self._head
+    def _logits(self, h: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        with torch.device("meta"):
+            norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.load_state_dict({"weight": self.ck.get_torch("model.norm.weight").float()}, assign=True)
+        x = norm(h)[0]
+        head = "lm_head.weight" if "lm_head.weight" in self.ck else "model.embed_tokens.weight"
+        vocab = self.ck.shapes[head][0]
+        return torch.cat([x @ self.ck.get_torch(head, (r, min(r + chunk, vocab))).float().T
+                          for r in range(0, vocab, chunk)], dim=-1)
 
     def _forward(self, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
-        embed, norm, head = self._ends()
-        h = embed[ids].unsqueeze(0)
+        h = self.ck.get_torch("model.embed_tokens.weight")[ids].float().unsqueeze(0)
         pos = torch.arange(past, past + ids.numel()).unsqueeze(0)
         pe = self.rotary(h, pos)
         layers = range(self.config.num_hidden_layers)
@@ -78,7 +83,7 @@ class LayerwiseReference:
                       position_embeddings=pe)
             h = h[0] if isinstance(h, tuple) else h
             del layer
-        return norm(h)[0] @ head.T
+        return self._logits(h)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         torch.set_num_threads(self.threads)
