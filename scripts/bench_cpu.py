@@ -31,6 +31,8 @@ from optpipe.gates.accuracy import _log_softmax  # noqa: E402
 from optpipe.recipe import DataSpec, ModelSpec  # noqa: E402
 from optpipe.targets.base import Generation  # noqa: E402
 
+from _doc import write_section  # noqa: E402 - scripts/_doc.py
+
 
 class LlamaCppRunner:
     def __init__(self, path: str, threads: int, n_ctx: int = 1024):
@@ -217,14 +219,7 @@ def main() -> int:
     print(table)
     json_path = Path(a.json) if a.section == "bench_cpu" else Path(a.json).with_name(f"{a.section}.json")
     json_path.write_text(json.dumps({"date": date, "environment": env, "results": results}, indent=2))
-    doc = Path(a.doc)
-    begin, end = f"<!-- BEGIN {a.section} -->", f"<!-- END {a.section} -->"
-    text = doc.read_text() if doc.exists() else f"# Benchmarks\n\n{begin}\n{end}\n"
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    pre, rest = text.split(begin, 1)
-    post = rest.split(end, 1)[1]
-    doc.write_text(f"{pre}{begin}\n{table}\n{end}{post}")
+    write_section(Path(a.doc), a.section, table)
     return 0
 
 

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from _doc import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,14 +122,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     Path(a.json).write_text(json.dumps({"date": date, "results": results}, indent=2))
-    doc = Path(a.doc)
-    begin, end = "<!-- BEGIN bench_scale -->", "<!-- END bench_scale -->"
-    text = doc.read_text()
-    if begin not in text:
-        text += f"\n{begin}\n{end}\n"
-    pre, rest = text.split(begin, 1)
-    post = rest.split(end, 1)[1]
-    doc.write_text(f"{pre}{begin}\n{table}\n{end}{post}")
+    write_section(Path(a.doc), "bench_scale", table)
     return 0
 
 
