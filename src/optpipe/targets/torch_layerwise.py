@@ -28,8 +28,11 @@ def _class(mod, suffix: str):
     return next(getattr(mod, n) for n in sorted(dir(mod)) if n.endswith(suffix) and not n.startswith("_"))
 
 
-def _fp32_linear(self, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+class _Fp32Linear(torch.nn.Linear):
+    """A Linear whose weight stays in its stored dtype and is upcast to fp32 for each matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
 
 
 class LayerwiseReference:
@@ -54,8 +57,8 @@ class LayerwiseReference:
         state = {k[len(prefix):]: self.ck.get_torch(k) for k in self.ck.weight_map if k.startswith(prefix)}
         layer.load_state_dict(state, assign=True, strict=True)
         for mod in layer.modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.forward = _fp32_linear.__get__(mod)
+            if type(mod) is torch.nn.Linear:
+                mod.__class__ = _Fp32Linear  # not a bound-method attribute: that cycle would keep layers alive
             else:
                 for name, p in list(mod.named_parameters(recurse=False)):
                     setattr(mod, name, torch.nn.Parameter(p.detach().float(), requires_grad=False))
