@@ -105,3 +105,24 @@ def test_plugin_errors_name_the_file(tiny_llama, tmp_path):
         recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "mine", "path": str(bad)}]))
     with pytest.raises(optpipe.RecipeError, match="not found"):
         recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "mine", "path": str(tmp_path / "x.py")}]))
+
+
+def test_sigterm_during_build_leaves_nothing_behind(tiny_llama, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, FUSED_INT4, speed={
+        "min_decode_speedup": 0.01, "prompt_tokens": 16, "new_tokens": 256, "repeats": 50, "threads": 1}))
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "optpipe.cli", "build", str(recipe), "-o", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".optpipe-staging-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".optpipe-staging-*")), "the build never reached staging"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "nothing was emitted" in err
+    assert not out.exists() and not list(tmp_path.glob(".optpipe-staging-*"))
