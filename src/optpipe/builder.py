@@ -156,6 +156,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         t = time.perf_counter()
         saved = target.save(state, staging.path)
         stages["save"] = round(time.perf_counter() - t, 1)
+        build_peak = hw.peak_rss_mib()  # load + passes + save, before the artifact is run
         del state
         t = time.perf_counter()
         candidate = target.load(staging.path, threads)
@@ -169,6 +170,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t_start, 1),
             "stage_seconds": stages,
+            "peak_rss_mib": {"build": build_peak, "with_gates": hw.peak_rss_mib()},
             "recipe_file": None if source == "<recipe>" else str(Path(source)),
             "recipe": recipe.resolved(),
             "model": {**resolved.describe(), "architectures": list(config.architectures or []), "streaming": streaming},

@@ -73,3 +73,15 @@ def environment() -> dict:
         "logical_cpus": os.cpu_count(),
         "versions": library_versions(),
     }
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far (VmHWM), MiB; None where /proc is not available."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
