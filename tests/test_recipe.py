@@ -69,3 +69,18 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
 
 
+
+
+def test_every_pass_module_is_registered_by_the_package():
+    """A pass module the package does not import is only registered when something else imports it first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import optpipe.passes as pkg
+
+    modules = sorted(p.stem for p in Path(pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    code = ("import optpipe.pipeline as p; r = p.registered_passes(); "
+            "print(sorted({c.__module__.rsplit('.', 1)[1] for impls in r.values() for c in impls}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == modules

@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     smoothquant,
     static_kv_cache,
     torch_bf16,
+    torch_fuse,
     torch_quantize,
     torch_static_kv_cache,
 )
