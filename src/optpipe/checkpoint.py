@@ -73,6 +73,3 @@ class LazyCheckpoint:
         import torch
 
         return self.get_torch(name).to(torch.float32).numpy()
-
-    def nbytes(self) -> int:
-        return sum((self.directory / s).stat().st_size for s in set(self.weight_map.values()))

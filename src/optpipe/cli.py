@@ -132,7 +132,8 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
+    on_main = threading.current_thread() is threading.main_thread()  # signal handlers only exist there
+    if on_main:
         # `kill` (SIGTERM) unwinds like Ctrl-C, so the staging directory is removed and nothing is half-written
         signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; nothing was emitted", file=sys.stderr)
         return 130
     finally:
-        if threading.current_thread() is threading.main_thread():
+        if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

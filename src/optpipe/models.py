@@ -145,3 +145,23 @@ def save_checkpoint(model, tokenizer, directory) -> None:
         pass
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
+
+
+def architecture_class(config, suffix: str):
+    """A class of the architecture's transformers modeling module by name suffix ("RotaryEmbedding",
+    "DecoderLayer", "RMSNorm"), so per-layer code works for every Llama-family model_type."""
+    import importlib
+
+    mt = config.model_type
+    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    return next(getattr(mod, n) for n in sorted(dir(mod)) if n.endswith(suffix) and not n.startswith("_"))
+
+
+def dynamic_cache(config):
+    """transformers' DynamicCache; 4.x (the IPEX environment pins 4.51.3) takes no config."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:
+        return DynamicCache()

@@ -241,17 +241,16 @@ class TorchRunner:
         return out.logits[0].float().numpy()
 
     def _new_cache(self, needed: int):
-        from transformers import DynamicCache, StaticCache
+        from transformers import StaticCache
+
+        from .models import dynamic_cache
 
         if self.kv_cache.get("mode") == "static":
             limit = int(self.kv_cache["max_length"])
             if needed > limit:
                 raise ValueError(f"prompt + new tokens = {needed} exceeds the static KV cache of {limit} tokens")
             return StaticCache(config=self.model.config, max_cache_len=limit)
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # transformers < 4.56 (the IPEX environment pins 4.51.3)
-            return DynamicCache()
+        return dynamic_cache(self.model.config)
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
         torch.set_num_threads(self.threads)

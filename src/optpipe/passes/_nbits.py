@@ -108,16 +108,16 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         base = node.name
         nb = k // block
         float_zp = scheme == "float"
+        parts = [("qweight", "b", (n, nb, block * bits // 8), np.uint8), ("scales", "scales", (n * nb,), np.float32),
+                 ("zero_points", "zp", (n * ((nb * bits + 7) // 8),), np.uint8)]
+        if float_zp:
+            parts.append(("zp_residual", "residual", (nb, n), np.float32))
         if _lazy.is_lazy(src):  # streaming build: quantized when the writer reaches these tensors
             streamed += 1
             shared = _lazy.Shared(lambda src=src: _packed(_quant.rtn(_lazy.array(src).T, bits, block, scheme), bits),
-                                  4 if float_zp else 3)
-            zp_len = n * ((nb * bits + 7) // 8)
-            new_inits += [_lazy.tensor(base + ".qweight", (n, nb, block * bits // 8), np.uint8, shared.part("b")),
-                          _lazy.tensor(base + ".scales", (n * nb,), np.float32, shared.part("scales")),
-                          _lazy.tensor(base + ".zero_points", (zp_len,), np.uint8, shared.part("zp"))]
-            if float_zp:
-                new_inits.append(_lazy.tensor(base + ".zp_residual", (nb, n), np.float32, shared.part("residual")))
+                                  len(parts))
+            new_inits += [_lazy.tensor(f"{base}.{suffix}", shape, dtype, shared.part(key))
+                          for suffix, key, shape, dtype in parts]
         else:
             w = numpy_helper.to_array(src).T  # [N, K]
             if algorithm == "gptq":
@@ -126,11 +126,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                 qw = _quant.rtn(w, bits, block, scheme)
             rel_errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
             packed = _packed(qw, bits)
-            new_inits += [numpy_helper.from_array(packed["b"], base + ".qweight"),
-                          numpy_helper.from_array(packed["scales"], base + ".scales"),
-                          numpy_helper.from_array(packed["zp"], base + ".zero_points")]
-            if float_zp:
-                new_inits.append(numpy_helper.from_array(packed["residual"], base + ".zp_residual"))
+            new_inits += [numpy_helper.from_array(packed[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
         out = node.output[0]
         mm_out = out if not float_zp else base + "/nbits_out"
         new_nodes.append(helper.make_node(

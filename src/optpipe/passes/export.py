@@ -115,12 +115,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def rotary_module(config):
     """The architecture's own rotary module, built from the config alone (covers scaled rope types too)."""
-    import importlib
+    from ..models import architecture_class
 
-    mt = config.model_type
-    mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
-    cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("RotaryEmbedding") and not n.startswith("_"))
-    return cls(config=config)
+    return architecture_class(config, "RotaryEmbedding")(config=config)
 
 
 def rotary_cache(rot, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,6 +42,14 @@ class TorchInt8Config(PassConfig):
     exclude: list[str] = Field(default_factory=list)
 
 
+def _select(model, include: list[str], exclude: list[str]):
+    """Linear layers to quantize; a tied lm_head gets its own weight first (the embedding stays float)."""
+    chosen, skipped = select_linears(model, include, exclude)
+    if "lm_head" in chosen and untie_lm_head(model):
+        chosen["lm_head"] = model.get_output_embeddings()
+    return chosen, skipped
+
+
 def _hessian(prev, x: torch.Tensor) -> tuple:
     h, n = prev if prev is not None else (0, 0)
     x = x.double()
@@ -75,7 +83,7 @@ class TorchQuantizeInt4(Pass):
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config
         model = state.torch_model
-        chosen, skipped = select_linears(model, c.include, c.exclude)
+        chosen, skipped = _select(model, c.include, c.exclude)
         for name, lin in list(chosen.items()):
             if lin.in_features % c.group_size:
                 skipped[name] = f"in_features={lin.in_features} is not a multiple of group_size {c.group_size}"
@@ -83,9 +91,6 @@ class TorchQuantizeInt4(Pass):
             elif lin.out_features % 16:
                 skipped[name] = f"out_features={lin.out_features} is not a multiple of 16 (the CPU int4 kernel's packing)"
                 del chosen[name]
-        if "lm_head" in chosen:
-            untie_lm_head(model)
-            chosen["lm_head"] = model.get_output_embeddings()
         hessians = {}
         if c.algorithm == "gptq" and chosen:
             stats = capture_inputs(model, chosen, ctx.calibration_windows(), reduce=_hessian,
@@ -121,10 +126,7 @@ class TorchQuantizeInt8(Pass):
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config
         model = state.torch_model
-        chosen, skipped = select_linears(model, c.include, c.exclude)
-        if "lm_head" in chosen:
-            untie_lm_head(model)
-            chosen["lm_head"] = model.get_output_embeddings()
+        chosen, skipped = _select(model, c.include, c.exclude)
         rel, done = [], {}
         dynamic = c.mode == "dynamic"
         for name, lin in tqdm(chosen.items(), desc=f"quantize int8 ({c.mode})", unit="layer"):

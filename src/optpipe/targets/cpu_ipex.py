@@ -105,10 +105,10 @@ class CpuIpexTarget:
 
     def speed_failure_hint(self, saved: dict | None) -> str | None:
         ipex = (saved or {}).get("ipex", {})
-        if ipex.get("weight_only", "none") != "none" and not fast_woq_kernels()[0]:
+        fast, have = fast_woq_kernels()
+        if ipex.get("weight_only", "none") != "none" and not fast:
             return ("likely cause: IPEX's fast weight-only kernels need AVX512-FP16 or AMX; this CPU has "
-                    f"{fast_woq_kernels()[1]} (detected at run time: {hw.cpu_model()}), so IPEX dequantizes the "
-                    "weights on every call")
+                    f"{have} (detected at run time: {hw.cpu_model()}), so IPEX dequantizes the weights on every call")
         return None
 
     def load(self, directory: Path, threads: int) -> IpexRunner:

@@ -9,23 +9,14 @@ states that the reference was computed this way.
 """
 from __future__ import annotations
 
-import importlib
 import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..models import architecture_class, dynamic_cache
 from .base import Generation
-
-
-def _modeling(config):
-    mt = config.model_type
-    return importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
-
-
-def _class(mod, suffix: str):
-    return next(getattr(mod, n) for n in sorted(dir(mod)) if n.endswith(suffix) and not n.startswith("_"))
 
 
 class _Fp32Linear(torch.nn.Linear):
@@ -45,9 +36,8 @@ class LayerwiseReference:
         self.threads = threads
         self.config = checkpoint.config
         self.config._attn_implementation = "sdpa"
-        mod = _modeling(self.config)
-        self.layer_cls = _class(mod, "DecoderLayer")
-        self.norm_cls = _class(mod, "RMSNorm")
+        self.layer_cls = architecture_class(self.config, "DecoderLayer")
+        self.norm_cls = architecture_class(self.config, "RMSNorm")
         self.rotary = rotary_module(self.config)
 
     def _layer(self, i: int):
@@ -94,16 +84,11 @@ class LayerwiseReference:
             return self._forward(torch.as_tensor(np.asarray(ids, dtype=np.int64)), None, 0).numpy()
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
-        from transformers import DynamicCache
-
         torch.set_num_threads(self.threads)
         ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         with torch.inference_mode():
             t0 = time.perf_counter()
-            try:
-                cache = DynamicCache(config=self.config)
-            except TypeError:  # transformers < 4.56
-                cache = DynamicCache()
+            cache = dynamic_cache(self.config)
             tok = int(self._forward(ids_t, cache, 0)[-1].argmax())
             t1 = time.perf_counter()
             tokens = [tok]
