@@ -66,3 +66,12 @@ def test_streaming_build_matches_in_memory_build(tmp_path):
     assert st.manifest["target"]["streamed"] and "layer by layer" in st.manifest["reference"]
     for key in ("gates.accuracy.ppl_reference", "gates.accuracy.ppl_candidate"):
         assert abs(st.metrics[key] / mem.metrics[key] - 1) < 0.001, (key, st.metrics[key], mem.metrics[key])
+
+    # GPTQ (the default recipe's lm_head) in the streaming build: Hessians from the layers run one at a time.
+    gptq = yaml.safe_load((ROOT / "recipes" / "smollm2-135m-cpu-int4.yaml").read_text())
+    gptq["gates"]["speed"] = recipe["gates"]["speed"]
+    gptq["model"] = recipe["model"]
+    res = optpipe.build(gptq, output=tmp_path / "gptq", log=lambda m: None)
+    head = res.manifest["passes"][-1]
+    assert head["options"]["algorithm"] == "gptq" and "layer by layer" in head["notes"][0]
+    assert res.metrics["gates.accuracy.ppl_delta_pct"] <= 3.0

@@ -48,15 +48,83 @@ def test_streaming_build_equals_in_memory_build(tiny_qwen2, tmp_path):
 
 
 def test_streaming_refuses_whole_model_passes(tiny_llama, tmp_path):
-    recipe = tiny_recipe(tiny_llama, [{"name": "smoothquant"}] + CHAIN)
+    recipe = tiny_recipe(tiny_llama, [{"name": "awq"}] + CHAIN)
     recipe["model"] = {"source": str(tiny_llama), "streaming": True}
-    with pytest.raises(optpipe.RecipeError, match=r"passes\[0\] \(smoothquant\): not available with model.streaming"):
+    with pytest.raises(optpipe.RecipeError, match=r"passes\[0\] \(awq\): not available with model.streaming"):
         optpipe.build(recipe, output=tmp_path / "x", log=lambda m: None)
-    gptq = tiny_recipe(tiny_llama, CHAIN[:3] + [{"name": "quantize-int4", "algorithm": "gptq"}])
-    gptq["model"] = {"source": str(tiny_llama), "streaming": True}
-    with pytest.raises(optpipe.BuildError, match="use algorithm: rtn"):
-        optpipe.build(gptq, output=tmp_path / "y", log=lambda m: None)
+    dynamic = tiny_recipe(tiny_llama, CHAIN[:3] + [{"name": "quantize-int8", "mode": "static"}])
+    dynamic["model"] = {"source": str(tiny_llama), "streaming": True}
+    with pytest.raises(optpipe.BuildError, match="use mode: weight-only"):
+        optpipe.build(dynamic, output=tmp_path / "y", log=lambda m: None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+CALIBRATED = [{"name": "smoothquant", "alpha": 0.5}, {"name": "export"}, {"name": "fuse"},
+              {"name": "static-kv-cache", "max_length": 256},
+              {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "exclude": []}]
+
+
+def test_streaming_smoothquant_and_gptq_equal_in_memory(tiny_llama, tmp_path):
+    """SmoothQuant and GPTQ measured one decoder layer at a time fit the same scales and codes as the in-memory
+    passes (which run the whole model on the calibration text); lm_head's Hessian comes from the final norm."""
+    mem = optpipe.build(tiny_recipe(tiny_llama, CALIBRATED), output=tmp_path / "mem", log=lambda m: None)
+    recipe = tiny_recipe(tiny_llama, CALIBRATED)
+    recipe["model"] = {"source": str(tiny_llama), "streaming": True}
+    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    smooth_mem, smooth_st = mem.manifest["passes"][0]["changes"], st.manifest["passes"][0]["changes"]
+    assert smooth_st["max_scale"] == pytest.approx(smooth_mem["max_scale"], rel=1e-4)
+    assert smooth_st["groups_smoothed"] == smooth_mem["groups_smoothed"] == 4
+    q = st.manifest["passes"][-1]
+    assert q["changes"]["layers_quantized"] == 9 and "layer by layer" in q["notes"][0]
+    assert q["changes"]["weight_rel_error_mean"] == pytest.approx(
+        mem.manifest["passes"][-1]["changes"]["weight_rel_error_mean"], rel=1e-3)
+    ids = np.arange(5, 30)
+    a = optpipe.load(tmp_path / "mem", threads=1).logits(ids)
+    b = optpipe.load(tmp_path / "st", threads=1).logits(ids)
+    assert np.abs(a - b).max() < 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mem", "st"]  # scratch (parked GPTQ results) removed
+
+
+def test_streaming_gptq_sees_earlier_quantization(tiny_llama, tmp_path):
+    """A GPTQ pass after an RTN pass fits lm_head to the inputs of the already-quantized layers in both paths (the
+    in-memory one runs the quantized graph; the streaming walk swaps in the dequantized weights, fused or not)."""
+    chain = CHAIN[:3] + [
+        {"name": "quantize-int4", "block_size": 32, "accuracy_level": 0, "zero_point": "int", "exclude": ["lm_head"]},
+        {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "include": ["lm_head"],
+         "exclude": []}]
+    mem = optpipe.build(tiny_recipe(tiny_llama, chain), output=tmp_path / "mem", log=lambda m: None)
+    recipe = tiny_recipe(tiny_llama, chain)
+    recipe["model"] = {"source": str(tiny_llama), "streaming": True}
+    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    err = [b.manifest["passes"][-1]["changes"]["weight_rel_error_mean"] for b in (mem, st)]
+    assert err[1] == pytest.approx(err[0], rel=1e-4)
+    ids = np.arange(5, 30)
+    a = optpipe.load(tmp_path / "mem", threads=1).logits(ids)
+    b = optpipe.load(tmp_path / "st", threads=1).logits(ids)
+    assert np.abs(a - b).max() < 1e-3
+
+
+def test_streaming_gptq_rejects_unknown_matmul_names():
+    from optpipe.errors import BuildError
+    from optpipe.passes._layerwise_gptq import input_site
+
+    assert input_site("model.layers.3.self_attn.qkv_proj", 8) == (3, "self_attn.q_proj")
+    assert input_site("model.layers.0.mlp.gate_up_proj", 8) == (0, "mlp.gate_proj")
+    assert input_site("lm_head", 8) == (8, "lm_head")
+    with pytest.raises(BuildError, match="custom_proj"):
+        input_site("model.layers.0.custom_proj", 8)
+
+
+def test_checkpoint_view_rewrites_tensors_as_read(tiny_llama):
+    ck = LazyCheckpoint.open(tiny_llama)
+    name = "model.layers.0.mlp.up_proj.weight"
+    view = ck.transformed({name: lambda t: t * 2}).transformed({name: lambda t: t + 1})
+    raw = ck.get_torch(name)
+    assert torch.equal(view.get_torch(name), raw * 2 + 1)
+    assert torch.equal(view.get_torch(name, (3, 7)), (raw * 2 + 1)[3:7])
+    assert torch.equal(ck.get_torch(name), raw)  # the original is untouched
+    with pytest.raises(optpipe.errors.ModelLoadError, match="not in the checkpoint"):
+        ck.transformed({"nope": lambda t: t})
 
 
 def test_lazy_checkpoint_reads_bf16_shards(tmp_path):

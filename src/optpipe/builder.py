@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
     return {"accuracy": acc, "speed": spd}
 
 
-STREAMING_PASSES = {"export", "fuse", "static-kv-cache", "quantize-int4", "quantize-int8"}
+STREAMING_PASSES = {"smoothquant", "export", "fuse", "static-kv-cache", "quantize-int4", "quantize-int8"}
 
 
 def check_streaming_passes(passes, source: str) -> None:
@@ -144,10 +145,12 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     if any("calibration" in p.needs for p in passes):
         calibration()  # a bad calibration source fails now, before minutes of passes
     staging = artifact.Staging(out)
+    scratch = staging.path.parent / staging.path.name.replace(".optpipe-staging-", ".optpipe-scratch-")
     try:
         state = ModelState("torch", torch_model=model, tokenizer=tokenizer, checkpoint=checkpoint)
         del model
-        ctx = PassContext(calibration=calibration, threads=threads, workdir=staging.path.parent, seed=recipe.seed)
+        ctx = PassContext(calibration=calibration, threads=threads, workdir=staging.path.parent, seed=recipe.seed,
+                          scratch=scratch)
         stages = {"load": round(time.perf_counter() - t_start, 1)}
         t = time.perf_counter()
         records = run_passes(passes, state, ctx, log=log)
@@ -155,6 +158,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         log(f"saving {recipe.target} artifact to staging")
         t = time.perf_counter()
         saved = target.save(state, staging.path)
+        shutil.rmtree(scratch, ignore_errors=True)
         stages["save"] = round(time.perf_counter() - t, 1)
         build_peak = hw.peak_rss_mib()  # load + passes + save, before the artifact is run
         del state
@@ -199,6 +203,8 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     except BaseException:
         staging.discard()
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | None = None, log=print) -> BuildResult:

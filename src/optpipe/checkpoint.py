@@ -5,9 +5,11 @@ tensor out as float32 and closes the file, so the mapped pages never accumulate 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,6 +26,7 @@ class LazyCheckpoint:
     weight_map: dict[str, str]  # tensor name -> shard file name
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
+    transforms: dict[str, Callable] = field(default_factory=dict)  # name -> fn(fp32 tensor) -> fp32 tensor
 
     @classmethod
     def open(cls, directory: str | Path, trust_remote_code: bool = False) -> LazyCheckpoint:
@@ -55,15 +58,34 @@ class LazyCheckpoint:
             raise ModelLoadError(f"model.source: {d}: index names tensors missing from their shards: {missing[:3]}")
         return ck
 
+    def transformed(self, fns: dict[str, Callable]) -> LazyCheckpoint:
+        """A view in which the tensors `fns` names are rewritten as they are read (e.g. SmoothQuant's scales,
+        computed by a streaming pass); the files on disk and this checkpoint are unchanged."""
+        merged = dict(self.transforms)
+        for name, fn in fns.items():
+            if name not in self.weight_map:
+                raise ModelLoadError(f"{self.directory}: tensor {name} not in the checkpoint")
+            prev = merged.get(name)
+            merged[name] = fn if prev is None else (lambda t, f=fn, g=prev: f(g(t)))
+        return dataclasses.replace(self, transforms=merged)
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
     def get_torch(self, name: str, rows: tuple[int, int] | None = None):
-        """One tensor (or rows [start, end) of it) as a torch tensor in its stored dtype, owning its memory."""
+        """One tensor (or rows [start, end) of it) as a torch tensor in its stored dtype (fp32 when a transform
+        rewrote it), owning its memory."""
         from safetensors import safe_open
 
         if name not in self.weight_map:
             raise ModelLoadError(f"{self.directory}: tensor {name} not in the checkpoint")
+        fn = self.transforms.get(name)
+        if fn is not None:
+            import torch
+
+            with safe_open(str(self.directory / self.weight_map[name]), "pt") as f:
+                t = fn(f.get_tensor(name).to(torch.float32))
+            return t if rows is None else t[rows[0]:rows[1]].clone()
         with safe_open(str(self.directory / self.weight_map[name]), "pt") as f:
             t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
             return t.clone()

@@ -54,6 +54,9 @@ class ModelState:
     checkpoint: Any = None  # LazyCheckpoint: the streaming build (no torch_model in memory)
     features: set[str] = field(default_factory=set)  # provided by passes so far
     info: dict[str, Any] = field(default_factory=dict)  # e.g. kv-cache layout, unquantized layers
+    # streaming build: MatMul name -> loader of its weight W [N, K] as the graph now computes it (dequantized), so a
+    # later layer-by-layer calibration sees the model the earlier passes made, as an in-memory graph run would
+    effective_weights: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +67,16 @@ class PassContext:
     threads: int = 1
     workdir: Path | None = None
     seed: int = 0
+    scratch: Path | None = None  # kept until the target has saved the artifact, then removed by the builder
+
+    def scratch_dir(self, name: str) -> Path:
+        """A fresh directory for tensors a pass computes now and the target writes later (e.g. streaming GPTQ)."""
+        import tempfile
+
+        if self.scratch is None:
+            raise BuildError("this pass needs a scratch directory (PassContext.scratch), which was not given")
+        Path(self.scratch).mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch))
 
     def calibration_windows(self):
         if self.calibration is None:

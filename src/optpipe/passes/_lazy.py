@@ -91,6 +91,30 @@ class Shared:
         return load
 
 
+class Spill:
+    """Tensors that must be computed before the artifact is written (GPTQ: one calibration run a layer, in layer
+    order) parked in a scratch directory, one safetensors file per group, and read back when the writer asks."""
+
+    def __init__(self, directory):
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.files: dict[str, object] = {}
+
+    def put(self, group: str, arrays: dict[str, np.ndarray]) -> None:
+        from safetensors.numpy import save_file
+
+        path = self.directory / f"{len(self.files):05d}.safetensors"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+        self.files[group] = path
+
+    def get(self, group: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.files[group]))
+
+
 def save_streaming(model: onnx.ModelProto, model_path, data_file: str, inline_below: int = 1024) -> int:
     """Write `model` with every initializer of `inline_below` bytes or more in one external-data file, computing
     lazy tensors one at a time (each is released once written). Offsets of tensors of 1 MiB or more are

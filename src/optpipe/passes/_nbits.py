@@ -8,7 +8,7 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
-from ..errors import BuildError
+from ..layerwise import EffectiveWeight
 from ..pipeline import ModelState, PassContext
 from . import _lazy, _quant
 from ._onnx import (
@@ -92,15 +92,20 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             skipped[node.name] = f"K={k} is not a multiple of block_size {block}"
         else:
             usable.append(node)
-    hessians = {}
-    if algorithm == "gptq" and any(_lazy.is_lazy(inits[n.input[1]]) for n in usable):
-        raise BuildError("GPTQ needs calibration runs over the whole model, which the streaming build does not do; "
-                         "use algorithm: rtn")
-    if algorithm == "gptq" and usable:
+    hessians, spill, rel_errors = {}, None, []
+    lazy = any(_lazy.is_lazy(inits[n.input[1]]) for n in usable)
+    if algorithm == "gptq" and lazy:  # streaming: Hessians layer by layer, results parked on disk until written
+        from ._layerwise_gptq import gptq_by_layer
+
+        spill = _lazy.Spill(ctx.scratch_dir("gptq"))
+        rel_errors = gptq_by_layer(
+            state.checkpoint, usable, lambda node: _lazy.array(inits[node.input[1]]).T,
+            lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp), ctx.calibration_windows(), spill,
+            state.effective_weights)
+    elif algorithm == "gptq" and usable:
         hessians = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
                                     ctx.threads, "hessian")
     new_nodes, new_inits = edit.new_nodes, edit.new_inits
-    rel_errors = []
     streamed = 0
     for node in tqdm(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):
         src = inits[node.input[1]]
@@ -112,12 +117,17 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                  ("zero_points", "zp", (n * ((nb * bits + 7) // 8),), np.uint8)]
         if float_zp:
             parts.append(("zp_residual", "residual", (nb, n), np.float32))
-        if _lazy.is_lazy(src):  # streaming build: quantized when the writer reaches these tensors
+        if _lazy.is_lazy(src):  # streaming build: packed when the writer reaches these tensors
             streamed += 1
-            shared = _lazy.Shared(lambda src=src: _packed(_quant.rtn(_lazy.array(src).T, bits, block, scheme), bits),
-                                  len(parts))
+            if spill is not None:  # GPTQ'd layer by layer above
+                quantized = lambda name=node.name: _quant.QuantizedWeight.from_arrays(spill.get(name))  # noqa: E731
+            else:  # RTN, computed only now
+                quantized = lambda src=src: _quant.rtn(_lazy.array(src).T, bits, block, scheme)  # noqa: E731
+            shared = _lazy.Shared(lambda q=quantized: _packed(q(), bits), len(parts))
             new_inits += [_lazy.tensor(f"{base}.{suffix}", shape, dtype, shared.part(key))
                           for suffix, key, shape, dtype in parts]
+            state.effective_weights[base] = EffectiveWeight(lambda q=quantized: q().dequantize(),
+                                                            block if accuracy_level == 4 else None)
         else:
             w = numpy_helper.to_array(src).T  # [N, K]
             if algorithm == "gptq":
@@ -153,7 +163,10 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                "weight_rel_error_max": round(float(np.max(rel_errors)), 5) if rel_errors else None,
                "skipped": skipped}
     notes = []
-    if streamed:
+    if streamed and spill is not None:
+        notes.append(f"{streamed} weights GPTQ-quantized layer by layer (streaming build: Hessians from the fp32 "
+                     "layers run one at a time; results kept on disk until the artifact is written)")
+    elif streamed:
         notes.append(f"{streamed} weights quantized while the artifact is written (streaming build)")
     if scheme == "float" and usable:
         notes.append("float zero points: stored as uint8 zero point + per-block remainder correction (exact)")

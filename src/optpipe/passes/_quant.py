@@ -30,6 +30,14 @@ class QuantizedWeight:
             w = w + self.residual[..., None]
         return w.reshape(w.shape[0], -1)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"q": self.q, "scale": self.scale, "zero": self.zero}
+        return out if self.residual is None else {**out, "residual": self.residual}
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> QuantizedWeight:
+        return cls(a["q"], a["scale"], a["zero"], a.get("residual"))
+
 
 def _params(wb: np.ndarray, bits: int, scheme: str):
     """Per-block quantizer parameters for wb[..., block]: returns (scale, zero_int, minimum_or_None)."""

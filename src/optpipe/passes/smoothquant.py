@@ -12,24 +12,23 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from ..layerwise import channel_absmax, walk
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ._torch_calib import capture_inputs
+
+# per decoder layer: the norm and the linears that read its output
+GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+          ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
 
 
 class SmoothQuantConfig(PassConfig):
     alpha: float = Field(0.5, ge=0, le=1, description="0: all difficulty stays on activations; 1: all on weights")
 
 
-def _groups(model):
-    for i, layer in enumerate(model.model.layers):
-        a, m = layer.self_attn, layer.mlp
-        yield f"model.layers.{i}.input_layernorm", layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]
-        yield f"model.layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, [m.gate_proj, m.up_proj]
-
-
-def _channel_absmax(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    m = x.abs().amax(0)
-    return m if prev is None else torch.maximum(prev, m)
+def smoothing_scale(amax: torch.Tensor, weights, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha) over the group's weights [N, K] (column j = input channel j)."""
+    w_max = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+    return ((amax.clamp(min=1e-5) ** alpha) / (w_max.clamp(min=1e-5) ** (1 - alpha))).clamp(min=1e-5)
 
 
 @register
@@ -42,21 +41,47 @@ class SmoothQuant(Pass):
     provides = frozenset({"smoothed"})
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
+        if state.torch_model is None and state.checkpoint is not None:
+            return self._streaming(state, ctx)
         model = state.torch_model
-        groups = list(_groups(model))
-        amax = capture_inputs(model, {name: linears[0] for name, _norm, linears in groups}, ctx.calibration_windows(),
-                              reduce=_channel_absmax, desc="smoothquant calibration")
+        layers = model.model.layers
+        observed = {f"{i}.{norm}": layer.get_submodule(linears[0])
+                    for i, layer in enumerate(layers) for norm, linears in GROUPS}
+        amax = capture_inputs(model, observed, ctx.calibration_windows(), reduce=channel_absmax,
+                              desc="smoothquant calibration")
         a = self.config.alpha
         scales = []
         with torch.no_grad():
-            for name, norm, linears in groups:
-                w_max = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0).float()
-                s = (amax[name].clamp(min=1e-5) ** a) / (w_max.clamp(min=1e-5) ** (1 - a))
-                s = s.clamp(min=1e-5)
-                norm.weight.div_(s.to(norm.weight.dtype))
-                for lin in linears:
-                    lin.weight.mul_(s.to(lin.weight.dtype))
+            for i, layer in enumerate(layers):
+                for norm, linears in GROUPS:
+                    lins = [layer.get_submodule(n) for n in linears]
+                    s = smoothing_scale(amax[f"{i}.{norm}"], [lin.weight for lin in lins], a)
+                    norm_w = layer.get_submodule(norm).weight
+                    norm_w.div_(s.to(norm_w.dtype))
+                    for lin in lins:
+                        lin.weight.mul_(s.to(lin.weight.dtype))
+                    scales.append(float(s.max()))
+        return self._result(scales, amax.values())
+
+    def _streaming(self, state: ModelState, ctx: PassContext) -> PassResult:
+        """Model larger than memory: the same statistics, measured one decoder layer at a time; the scales become
+        a view of the checkpoint (weights are rescaled as later passes read them), never a model in memory."""
+        a = self.config.alpha
+        fns, scales, amaxes = {}, [], []
+        for step in walk(state.checkpoint, ctx.calibration_windows(), desc="smoothquant calibration (layer by layer)"):
+            layer, prefix = step.module, f"model.layers.{step.index}."
+            amax = step.observe({norm: layer.get_submodule(linears[0]) for norm, linears in GROUPS}, channel_absmax)
+            for norm, linears in GROUPS:
+                s = smoothing_scale(amax[norm], [layer.get_submodule(n).weight for n in linears], a)
+                fns[prefix + norm + ".weight"] = lambda t, s=s: t / s
+                fns.update({prefix + n + ".weight": (lambda t, s=s: t * s) for n in linears})
                 scales.append(float(s.max()))
-        return PassResult(True, {"groups_smoothed": len(groups), "alpha": a,
+            amaxes += amax.values()
+        state.checkpoint = state.checkpoint.transformed(fns)
+        return self._result(scales, amaxes, ["streaming: statistics measured layer by layer; the scales are "
+                                             "applied to the weights as the artifact is written"])
+
+    def _result(self, scales, amaxes, notes=()) -> PassResult:
+        return PassResult(True, {"groups_smoothed": len(scales), "alpha": self.config.alpha,
                                  "max_scale": round(float(np.max(scales)), 3),
-                                 "max_activation": round(float(max(v.max() for v in amax.values())), 3)})
+                                 "max_activation": round(float(max(float(v.max()) for v in amaxes)), 3)}, list(notes))

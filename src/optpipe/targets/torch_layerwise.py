@@ -1,11 +1,10 @@
 """The fp32 reference for models larger than memory: the same eager PyTorch modules, one decoder layer at a time.
 
 Each forward reads a layer's weights from the checkpoint, runs it, and drops it before the next; the embedding
-rows and the head are read the same way (the head in row chunks), so memory holds about one layer. Weights stay
-in their stored dtype and each matmul upcasts its weight to fp32 as it runs: activations and arithmetic are
-fp32 throughout, and bf16/fp16 -> fp32 is exact, so this computes what the eager fp32 model computes (same
-transformers modules, same order), only slower, because every forward reads the weights again. The manifest
-states that the reference was computed this way.
+rows and the head are read the same way (the head in row chunks), so memory holds about one layer
+(`optpipe.layerwise`). This computes what the eager fp32 model computes (same transformers modules, same order),
+only slower, because every forward reads the weights again. The manifest states that the reference was computed
+this way.
 """
 from __future__ import annotations
 
@@ -15,68 +14,29 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..models import architecture_class, dynamic_cache
+from ..layerwise import CheckpointLayers
+from ..models import dynamic_cache
 from .base import Generation
-
-
-class _Fp32Linear(torch.nn.Linear):
-    """A Linear whose weight stays in its stored dtype and is upcast to fp32 for each matmul."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
 
 
 class LayerwiseReference:
     kind = "fp32 eager, layer by layer from the checkpoint (the model does not fit in memory)"
 
     def __init__(self, checkpoint, threads: int):
-        from ..passes.export import rotary_module
-
-        self.ck = checkpoint
+        self.layers = CheckpointLayers(checkpoint)
         self.threads = threads
-        self.config = checkpoint.config
-        self.config._attn_implementation = "sdpa"
-        self.layer_cls = architecture_class(self.config, "DecoderLayer")
-        self.norm_cls = architecture_class(self.config, "RMSNorm")
-        self.rotary = rotary_module(self.config)
-
-    def _layer(self, i: int):
-        prefix = f"model.layers.{i}."
-        with torch.device("meta"):
-            layer = self.layer_cls(self.config, i)
-        state = {k[len(prefix):]: self.ck.get_torch(k) for k in self.ck.weight_map if k.startswith(prefix)}
-        layer.load_state_dict(state, assign=True, strict=True)
-        for mod in layer.modules():
-            if type(mod) is torch.nn.Linear:
-                mod.__class__ = _Fp32Linear  # not a bound-method attribute: that cycle would keep layers alive
-            else:
-                for name, p in list(mod.named_parameters(recurse=False)):
-                    setattr(mod, name, torch.nn.Parameter(p.detach().float(), requires_grad=False))
-        return layer.eval()
-
-    def _logits(self, h: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        with torch.device("meta"):
-            norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        norm.load_state_dict({"weight": self.ck.get_torch("model.norm.weight").float()}, assign=True)
-        x = norm(h)[0]
-        head = "lm_head.weight" if "lm_head.weight" in self.ck else "model.embed_tokens.weight"
-        vocab = self.ck.shapes[head][0]
-        return torch.cat([x @ self.ck.get_torch(head, (r, min(r + chunk, vocab))).float().T
-                          for r in range(0, vocab, chunk)], dim=-1)
+        self.config = self.layers.config
 
     def _forward(self, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
-        h = self.ck.get_torch("model.embed_tokens.weight")[ids].float().unsqueeze(0)
+        m = self.layers
+        h = m.embed(ids)
         pos = torch.arange(past, past + ids.numel()).unsqueeze(0)
-        pe = self.rotary(h, pos)
-        layers = range(self.config.num_hidden_layers)
-        for i in tqdm(layers, desc="fp32 reference (layer by layer)", unit="layer", leave=False,
-                      disable=len(layers) < 8):
-            layer = self._layer(i)
-            h = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=cache is not None,
-                      position_embeddings=pe)
-            h = h[0] if isinstance(h, tuple) else h
+        for i in tqdm(range(m.num_layers), desc="fp32 reference (layer by layer)", unit="layer", leave=False,
+                      disable=m.num_layers < 8):
+            layer = m.layer(i)
+            h = m.run_layer(layer, h, pos, cache)
             del layer
-        return self._logits(h)
+        return m.head(m.final_norm(h)[0])
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         torch.set_num_threads(self.threads)

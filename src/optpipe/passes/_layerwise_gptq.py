@@ -1,0 +1,73 @@
+"""GPTQ for the streaming build: Hessians measured one decoder layer at a time.
+
+The in-memory path runs the whole ONNX graph on the calibration text and reads every quantized MatMul's input. A
+model larger than memory cannot run that way, so here the calibration windows go through the checkpoint's own
+transformers layers one at a time (`optpipe.layerwise.walk`): at layer i the inputs of its linears are reduced to
+X^T X, the layer's selected weights are GPTQ-quantized (read through the graph's lazy loaders, so fusion and any
+earlier rewrite apply), parked on disk until the artifact is written, and the layer is dropped. The activations
+passed on are the fp32 model's, as in the in-memory path, so both fit against the same Hessians. Memory: one
+layer's weights, its Hessians, and the calibration activations.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import numpy as np
+
+from ..errors import BuildError
+from ..layerwise import LayerStep, hessian_sum, walk
+from . import _lazy
+
+# ONNX MatMul name (as export and fuse write them) -> the transformers module whose input is that MatMul's input
+_SITES = [
+    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.(?:q|k|v|qkv)_proj$"), "self_attn.q_proj"),
+    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.o_proj$"), "self_attn.o_proj"),
+    (re.compile(r"^model\.layers\.(\d+)\.mlp\.(?:gate|up|gate_up)_proj$"), "mlp.gate_proj"),
+    (re.compile(r"^model\.layers\.(\d+)\.mlp\.down_proj$"), "mlp.down_proj"),
+]
+
+
+def input_site(name: str, num_layers: int) -> tuple[int, str]:
+    """(layer index, module path in the layer) whose input feeds MatMul `name`; lm_head is (num_layers, "lm_head")."""
+    if name == "lm_head":
+        return num_layers, LayerStep.HEAD
+    for pattern, module in _SITES:
+        m = pattern.match(name)
+        if m:
+            return int(m.group(1)), module
+    raise BuildError(f"GPTQ in a streaming build: cannot tell which decoder-layer input feeds MatMul {name!r} "
+                     "(known: q/k/v/qkv, o, gate/up/gate_up, down projections and lm_head)")
+
+
+def gptq_by_layer(checkpoint, nodes, weight: Callable[[object], np.ndarray],
+                  quantize: Callable[[np.ndarray, np.ndarray], object], windows, spill: _lazy.Spill,
+                  effective: dict[str, Callable]) -> list[float]:
+    """GPTQ every node in `nodes` (ONNX MatMuls), layer by layer. `weight(node)` gives W [N, K]; `quantize(W, H)`
+    a QuantizedWeight, stored in `spill` under the node's name. Layers run with the `effective` weights of earlier
+    passes (what the graph computes so far). Returns relative weight errors."""
+    layers = checkpoint.config.num_hidden_layers
+    by_layer: dict[int, dict[str, list]] = {}
+    for node in nodes:
+        i, site = input_site(node.name, layers)
+        by_layer.setdefault(i, {}).setdefault(site, []).append(node)
+    tokens = sum(int(np.asarray(w).size) for w in windows)
+    errors = []
+    head = layers in by_layer
+    for step in walk(checkpoint, windows, last_layer=max(by_layer), head=head, effective=dict(effective),
+                     desc="GPTQ calibration (layer by layer)"):
+        sites = by_layer.pop(step.index, None)
+        if not sites:
+            continue
+        modules = {s: None if step.is_head else step.module.get_submodule(s) for s in sites}
+        sums = step.observe(modules, hessian_sum)
+        for site, site_nodes in sites.items():
+            h = (2.0 / tokens) * sums.pop(site).numpy()
+            for node in site_nodes:
+                w = weight(node)
+                qw = quantize(w, h)
+                errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
+                spill.put(node.name, qw.arrays())
+                del w, qw
+            del h
+    return errors
