@@ -54,7 +54,7 @@ def test_streaming_refuses_whole_model_passes(tiny_llama, tmp_path):
         optpipe.build(recipe, output=tmp_path / "x", log=lambda m: None)
     dynamic = tiny_recipe(tiny_llama, CHAIN[:3] + [{"name": "quantize-int8", "mode": "static"}])
     dynamic["model"] = {"source": str(tiny_llama), "streaming": True}
-    with pytest.raises(optpipe.BuildError, match="use mode: weight-only"):
+    with pytest.raises(optpipe.BuildError, match="use mode: weight-only or dynamic"):
         optpipe.build(dynamic, output=tmp_path / "y", log=lambda m: None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -150,3 +150,20 @@ def test_layerwise_reference_on_bf16_checkpoint_is_the_fp32_model(tiny_llama, tm
     eager = TorchEagerRunner(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval(), 1)
     ids = np.arange(7, 40)
     assert np.abs(LayerwiseReference(ck, 1).logits(ids) - eager.logits(ids)).max() < 1e-4
+
+
+def test_streaming_smoothquant_w8a8_dynamic_matches_in_memory(tiny_qwen2, tmp_path):
+    """W8A8 (per-tensor dynamic u8 activations, per-channel s8 weights) after SmoothQuant in the streaming build:
+    DynamicQuantizeMatMul written directly, the same arithmetic as ONNX Runtime's quantize_dynamic in memory."""
+    chain = [{"name": "smoothquant"}, {"name": "export"}, {"name": "quantize-int8", "mode": "dynamic"}]
+    mem = optpipe.build(tiny_recipe(tiny_qwen2, chain), output=tmp_path / "mem", log=lambda m: None)
+    recipe = tiny_recipe(tiny_qwen2, chain)
+    recipe["model"] = {"source": str(tiny_qwen2), "streaming": True}
+    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    assert st.manifest["passes"][-1]["changes"]["ops"] == {"DynamicQuantizeMatMul": 15}
+    assert st.metrics["gates.accuracy.ppl_candidate"] == pytest.approx(mem.metrics["gates.accuracy.ppl_candidate"],
+                                                                        rel=1e-5)
+    ids = np.arange(5, 30)
+    a = optpipe.load(tmp_path / "mem", threads=1).logits(ids)
+    b = optpipe.load(tmp_path / "st", threads=1).logits(ids)
+    assert np.abs(a - b).max() < 1e-4  # bit-identical here: the same kernel after ORT fuses its own pattern

@@ -100,8 +100,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
     are fitted on the error-updated weights when a group starts; with it, columns go in order of decreasing
     Hessian diagonal (most activated first) and every group's parameters are fitted up front ("static groups")."""
     n, k = w.shape
-    W = w.astype(np.float64).copy()
-    H = hessian.astype(np.float64).copy()
+    W = np.array(w, dtype=np.float64)  # copies
+    H = np.array(hessian, dtype=np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -118,9 +118,13 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
         perm = np.argsort(-np.diag(H), kind="stable")
     else:
         perm = np.arange(k)
-    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    if act_order:
+        W, H = W[:, perm], H[np.ix_(perm, perm)]
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper Cholesky factor of H^-1
+    h_inv = np.linalg.inv(H)
+    del H  # a 13B down_proj Hessian is 1.5 GB in float64: hold at most two such matrices at once
+    U = np.linalg.cholesky(h_inv).T  # upper Cholesky factor of H^-1
+    del h_inv
     q = np.zeros((n, k), np.float64)
     step = max(block, cols_per_step - cols_per_step % block)
     for i1 in range(0, k, step):

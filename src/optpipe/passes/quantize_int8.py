@@ -4,6 +4,8 @@
   quantized per block at run time and the product runs on u8/s8 VNNI instructions. Near-lossless on models
   with activation outliers, because no activation is quantized per tensor.
 - `dynamic`: ONNX Runtime's dynamic quantization (MatMulInteger, u8 activations per tensor, s8 per-channel weights).
+  In a streaming build the same arithmetic is written directly as `DynamicQuantizeMatMul` (the op ONNX Runtime
+  fuses that pattern into) with symmetric s8 weights quantized while the artifact is written.
 - `static`: ONNX Runtime's QDQ static quantization with calibration data (per-tensor activation scales,
   per-channel s8 weights); pair it with the `smoothquant` pass to tame activation outliers.
 """
@@ -13,14 +15,21 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from pydantic import Field
 
 from ..errors import BuildError
+from ..layerwise import EffectiveWeight
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from . import _lazy
 from ._nbits import quantize_matmuls, select_matmuls
-from ._onnx import prefill_feeds
+from ._onnx import MS_DOMAIN, GraphEdit, ensure_opset, prefill_feeds
+
+
+def _dequantized(r: dict) -> np.ndarray:
+    return (r["q"].astype(np.float32) * r["scale"]).T  # [N, K]
 
 
 class Int8Config(PassConfig):
@@ -52,7 +61,47 @@ class QuantizeInt8(Pass):
                                               algorithm="rtn", accuracy_level=c.accuracy_level,
                                               include=c.include, exclude=c.exclude)
             return PassResult(changes["layers_quantized"] > 0, changes, notes)
+        if c.mode == "dynamic" and _lazy.any_lazy(state.onnx_model):
+            return self._dynamic_streaming(state)
         return self._ort(state, ctx)
+
+    def _dynamic_streaming(self, state: ModelState) -> PassResult:
+        """MatMul -> DynamicQuantizeMatMul with lazily quantized weights: symmetric s8 (scale max|w|/127 per
+        output channel, or per tensor), as ONNX Runtime's quantize_dynamic writes them, computed at write time."""
+        c = self.config
+        model = state.onnx_model
+        selected, skipped = select_matmuls(model, c.include, c.exclude)
+        edit = GraphEdit(model)
+        for node in selected:
+            src = edit.inits[node.input[1]]
+            k, n = src.dims
+
+            def quantize(src=src):
+                w = _lazy.array(src)  # [K, N]
+                scale = np.abs(w).max(0) if c.per_channel else np.abs(w).max(keepdims=True)
+                scale = np.where(scale == 0, 1.0, scale / 127).astype(np.float32)
+                return {"q": np.clip(np.round(w / scale), -127, 127).astype(np.int8), "scale": scale}
+
+            shared = _lazy.Shared(quantize, 2)
+            ns = n if c.per_channel else 1
+            base = node.name
+            edit.new_inits += [_lazy.tensor(base + ".weight_s8", (k, n), np.int8, shared.part("q")),
+                               _lazy.tensor(base + ".weight_scale", (ns,), np.float32, shared.part("scale")),
+                               numpy_helper.from_array(np.zeros(ns, np.int8), base + ".weight_zero_point")]
+            edit.new_nodes.append(helper.make_node(
+                "DynamicQuantizeMatMul", [node.input[0], base + ".weight_s8", base + ".weight_scale",
+                                          base + ".weight_zero_point"], list(node.output), name=base, domain=MS_DOMAIN))
+            state.effective_weights[base] = EffectiveWeight(  # weights only: the per-tensor u8 input is not imitated
+                lambda q=quantize: _dequantized(q()))
+            edit.remove.add(id(node))
+            edit.drop_inits.add(node.input[1])
+        edit.commit()
+        ensure_opset(model, MS_DOMAIN, 1)
+        state.info.setdefault("quantized", {}).update(
+            {n.name: "int8 dynamic (DynamicQuantizeMatMul, streaming)" for n in selected})
+        return PassResult(bool(selected), {"layers_quantized": len(selected), "layers_skipped": len(skipped),
+                                           "ops": {"DynamicQuantizeMatMul": len(selected)}, "skipped": skipped},
+                          [f"{len(selected)} weights quantized while the artifact is written (streaming build)"])
 
     def _ort(self, state: ModelState, ctx: PassContext) -> PassResult:
         from onnxruntime.quantization import (
@@ -67,7 +116,7 @@ class QuantizeInt8(Pass):
         model = state.onnx_model
         if _lazy.any_lazy(model):
             raise BuildError(f"mode {c.mode} runs ONNX Runtime's quantizer over the whole model in memory, which the "
-                             "streaming build does not have; use mode: weight-only")
+                             "streaming build does not have; use mode: weight-only or dynamic")
         selected, skipped = select_matmuls(model, c.include, c.exclude)
         names = [n.name for n in selected]
         with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
