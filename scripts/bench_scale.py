@@ -120,7 +120,11 @@ def main() -> int:
         r = run_build(recipe_path, layer_view(a.checkpoint.resolve(), n, work), a.out / f"{prefix}-{n}layers", a.threads)
         results[n] = r
         print(json.dumps(r), flush=True)
+        report(a, section, results)  # after every size: a long run stopped early keeps what it measured
+    return 0
 
+
+def report(a, section: str, results: dict) -> None:
     date = datetime.date.today().isoformat()
     variant = (" + smoothquant and GPTQ for the decoder layers, block by block, 512 calibration tokens (--calibrated)"
                if a.calibrated else "")
@@ -143,7 +147,6 @@ def main() -> int:
     Path(a.json).write_text(json.dumps({"date": date, "variant": "calibrated" if a.calibrated else "recipe",
                                         "results": results}, indent=2))
     write_section(Path(a.doc), section, table)
-    return 0
 
 
 if __name__ == "__main__":
