@@ -69,6 +69,19 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_cli_validate_checks_the_pass_chain(tmp_path, capsys):
+    """validate runs the same chain checks as build: stages, targets, and what a streaming build can run."""
+    streaming = base(passes=[{"name": "awq"}, {"name": "export"}])
+    streaming["model"] = {"source": "/somewhere/model", "streaming": True}
+    bad = write_recipe(tmp_path, streaming, "stream.yaml")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "stream.yaml: passes[0] (awq): not available with model.streaming" in err and "smoothquant" in err
+    order = write_recipe(tmp_path, base(passes=[{"name": "export"}, {"name": "smoothquant"}]), "order.yaml")
+    assert main(["validate", str(order)]) == 2
+    assert "passes[1] (smoothquant): works on the torch model" in capsys.readouterr().err
+
+
 
 
 def test_every_pass_module_is_registered_by_the_package():

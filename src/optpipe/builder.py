@@ -76,17 +76,6 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
     return {"accuracy": acc, "speed": spd}
 
 
-STREAMING_PASSES = {"smoothquant", "export", "fuse", "static-kv-cache", "quantize-int4", "quantize-int8"}
-
-
-def check_streaming_passes(passes, source: str) -> None:
-    """A streaming build never has the model in memory: only passes that work weight by weight can run."""
-    for i, p in enumerate(passes):
-        if p.name not in STREAMING_PASSES:
-            raise RecipeError(f"{source}: passes[{i}] ({p.name}): not available with model.streaming (it needs the "
-                              f"whole model in memory); streaming runs {', '.join(sorted(STREAMING_PASSES))}")
-
-
 def reference_runner(checkpoint, model, threads: int):
     """The fp32 reference the gates compare against: the model in memory, or layer by layer when streaming."""
     if checkpoint is not None:
@@ -124,7 +113,6 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
 
     streaming = recipe.model.streaming
     if streaming:
-        check_streaming_passes(passes, source)
         log(f"opening checkpoint {recipe.model.source} (streaming: tensors are read one at a time)")
         checkpoint, tokenizer, resolved = models.open_streaming(recipe.model)
         model, config = None, checkpoint.config

@@ -47,9 +47,11 @@ def cmd_gate(a) -> int:
 
 
 def cmd_validate(a) -> int:
+    from .pipeline import validate_pass_chain
     from .recipe import load_recipe
 
     r = load_recipe(a.recipe)
+    validate_pass_chain(r, str(a.recipe))
     print(f"{a.recipe}: ok ({r.target}, passes: {', '.join(p.name for p in r.passes)})")
     return 0
 

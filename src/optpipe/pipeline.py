@@ -93,6 +93,7 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()  # features an earlier pass must provide
     provides: ClassVar[frozenset[str]] = frozenset()
     targets: ClassVar[frozenset[str] | None] = None  # None: any target
+    streams: ClassVar[bool] = False  # works in a streaming build (model.streaming: no model in memory)
 
     def __init__(self, config: PassConfig):
         self.config = config
@@ -171,6 +172,10 @@ def validate_pass_chain(recipe, source: str) -> list[Pass]:
     stage, features = "torch", set()
     for i, p in enumerate(passes):
         where = f"{source}: passes[{i}] ({p.name})"
+        if recipe.model.streaming and not p.streams:
+            able = sorted({c.name for impls in _REGISTRY.values() for c in impls if c.streams})
+            raise RecipeError(f"{where}: not available with model.streaming (it needs the whole model in memory); "
+                              f"streaming runs {', '.join(able)}")
         if p.targets is not None and recipe.target not in p.targets:
             raise RecipeError(f"{where}: not available for target {recipe.target} (works for {', '.join(sorted(p.targets))})")
         if p.input_stage != stage:

@@ -244,6 +244,7 @@ def check_against_torch(model, onnx_model: onnx.ModelProto, atol: float, threads
 @register
 class Export(Pass):
     name = "export"
+    streams = True
     Config = ExportConfig
     input_stage = "torch"
     output_stage = "onnx"

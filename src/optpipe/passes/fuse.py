@@ -70,6 +70,7 @@ class _Graph(GraphEdit):
 @register
 class Fuse(Pass):
     name = "fuse"
+    streams = True
     Config = FuseConfig
     provides = frozenset({"fused-attention"})
     requires = frozenset({"onnx"})

@@ -24,6 +24,7 @@ class Int4Config(PassConfig):
 @register
 class QuantizeInt4(Pass):
     name = "quantize-int4"
+    streams = True
     Config = Int4Config
     requires = frozenset({"onnx"})
     provides = frozenset({"quantized"})

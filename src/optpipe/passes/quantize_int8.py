@@ -45,6 +45,7 @@ class Int8Config(PassConfig):
 @register
 class QuantizeInt8(Pass):
     name = "quantize-int8"
+    streams = True
     Config = Int8Config
     requires = frozenset({"onnx"})
     provides = frozenset({"quantized"})

@@ -34,6 +34,7 @@ def smoothing_scale(amax: torch.Tensor, weights, alpha: float) -> torch.Tensor:
 @register
 class SmoothQuant(Pass):
     name = "smoothquant"
+    streams = True
     Config = SmoothQuantConfig
     input_stage = "torch"
     output_stage = "torch"

@@ -21,6 +21,7 @@ class StaticKVConfig(PassConfig):
 @register
 class StaticKVCache(Pass):
     name = "static-kv-cache"
+    streams = True
     Config = StaticKVConfig
     requires = frozenset({"fused-attention"})
     provides = frozenset({"static-kv-cache"})
