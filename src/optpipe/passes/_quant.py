@@ -124,14 +124,16 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
     W[:, dead] = 0.0
     nb = k // block
     qmax = (1 << bits) - 1
-    scale = np.zeros((n, nb), np.float32)
-    zero = np.zeros((n, nb), np.float32)
-    minimum = np.zeros((n, nb), np.float32) if scheme == "float" else None
+    # per-block parameters and codes are kept transposed ([nb, n], [k, n]): the loop below reads and writes one
+    # column of W at a time, which is a contiguous row there (a strided column of a 27648-row weight is slow)
+    scale = np.zeros((nb, n), np.float32)
+    zero = np.zeros((nb, n), np.float32)
+    minimum = np.zeros((nb, n), np.float32) if scheme == "float" else None
     if act_order:
         s_, z_, m_ = _params(W.reshape(n, nb, block).astype(np.float32), bits, scheme)
-        scale[:], zero[:] = s_, z_
+        scale[:], zero[:] = s_.T, z_.T
         if minimum is not None:
-            minimum[:] = m_
+            minimum[:] = m_.T
         perm = np.argsort(-np.diag(H), kind="stable")
     else:
         perm = np.arange(k)
@@ -141,34 +143,35 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
     owner = [H]
     del H
     U = _upper_cholesky_of_inverse(owner)
-    q = np.zeros((n, k), np.uint8)  # codes
+    q = np.zeros((k, n), np.uint8)  # codes, transposed
     step = max(block, cols_per_step - cols_per_step % block)
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
-        W1 = W[:, i1:i2].copy()
+        W1 = W[:, i1:i2].T.copy()  # [cols, n]
         E1 = np.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = perm[i1 + i]  # original column index
             b = col // block
             if not act_order and col % block == 0:
-                s_, z_, m_ = _params(W1[:, i:i + block].astype(np.float32)[:, None, :], bits, scheme)
-                scale[:, b], zero[:, b] = s_[:, 0], z_[:, 0]
+                s_, z_, m_ = _params(W1[i:i + block].T.astype(np.float32)[:, None, :], bits, scheme)
+                scale[b], zero[b] = s_[:, 0], z_[:, 0]
                 if minimum is not None:
-                    minimum[:, b] = m_[:, 0]
-            s, z = scale[:, b].astype(np.float64), zero[:, b]
+                    minimum[b] = m_[:, 0]
+            s, z = scale[b].astype(np.float64), zero[b]
             if minimum is not None:
-                code = np.clip(np.round((W1[:, i] - minimum[:, b]) / s), 0, qmax)
-                deq = code * s + minimum[:, b]
+                code = np.clip(np.round((W1[i] - minimum[b]) / s), 0, qmax)
+                deq = code * s + minimum[b]
             else:
-                code = np.clip(np.round(W1[:, i] / s) + z, 0, qmax)
+                code = np.clip(np.round(W1[i] / s) + z, 0, qmax)
                 deq = (code - z) * s
-            q[:, col] = code
-            err = (W1[:, i] - deq) / U1[i, i]
-            W1[:, i:] -= np.outer(err, U1[i, i:])
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return _finish(q.reshape(n, nb, block), scale, zero, minimum)
+            q[col] = code
+            err = (W1[i] - deq) / U1[i, i]
+            W1[i:] -= np.outer(U1[i, i:], err)
+            E1[i] = err
+        W[:, i2:] -= E1.T @ U[i1:i2, i2:]
+    t = np.ascontiguousarray
+    return _finish(t(q.T).reshape(n, nb, block), t(scale.T), t(zero.T), None if minimum is None else t(minimum.T))
 
 
 def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
