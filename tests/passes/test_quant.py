@@ -62,3 +62,36 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         err_rtn = np.linalg.norm(x @ (_quant.rtn(w, 4, 32, scheme).dequantize() - w).T)
         err_gptq = np.linalg.norm(x @ (_quant.gptq(w, h, 4, 32, scheme).dequantize() - w).T)
         assert err_gptq < 0.9 * err_rtn, scheme
+
+
+def test_int8_input_rounding_imitates_matmulnbits_accuracy_level_4():
+    """The layer-by-layer calibration walk imitates MatMulNBits accuracy_level 4 (inputs rounded to int8 per block):
+    its output matches ONNX Runtime's to rounding, the plain fp32 product does not."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from optpipe.layerwise import Int8ActLinear
+
+    rng = np.random.default_rng(1)
+    k, n, block = 256, 64, 32
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    qw = _quant.rtn(w, 4, block, "int")
+    b, scales, zp = _quant.pack_matmulnbits(qw, 4)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              [numpy_helper.from_array(b, "b"), numpy_helper.from_array(scales, "s"),
+                               numpy_helper.from_array(zp, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    x = (rng.normal(size=(8, k)) * rng.uniform(0.1, 4, size=k)).astype(np.float32)
+    y_ort = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    lin = torch.nn.Linear(k, n, bias=False)
+    lin.weight = torch.nn.Parameter(torch.from_numpy(qw.dequantize()), requires_grad=False)
+    y_fp32 = lin(torch.from_numpy(x)).detach().numpy()
+    lin.__class__, lin.act_block = Int8ActLinear, block
+    y_int8 = lin(torch.from_numpy(x)).detach().numpy()
+    err_fp32, err_int8 = np.abs(y_fp32 - y_ort).max(), np.abs(y_int8 - y_ort).max()
+    assert err_int8 < 0.01 * err_fp32, (err_int8, err_fp32)  # measured: 4e-5 vs 0.84
