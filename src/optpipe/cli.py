@@ -127,8 +127,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_SIGNALLED: list[int] = []
+
+
 def _interrupt(signum, frame):
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    print("interrupted; nothing was emitted", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,17 +150,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GateFailed as e:
+        if _SIGNALLED:
+            return _interrupted()
         gates = (e.report.get("manifest") or e.report).get("gates")
         if gates:
             _print_gates(gates)
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OptpipeError as e:
+        if _SIGNALLED:  # a library turned the interrupt into its own error (a pass crash, say): still an interrupt
+            return _interrupted()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted; nothing was emitted", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except Exception:
+        if _SIGNALLED:
+            return _interrupted()
+        raise
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
