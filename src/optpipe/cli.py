@@ -127,50 +127,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-_SIGNALLED: list[int] = []
-
-
-def _interrupt(signum, frame):
-    _SIGNALLED.append(signum)
-    raise KeyboardInterrupt
-
-
-def _interrupted() -> int:
-    print("interrupted; nothing was emitted", file=sys.stderr)
-    return 130
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
     on_main = threading.current_thread() is threading.main_thread()  # signal handlers only exist there
+    signalled: list[int] = []
+
+    def on_sigterm(signum, frame):
+        signalled.append(signum)
+        raise KeyboardInterrupt
+
     if on_main:
         # `kill` (SIGTERM) unwinds like Ctrl-C, so the staging directory is removed and nothing is half-written
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return args.func(args)
-    except GateFailed as e:
-        if _SIGNALLED:
-            return _interrupted()
-        gates = (e.report.get("manifest") or e.report).get("gates")
-        if gates:
-            _print_gates(gates)
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OptpipeError as e:
-        if _SIGNALLED:  # a library turned the interrupt into its own error (a pass crash, say): still an interrupt
-            return _interrupted()
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
-        return _interrupted()
-    except Exception:
-        if _SIGNALLED:
-            return _interrupted()
-        raise
+        pass
+    except Exception as e:
+        if not signalled:  # after a signal, any error is the interrupt (a library may have wrapped it, in a pass say)
+            if isinstance(e, GateFailed):
+                gates = (e.report.get("manifest") or e.report).get("gates")
+                if gates:
+                    _print_gates(gates)
+            if not isinstance(e, OptpipeError):
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print("interrupted; nothing was emitted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":
