@@ -93,23 +93,6 @@ def rtn(w: np.ndarray, bits: int, block: int, scheme: str) -> QuantizedWeight:
     return _finish(_codes(wb, scale, zero, minimum, bits), scale, zero, minimum)
 
 
-def _upper_cholesky_of_inverse(owner: list) -> np.ndarray:
-    """Upper U with H^-1 = U^T U, without forming H^-1: with J the reversal, the Cholesky factor M of J H J gives
-    H = R R^T for the upper R = J M J, so U = R^-1 (one Cholesky, one triangular solve: 1.7-2.4x faster than
-    inverse + Cholesky here, which matters at a 13B MLP's K = 13824, where each K x K float64 matrix is 1.5 GB).
-    `owner` is a one-element list holding H: it is taken out and freed as soon as it is copied, so no more than
-    two K x K matrices are alive at once."""
-    import torch
-
-    flipped = torch.from_numpy(np.ascontiguousarray(owner.pop()[::-1, ::-1]))
-    m = torch.linalg.cholesky(flipped)
-    del flipped
-    r = m.flip(0, 1)
-    del m
-    eye = torch.eye(r.shape[0], dtype=r.dtype)
-    return torch.linalg.solve_triangular(r, eye, upper=True, out=eye).numpy()
-
-
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
          damp: float = 0.01, cols_per_step: int = 128, act_order: bool = False) -> QuantizedWeight:
     """GPTQ (Frantar et al.): quantize column by column, spreading each column's error over the columns
@@ -140,9 +123,19 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
     if act_order:
         W, H = W[:, perm], H[np.ix_(perm, perm)]
     H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    owner = [H]
+    # U, the upper Cholesky factor of H^-1 (H^-1 = U^T U), without forming H^-1: with J the reversal, the Cholesky
+    # factor M of J H J gives H = R R^T for the upper R = J M J, so U = R^-1. One Cholesky and one triangular solve
+    # (1.7-2.4x faster than inverse + Cholesky, which matters at a 13B MLP's K = 13824, where each K x K float64
+    # matrix is 1.5 GB); each intermediate is dropped as soon as the next exists, so at most two are alive.
+    import torch
+
+    r = torch.from_numpy(np.ascontiguousarray(H[::-1, ::-1]))
     del H
-    U = _upper_cholesky_of_inverse(owner)
+    r = torch.linalg.cholesky(r)  # each rebinding frees the previous matrix
+    r = r.flip(0, 1)
+    eye = torch.eye(k, dtype=r.dtype)
+    U = torch.linalg.solve_triangular(r, eye, upper=True, out=eye).numpy()
+    del r
     q = np.zeros((k, n), np.uint8)  # codes, transposed
     step = max(block, cols_per_step - cols_per_step % block)
     for i1 in range(0, k, step):
