@@ -164,8 +164,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                "skipped": skipped}
     notes = []
     if streamed and spill is not None:
-        notes.append(f"{streamed} weights GPTQ-quantized layer by layer (streaming build: Hessians from the fp32 "
-                     "layers run one at a time; results kept on disk until the artifact is written)")
+        notes.append(f"{streamed} weights GPTQ-quantized layer by layer (streaming build: Hessians from the model "
+                     "run one decoder layer at a time, as earlier passes left it; results kept on disk until written)")
     elif streamed:
         notes.append(f"{streamed} weights quantized while the artifact is written (streaming build)")
     if scheme == "float" and usable:
