@@ -25,7 +25,7 @@ def test_build_emits_artifact_with_manifest(tiny_llama, tmp_path, capsys):
     assert not list(tmp_path.glob(".optpipe-staging-*"))
     # the Python API loads it and generates
     runner = optpipe.load(out, threads=1)
-    assert len(runner.generate(__import__("numpy").arange(5, 15), 4).tokens) == 4
+    assert len(runner.generate(__import__("numpy").arange(5, 15), 4, eos_token_id=None).tokens) == 4
 
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["recipe"]["name"] == "tiny"
@@ -53,7 +53,7 @@ def test_accuracy_gate_rejects_corrupted_scales(tiny_llama, tmp_path, capsys):
     passes = FUSED_INT4 + [{"name": "corrupt-scales", "path": str(DATA / "corrupt_scales.py")}]
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, passes, accuracy={"max_ppl_delta_pct": 5.0}))
     out = tmp_path / "art"
-    assert main(["build", str(recipe), "-o", str(out)]) == 3
+    assert main(["build", str(recipe), "-o", str(out), "--allow-plugins"]) == 3
     err = capsys.readouterr().err
     assert "accuracy: perplexity delta" in err and "exceeds max_ppl_delta_pct 5.0%" in err
     assert not out.exists() and not list(tmp_path.glob(".optpipe-staging-*"))
@@ -80,17 +80,24 @@ def test_existing_output_is_not_overwritten_without_flag(tiny_llama, tmp_path):
     assert (out / "keep.txt").read_text() == "x"
 
 
-def test_missing_model_and_offline_hub_errors(tmp_path):
+def test_missing_model_and_uncached_hub_id_fail_fast(tmp_path):
+    import time
+
     with pytest.raises(optpipe.ModelLoadError, match="does not exist"):
         optpipe.build(tiny_recipe(tmp_path / "no-such-dir" / "x", FUSED_INT4) | {"model": "./no/such/dir"},
                       output=tmp_path / "o", log=lambda m: None)
+    t0 = time.perf_counter()  # a bare name is a hub id, served from the local cache only: no minute of retries
+    with pytest.raises(optpipe.ModelLoadError, match="neither a local path nor a model in the local Hugging Face cache"):
+        optpipe.build(tiny_recipe(tmp_path, FUSED_INT4) | {"model": "someorg/not-cached-model"},
+                      output=tmp_path / "o", log=lambda m: None)
+    assert time.perf_counter() - t0 < 10
 
 
 def test_out_of_tree_plugin_pass_by_path(tiny_llama, tmp_path):
     from .conftest import ROOT
 
     passes = FUSED_INT4 + [{"name": "embedding-fp16", "path": str(ROOT / "passes" / "embedding_fp16.py")}]
-    res = optpipe.build(tiny_recipe(tiny_llama, passes), output=tmp_path / "a", log=lambda m: None)
+    res = optpipe.build(tiny_recipe(tiny_llama, passes), output=tmp_path / "a", allow_plugins=True, log=lambda m: None)
     rec = res.manifest["passes"][-1]
     assert rec["name"] == "embedding-fp16" and rec["changes"]["gathers_rewritten"] == 1
     assert rec["changes"]["bytes_saved"] == 256 * 64 * 2
@@ -101,10 +108,30 @@ def test_plugin_errors_name_the_file(tiny_llama, tmp_path):
 
     bad = tmp_path / "nopass.py"
     bad.write_text("x = 1\n")
-    with pytest.raises(optpipe.RecipeError, match="defines no Pass subclass with name = 'mine'"):
-        recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "mine", "path": str(bad)}]))
-    with pytest.raises(optpipe.RecipeError, match="not found"):
+    with pytest.raises(optpipe.RecipeError, match=r"passes\[1\]\.path: .*defines no Pass subclass with name = 'mine'"):
+        recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "mine", "path": str(bad)}]),
+                         allow_plugins=True)
+    with pytest.raises(optpipe.RecipeError, match=r"passes\[1\]\.path: plugin file .* not found"):
         recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "mine", "path": str(tmp_path / "x.py")}]))
+
+
+def test_plugin_code_runs_only_when_allowed(tiny_llama, tmp_path, capsys, monkeypatch):
+    """A recipe is data: `validate` and `build` never execute a plugin file without the opt-in."""
+    marker = tmp_path / "plugin-ran"
+    plugin = tmp_path / "evil.py"
+    plugin.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "evil", "path": str(plugin)}]))
+    monkeypatch.delenv("OPTPIPE_ALLOW_PLUGINS", raising=False)
+    assert main(["validate", str(recipe)]) == 2
+    assert main(["build", str(recipe), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("passes[1].path") == 2 and "--allow-plugins" in err
+    assert not marker.exists()
+    assert main(["validate", str(recipe), "--allow-plugins"]) == 2  # runs it (then finds no Pass named evil)
+    assert marker.exists()
+    marker.unlink()
+    monkeypatch.setenv("OPTPIPE_ALLOW_PLUGINS", "1")
+    assert main(["validate", str(recipe)]) == 2 and marker.exists()
 
 
 def test_sigterm_during_build_leaves_nothing_behind(tiny_llama, tmp_path):
@@ -114,12 +141,12 @@ def test_sigterm_during_build_leaves_nothing_behind(tiny_llama, tmp_path):
     import time
 
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, FUSED_INT4, speed={
-        "min_decode_speedup": 0.01, "prompt_tokens": 16, "new_tokens": 256, "repeats": 50, "threads": 1}))
+        "min_decode_speedup": 0.01, "prompt_tokens": 16, "new_tokens": 200, "repeats": 50, "threads": 1}))
     out = tmp_path / "art"
     proc = subprocess.Popen([sys.executable, "-m", "optpipe.cli", "build", str(recipe), "-o", str(out)],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".optpipe-staging-*")) and time.time() < deadline:
+    while not list(tmp_path.glob(".optpipe-staging-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert list(tmp_path.glob(".optpipe-staging-*")), "the build never reached staging"
     proc.send_signal(signal.SIGTERM)

@@ -1,17 +1,21 @@
 """Artifacts: built in a staging directory, emitted by an atomic rename only when every gate passed.
 
 `manifest.json` records what was built (resolved recipe, pass records), what was measured (gate metrics
-and thresholds), where (CPU ISA, library versions) and the sha256 of every file, so `verify` can detect
-any changed byte.
+and thresholds), where (CPU ISA, library versions) and the sha256 of every file. The artifact's digest is
+the sha256 of manifest.json's bytes: since the manifest lists every file's hash, the digest pins every byte
+of the artifact, including the gate figures and the status. `build` prints it; `verify --digest` and
+`optpipe.load(..., digest=...)` check it. Without a digest, `verify` can only check the files against a
+manifest that anybody can rewrite.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import ArtifactError
 
@@ -30,9 +34,12 @@ def sha256(path: Path) -> str:
 
 def file_table(directory: Path) -> dict:
     out = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            out[p.relative_to(directory).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    files, links = _walk(directory)
+    if links:
+        raise ArtifactError(f"{directory}: a target wrote symlinks into the artifact: {', '.join(links)}")
+    for rel in sorted(files - {MANIFEST}):
+        p = directory / rel
+        out[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     return out
 
 
@@ -78,32 +85,92 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
     return manifest
 
 
+def digest(directory: Path) -> str:
+    """`sha256:<hex>` of manifest.json's bytes: the artifact's identity."""
+    return "sha256:" + sha256(Path(directory) / MANIFEST)
+
+
 def read_manifest(directory: Path) -> dict:
+    """The manifest as a dict with a well-formed file table; any malformation is an ArtifactError (exit 4)."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST} (not an optpipe artifact, or an incomplete one)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{path}: not UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: nested too deeply to be a manifest") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: a manifest is a JSON object, not {type(manifest).__name__}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"{path}: no `files` table (every artifact file with its bytes and sha256)")
+    for rel, info in files.items():
+        problem = _bad_entry(rel, info)
+        if problem:
+            raise ArtifactError(f"{path}: files[{rel!r}]: {problem}")
+    return manifest
 
 
-def verify(directory: Path) -> list[str]:
-    """Problems found (empty: every file matches its recorded sha256 and nothing was added)."""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _bad_entry(rel: str, info) -> str | None:
+    p = PurePosixPath(rel)
+    if not rel or "\\" in rel or "\0" in rel or p.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
+        return "not a relative path inside the artifact"
+    if rel == MANIFEST:
+        return "the manifest cannot list itself"
+    if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool) \
+            or info["bytes"] < 0 or not isinstance(info.get("sha256"), str) or not _HEX64.fullmatch(info["sha256"]):
+        return "needs `bytes` (a non-negative integer) and `sha256` (64 lowercase hex digits)"
+    return None
+
+
+def _walk(directory: Path) -> tuple[set[str], list[str]]:
+    """Files under `directory` (relative posix paths) and the symlinks found; links are never followed."""
+    files, links = set(), []
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        base = Path(root)
+        for d in list(dirs):
+            if (base / d).is_symlink():
+                links.append((base / d).relative_to(directory).as_posix())
+                dirs.remove(d)
+        for n in names:
+            rel = (base / n).relative_to(directory).as_posix()
+            if (base / n).is_symlink():
+                links.append(rel)
+            else:
+                files.add(rel)
+    return files, links
+
+
+def verify(directory: Path, expected_digest: str | None = None) -> list[str]:
+    """Problems found (empty: the manifest matches `expected_digest` when given, every file matches its recorded
+    size and sha256, nothing else is in the directory, no symlinks, and the artifact passed its gates)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     problems = []
-    recorded = manifest.get("files", {})
+    if expected_digest is not None:
+        got = digest(directory)
+        want = expected_digest if expected_digest.startswith("sha256:") else f"sha256:{expected_digest}"
+        if got != want.lower():
+            problems.append(f"digest: manifest.json is {got}, expected {want} (the manifest was changed or replaced)")
+    present, links = _walk(directory)
+    problems += [f"symlink (not allowed in an artifact): {rel}" for rel in sorted(links)]
+    recorded = manifest["files"]
     for rel, info in recorded.items():
         p = directory / rel
-        if not p.is_file():
+        if rel not in present:
             problems.append(f"missing: {rel}")
         elif p.stat().st_size != info["bytes"] or sha256(p) != info["sha256"]:
             problems.append(f"modified: {rel}")
-    for p in directory.rglob("*"):
-        rel = p.relative_to(directory).as_posix()
-        if p.is_file() and p.name != MANIFEST and rel not in recorded:
-            problems.append(f"unexpected file: {rel}")
+    problems += [f"unexpected file: {rel}" for rel in sorted(present - set(recorded) - {MANIFEST})]
+    if manifest.get("status") != "passed":
+        problems.append(f"status: {manifest.get('status')!r} (only a `passed` artifact is deployable)")
     return problems
 
 

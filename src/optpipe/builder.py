@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifact, data, hw, models
+from . import artifact, data, hw, models, preflight
 from .errors import GateFailed, RecipeError
 from .gates import GateResult, accuracy, speed
-from .pipeline import ModelState, PassContext, run_passes, validate_pass_chain
+from .pipeline import ModelState, PassContext, check_machine, run_passes, validate_pass_chain
 from .recipe import DataSpec, Recipe, load_recipe, recipe_from_dict
 from .targets import get_target
 from .targets.torch_eager import TorchEagerRunner
@@ -27,14 +27,37 @@ class BuildResult:
     manifest: dict = field(default_factory=dict)
     rejected_path: Path | None = None
     report: str = ""
+    digest: str | None = None  # sha256 of manifest.json: pins every byte of the artifact
 
 
-def _as_recipe(recipe) -> tuple[Recipe, str]:
+def _as_recipe(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, str]:
     if isinstance(recipe, Recipe):
         return recipe, recipe.source_path or "<recipe>"
     if isinstance(recipe, dict):
-        return recipe_from_dict(recipe), "<recipe>"
-    return load_recipe(recipe), str(recipe)
+        return recipe_from_dict(recipe, allow_plugins=allow_plugins), "<recipe>"
+    return load_recipe(recipe, allow_plugins=allow_plugins), str(recipe)
+
+
+def _threads(given: int | None, recipe: Recipe, source: str) -> int:
+    try:
+        if given is not None:
+            return hw.threads(given, "--threads")
+        return hw.threads(recipe.gates.speed.threads, "gates.speed.threads")
+    except ValueError as e:
+        raise RecipeError(f"{source}: {e}") from None
+
+
+def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, preflight.ModelFacts]:
+    """Everything checked before a build loads weights (what `optpipe validate` runs): the recipe's schema and
+    pass order, this CPU, the model's config/header, data files, pass options against the model and recipe."""
+    recipe, source = _as_recipe(recipe, allow_plugins)
+    passes = validate_pass_chain(recipe, source, allow_plugins)
+    check_machine(passes, source)
+    target = get_target(recipe.target)
+    if hasattr(target, "preflight"):  # e.g. cpu-ipex without IPEX installed
+        target.preflight()
+    facts = preflight.check(recipe, source, passes)
+    return recipe, passes, facts
 
 
 def speed_prompt(windows: list[np.ndarray], n: int) -> np.ndarray:
@@ -94,14 +117,13 @@ def _summary(gates: dict[str, GateResult]) -> dict:
 
 
 def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,
-          threads: int | None = None, log=print) -> BuildResult:
-    """Build, gate, and emit an artifact. Raises GateFailed (nothing at `output`) when a gate fails."""
+          threads: int | None = None, allow_plugins: bool | None = None, log=print) -> BuildResult:
+    """Build, gate, and emit an artifact. Raises GateFailed (nothing at `output`) when a gate fails.
+    Plugin passes given by `path:` run only with `allow_plugins=True` (or OPTPIPE_ALLOW_PLUGINS=1)."""
     t_start = time.perf_counter()
-    recipe, source = _as_recipe(recipe)
+    recipe, passes, facts = check(recipe, allow_plugins)
+    source = recipe.source_path or "<recipe>"
     target = get_target(recipe.target)
-    passes = validate_pass_chain(recipe, source)
-    if hasattr(target, "preflight"):
-        target.preflight()
     check_speed_measurable(recipe, target, source)
     out = output or recipe.output
     if out is None:
@@ -109,7 +131,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     out = Path(out)
     if out.exists() and not overwrite:
         raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
-    threads = threads or recipe.gates.speed.threads or hw.physical_cores()
+    threads = _threads(threads, recipe, source)
 
     streaming = recipe.model.streaming
     if streaming:
@@ -165,7 +187,9 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
             "peak_rss_mib": {"build": build_peak, "with_gates": hw.peak_rss_mib()},
             "recipe_file": None if source == "<recipe>" else str(Path(source)),
             "recipe": recipe.resolved(),
-            "model": {**resolved.describe(), "architectures": list(config.architectures or []), "streaming": streaming},
+            "model": {**resolved.describe(), "model_type": facts.model_type,
+                      "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
+                      "architectures": list(config.architectures or []), "streaming": streaming},
             "reference": getattr(reference, "kind", "fp32 eager PyTorch, whole model in memory"),
             "target": {"name": recipe.target, **saved},
             "passes": [r.to_json() for r in records],
@@ -186,8 +210,9 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
             if kept:
                 msg += f"\nrejected candidate kept at {kept}"
             raise GateFailed(msg, report={"manifest": manifest, "rejected_path": str(kept) if kept else None})
+        ident = artifact.digest(staging.path)
         path = staging.emit(overwrite)
-        return BuildResult(True, manifest["summary"], path, manifest, None, report)
+        return BuildResult(True, manifest["summary"], path, manifest, None, report, ident)
     except BaseException:
         staging.discard()
         raise
@@ -202,7 +227,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
     recipe = Recipe.model_validate({**manifest["recipe"], "source_path": manifest.get("recipe_file")})
     if eval_data:
         recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
-    threads = threads or recipe.gates.speed.threads or hw.physical_cores()
+    threads = _threads(threads, recipe, str(artifact_dir / artifact.MANIFEST))
     target = get_target(recipe.target)
     if hasattr(target, "preflight"):
         target.preflight()

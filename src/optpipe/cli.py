@@ -1,7 +1,4 @@
-"""`optpipe` command line: build, gate, validate, inspect, verify, doctor.
-
-Exit codes: 0 ok, 1 build failure, 2 bad recipe/arguments/model, 3 a gate refused the artifact, 4 artifact problem.
-"""
+"""`optpipe` command line: build, gate, validate, inspect, verify, doctor, passes, targets."""
 from __future__ import annotations
 
 import argparse
@@ -10,19 +7,49 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
-from .errors import GateFailed, OptpipeError
+from .errors import ArtifactError, GateFailed, OptpipeError, RecipeError
+
+EXIT_CODES = """exit codes:
+  0  ok
+  1  the build failed (the message names the pass)
+  2  bad recipe, argument or model (the message names the file and field)
+  3  a gate refused the artifact: nothing is written at the output path
+  4  the artifact is missing, malformed, modified, or not a passed artifact
+  130 interrupted (Ctrl-C / SIGTERM): nothing is written"""
+
+EXAMPLES = """examples:
+  optpipe build recipes/smollm2-135m-cpu-int4.yaml -o artifacts/smollm2-int4
+  optpipe validate recipes/llama2-13b-cpu.yaml
+  optpipe gate artifacts/smollm2-int4 --eval-data my.txt
+  optpipe verify artifacts/smollm2-int4 --digest sha256:...
+  optpipe inspect artifacts/smollm2-int4 --json
+  optpipe passes quantize-int4
+  optpipe doctor"""
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+class _Out:
+    """Where messages go: logs to stderr (silenced by -q), results to stdout (JSON with --json)."""
+
+    quiet = False
+    verbose = False
+
+    @classmethod
+    def log(cls, msg: str) -> None:
+        if not cls.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def _emit_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
 
 
 def _print_gates(gates: dict) -> None:
     for name, g in gates.items():
         keys = [k for k in g if k not in ("thresholds", "failures", "runs", "runs_columns", "passed")
-                and not isinstance(g[k], list)]
+                and not isinstance(g[k], (list, dict))]
         print(f"{name}: " + ", ".join(f"{k}={g[k]}" for k in keys))
         for f in g.get("failures", []):
             print(f"  FAILED: {f}")
@@ -31,105 +58,238 @@ def _print_gates(gates: dict) -> None:
 def cmd_build(a) -> int:
     from .builder import build
 
-    res = build(a.recipe, a.output, keep_rejected=a.keep_rejected, overwrite=a.overwrite, threads=a.threads, log=_log)
+    res = build(a.recipe, a.output, keep_rejected=a.keep_rejected, overwrite=a.overwrite, threads=a.threads,
+                allow_plugins=a.allow_plugins or None, log=_Out.log)
+    if a.json:
+        _emit_json({"status": "passed", "artifact": str(res.artifact_path), "digest": res.digest,
+                    "summary": res.metrics, "gates": res.manifest["gates"]})
+        return 0
     _print_gates(res.manifest["gates"])
     print(f"artifact: {res.artifact_path}")
+    print(f"digest: {res.digest}  (optpipe verify {res.artifact_path} --digest {res.digest})")
     return 0
 
 
 def cmd_gate(a) -> int:
     from .builder import gate
 
-    res = gate(a.artifact, eval_data=a.eval_data, threads=a.threads, log=_log)
+    res = gate(a.artifact, eval_data=a.eval_data, threads=a.threads, log=_Out.log)
+    if a.json:
+        _emit_json({"status": "passed", "artifact": str(a.artifact), "summary": res.metrics, **res.manifest})
+        return 0
     _print_gates(res.manifest["gates"])
     print("gates passed")
     return 0
 
 
 def cmd_validate(a) -> int:
-    from .pipeline import validate_pass_chain
-    from .recipe import load_recipe
+    from .builder import check
 
-    r = load_recipe(a.recipe)
-    validate_pass_chain(r, str(a.recipe))
-    print(f"{a.recipe}: ok ({r.target}, passes: {', '.join(p.name for p in r.passes)})")
+    r, passes, facts = check(a.recipe, allow_plugins=a.allow_plugins or None)
+    if a.json:
+        _emit_json({"status": "ok", "recipe": str(a.recipe), "target": r.target, "model": facts.describe(),
+                    "model_type": facts.model_type, "passes": [p.name for p in passes]})
+        return 0
+    print(f"{a.recipe}: ok ({r.target}; model {facts.describe()}; passes: {', '.join(p.name for p in passes)})")
     return 0
 
 
 def cmd_inspect(a) -> int:
-    from .artifact import read_manifest
+    from .artifact import digest, read_manifest
 
     m = read_manifest(Path(a.artifact))
+    ident = digest(Path(a.artifact))
     if a.json:
-        print(json.dumps(m, indent=2))
+        _emit_json({"digest": ident, **m})
         return 0
-    print(f"{m['recipe']['name']}  [{m['status']}]  target={m['recipe']['target']}  model={m['recipe']['model']['source']}")
-    print(f"built {m['created_utc']} in {m['build_seconds']} s; {m['artifact_bytes'] / 1e6:.1f} MB in {len(m['files'])} files")
-    for p in m["passes"]:
-        ch = ", ".join(f"{k}={v}" for k, v in p["changes"].items() if not isinstance(v, (dict, list)))
-        print(f"  pass {p['name']:<16} {p['seconds']:>7.1f}s  {ch}")
-    _print_gates(m["gates"])
+    try:
+        print(f"{m['recipe']['name']}  [{m['status']}]  target={m['recipe']['target']}  model={m['recipe']['model']['source']}")
+        print(f"built {m['created_utc']} in {m['build_seconds']} s; {m['artifact_bytes'] / 1e6:.1f} MB in {len(m['files'])} files")
+        print(f"digest {ident}")
+        for p in m["passes"]:
+            ch = ", ".join(f"{k}={v}" for k, v in p["changes"].items() if not isinstance(v, (dict, list)))
+            print(f"  pass {p['name']:<16} {p['seconds']:>7.1f}s  {ch}")
+        _print_gates(m["gates"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{a.artifact}: manifest lacks a field inspect needs ({type(e).__name__}: {e})") from None
     return 0
 
 
 def cmd_verify(a) -> int:
-    from .artifact import read_manifest, verify
-    from .errors import ArtifactError
+    from .artifact import digest, read_manifest, verify
 
-    problems = verify(Path(a.artifact))
+    problems = verify(Path(a.artifact), a.digest)
+    n = len(read_manifest(Path(a.artifact))["files"])
+    if a.json:
+        _emit_json({"status": "failed" if problems else "ok", "artifact": str(a.artifact), "files": n,
+                    "digest": digest(Path(a.artifact)), "problems": problems})
+        return 4 if problems else 0
     if problems:
         raise ArtifactError(f"{a.artifact}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
-    print(f"{a.artifact}: {len(read_manifest(Path(a.artifact))['files'])} files match the manifest")
+    checked = " and the digest" if a.digest else " (give --digest to pin the manifest itself)"
+    print(f"{a.artifact}: {n} files match the manifest{checked}")
     return 0
+
+
+def _shipped_recipes(directory: Path) -> dict[str, str | None]:
+    """Recipe file -> why this CPU/environment cannot build it (None: it can)."""
+    from .pipeline import cpu_refusal
+    from .recipe import load_recipe
+    from .targets import get_target
+
+    out = {}
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            recipe = load_recipe(path)
+            why = cpu_refusal(recipe)
+            if why is None and hasattr(get_target(recipe.target), "preflight"):
+                get_target(recipe.target).preflight()
+        except OptpipeError as e:
+            why = str(e).splitlines()[0]
+        out[str(path)] = why
+    return out
 
 
 def cmd_doctor(a) -> int:
     from . import hw
 
     env = hw.environment()
+    recipes_dir = Path(a.recipes)
+    recipes = _shipped_recipes(recipes_dir) if recipes_dir.is_dir() else {}
     if a.json:
-        print(json.dumps(env, indent=2))
+        _emit_json({**env, "recipes": {k: {"buildable": v is None, "reason": v} for k, v in recipes.items()}})
         return 0
     print(f"cpu: {env['cpu']} ({env['machine']}), {env['physical_cores']} physical cores, {env['logical_cpus']} logical")
     print("isa: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in env["isa"].items()))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    if recipes:
+        print(f"recipes in {recipes_dir}/ this machine can build:")
+        for path, why in recipes.items():
+            print(f"  {'yes' if why is None else 'no '}  {Path(path).name}" + (f"  ({why})" if why else ""))
+    return 0
+
+
+def cmd_passes(a) -> int:
+    from .pipeline import describe_passes
+
+    table = describe_passes()
+    if a.name:
+        if a.name not in table:
+            raise RecipeError(f"unknown pass {a.name!r}; known: {', '.join(sorted(table))}")
+        table = {a.name: table[a.name]}
+    if a.json:
+        _emit_json(table)
+        return 0
+    for name, impls in table.items():
+        for impl in impls:
+            print(f"{name}  [{', '.join(impl['targets'])}]  {impl['stage']}")
+            if impl["summary"]:
+                print(f"    {impl['summary']}")
+            if a.name:
+                for opt in impl["options"]:
+                    print(f"    {opt['name']}: {opt['type']} = {opt['default']}"
+                          + (f"  -- {opt['description']}" if opt["description"] else ""))
+    if not a.name:
+        print("(optpipe passes NAME lists a pass's options)")
+    return 0
+
+
+def cmd_targets(a) -> int:
+    from .targets import describe_targets
+
+    table = describe_targets()
+    if a.json:
+        _emit_json(table)
+        return 0
+    for name, t in table.items():
+        print(f"{name}  (final stage: {t['final_stage']})  {t['summary']}")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="optpipe", description="Build, measure and refuse optimized model artifacts.")
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build a recipe into a gated artifact")
-    b.add_argument("recipe")
+    from . import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="optpipe", formatter_class=fmt,
+                                description="Build, measure and refuse optimized model artifacts.",
+                                epilog=EXIT_CODES + "\n\n" + EXAMPLES)
+    p.add_argument("--version", action="version", version=f"optpipe {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only results and errors (no progress, no step log)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the chained cause (traceback) of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help_, epilog=""):
+        s = sub.add_parser(name, help=help_, description=help_, formatter_class=fmt, epilog=epilog + EXIT_CODES)
+        s.set_defaults(func=func)
+        return s
+
+    b = add("build", cmd_build, "build a recipe into a gated artifact",
+            "example:\n  optpipe build recipes/smollm2-135m-cpu-int4.yaml -o artifacts/smollm2-int4\n\n")
+    b.add_argument("recipe", help="recipe YAML file")
     b.add_argument("-o", "--output", help="artifact directory (default: the recipe's `output`)")
     b.add_argument("--keep-rejected", action="store_true", help="keep a refused candidate at OUTPUT.rejected")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact at OUTPUT")
-    b.add_argument("--threads", type=int, help="threads for gates (default: recipe, else physical cores)")
-    b.set_defaults(func=cmd_build)
-    g = sub.add_parser("gate", help="re-run the accuracy and speed gates on an artifact")
-    g.add_argument("artifact")
+    b.add_argument("--threads", type=int, help="threads for the gates (default: the recipe's, else physical cores)")
+    b.add_argument("--allow-plugins", action="store_true",
+                   help="run plugin passes named by `path:` in the recipe (or set OPTPIPE_ALLOW_PLUGINS=1)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g = add("gate", cmd_gate, "re-run the accuracy and speed gates on an artifact (pre-deploy check)",
+            "example:\n  optpipe gate artifacts/smollm2-int4 --eval-data my.txt\n\n")
+    g.add_argument("artifact", help="artifact directory")
     g.add_argument("--eval-data", help="evaluation text (.txt/.jsonl/.parquet or a dataset name)")
-    g.add_argument("--threads", type=int)
-    g.set_defaults(func=cmd_gate)
-    v = sub.add_parser("validate", help="check a recipe without building")
-    v.add_argument("recipe")
-    v.set_defaults(func=cmd_validate)
-    i = sub.add_parser("inspect", help="what was built, by which passes, with which gate figures")
-    i.add_argument("artifact")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_inspect)
-    ve = sub.add_parser("verify", help="check every file against the manifest's sha256")
-    ve.add_argument("artifact")
-    ve.set_defaults(func=cmd_verify)
-    d = sub.add_parser("doctor", help="CPU ISA, cores and library versions")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_doctor)
+    g.add_argument("--threads", type=int, help="threads (default: the recipe's, else physical cores)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    v = add("validate", cmd_validate, "check a recipe without building (no weights are loaded)",
+            "example:\n  optpipe validate recipes/llama2-13b-cpu.yaml\n\n")
+    v.add_argument("recipe", help="recipe YAML file")
+    v.add_argument("--allow-plugins", action="store_true", help="import plugin passes named by `path:` to check them")
+    v.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    i = add("inspect", cmd_inspect, "what was built, by which passes, with which gate figures, and its digest")
+    i.add_argument("artifact", help="artifact directory")
+    i.add_argument("--json", action="store_true", help="the whole manifest (and digest) as JSON")
+    ve = add("verify", cmd_verify, "check every file against the manifest (and the manifest against --digest)",
+             "example:\n  optpipe verify artifacts/smollm2-int4 --digest sha256:0f3a...\n\n")
+    ve.add_argument("artifact", help="artifact directory")
+    ve.add_argument("--digest", help="the digest `build` printed (sha256:...): pins the manifest, hence every file")
+    ve.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    d = add("doctor", cmd_doctor, "CPU ISA, cores, library versions, and which recipes this machine can build")
+    d.add_argument("--recipes", default="recipes", help="directory of recipes to check (default: ./recipes)")
+    d.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    ps = add("passes", cmd_passes, "list the passes (built in and installed), or one pass's options")
+    ps.add_argument("name", nargs="?", help="a pass name: list its options with types, defaults, descriptions")
+    ps.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    t = add("targets", cmd_targets, "list the targets an artifact can be built for")
+    t.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
     return p
+
+
+def _report_error(e: BaseException, args) -> int:
+    code = e.exit_code if isinstance(e, OptpipeError) else 1
+    if isinstance(e, GateFailed):
+        gates = (e.report.get("manifest") or e.report).get("gates")
+        if gates and not getattr(args, "json", False):
+            _print_gates(gates)
+    if getattr(args, "json", False):
+        _emit_json({"status": "error", "exit_code": code, "error": str(e)})
+    if isinstance(e, OptpipeError):
+        print(f"error: {e}", file=sys.stderr)
+    else:
+        print(f"internal error: {type(e).__name__}: {e} (run with -v for the traceback; please report it)",
+              file=sys.stderr)
+    if _Out.verbose:
+        traceback.print_exception(e, file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
+    from . import progress
+
+    _Out.quiet, _Out.verbose = args.quiet, args.verbose
+    progress.set_quiet(args.quiet)
+    if not sys.stderr.isatty():  # libraries' own bars would write \r updates into logs
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     on_main = threading.current_thread() is threading.main_thread()  # signal handlers only exist there
     signalled: list[int] = []
 
@@ -144,19 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         pass
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - every error ends as a message and an exit code, never a traceback
         if not signalled:  # after a signal, any error is the interrupt (a library may have wrapped it, in a pass say)
-            if isinstance(e, GateFailed):
-                gates = (e.report.get("manifest") or e.report).get("gates")
-                if gates:
-                    _print_gates(gates)
-            if not isinstance(e, OptpipeError):
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            return e.exit_code
+            return _report_error(e, args)
     finally:
         if on_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        progress.set_quiet(False)
     print("interrupted; nothing was emitted", file=sys.stderr)
     return 130
 

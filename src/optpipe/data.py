@@ -11,7 +11,7 @@ import numpy as np
 from .errors import RecipeError
 
 BUILTIN = {"builtin:calibration": "calibration.txt", "builtin:evaluation": "evaluation.txt"}
-_LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def builtin_path(name: str) -> Path:
@@ -32,10 +32,10 @@ def load_text(spec, base_dir: Path | None = None, field_name: str = "data") -> s
         path = Path(source).expanduser()
         if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
             path = base_dir / path
-    if source in BUILTIN or path.suffix in _LOADERS or path.exists():
+    if source in BUILTIN or path.suffix in LOADERS or path.exists():
         if not path.is_file():
             raise RecipeError(f"{field_name}.source: file {path} not found")
-        loader = _LOADERS.get(path.suffix)
+        loader = LOADERS.get(path.suffix)
         if loader is None:
             raise RecipeError(f"{field_name}.source: {path.name}: unsupported file type (use .txt, .jsonl or .parquet)")
         kwargs = {"sample_by": "paragraph"} if loader == "text" else {}

@@ -14,6 +14,12 @@ class RecipeError(OptpipeError):
     exit_code = 2
 
 
+class InputError(OptpipeError, ValueError):
+    """An argument of the Python API (token ids, lengths, sampling settings) is out of range."""
+
+    exit_code = 2
+
+
 class ModelLoadError(OptpipeError):
     """The model named by the recipe cannot be found or loaded."""
 

@@ -52,6 +52,22 @@ def physical_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads(requested: int | None, field: str = "threads") -> int:
+    """A validated thread count: default physical cores; more than the CPUs this process may use is refused
+    (it would only oversubscribe them, and absurd values hang thread-pool creation)."""
+    if requested is None:
+        return physical_cores()
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"{field}: must be a whole number >= 1, got {requested!r}")
+    if requested > usable_cpus():
+        raise ValueError(f"{field}: {requested} exceeds the {usable_cpus()} CPUs available to this process")
+    return requested
+
+
 def library_versions() -> dict[str, str]:
     from importlib import metadata
 

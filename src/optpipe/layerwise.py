@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from .progress import track
 
 from .models import architecture_class
 
@@ -184,7 +184,7 @@ def walk(checkpoint, windows, *, last_layer: int | None = None, head: bool = Fal
     last = layers.num_layers - 1 if last_layer is None or head else last_layer
     with torch.inference_mode():
         hidden = [layers.embed(torch.as_tensor(w, dtype=torch.long)) for w in windows]
-    for i in tqdm(range(last + 1 + int(head)), desc=desc, unit="layer"):
+    for i in track(range(last + 1 + int(head)), desc=desc, unit="layer"):
         step = LayerStep(layers, i, hidden, effective)
         yield step
         if not step.is_head:

@@ -16,7 +16,7 @@ BUILTIN = {
 
 @dataclass
 class ResolvedModel:
-    kind: str  # "gguf" | "hf-dir" | "hub"
+    kind: str  # "gguf" | "hf-dir" | "hub-cache"
     location: str  # directory or hub id
     gguf_file: str | None = None
 
@@ -52,7 +52,24 @@ def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
     if source.startswith(("/", "./", "../", "~")) or os.sep in source.strip("/").split("/", 1)[-1]:
         raise ModelLoadError(f"model.source: {source} does not exist (expected a local model directory or a .gguf file; "
                               "recipes may take it from an environment variable, e.g. OPTPIPE_LLAMA2_13B)")
-    return ResolvedModel("hub", source, gguf_file)
+    return _from_hub_cache(source, gguf_file)
+
+
+def _from_hub_cache(repo_id: str, gguf_file: str | None) -> ResolvedModel:
+    """A hub id is served from the local Hugging Face cache only: optpipe never downloads weights (an offline
+    machine would spend a minute in retries before failing)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, gguf_file or "config.json")
+    except Exception:  # noqa: BLE001 - an invalid repo id is "not cached" as far as the user is concerned
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelLoadError(
+            f"model.source: {repo_id!r} is neither a local path nor a model in the local Hugging Face cache "
+            f"(optpipe never downloads models). Give a model directory, a .gguf file or builtin:NAME "
+            f"(known: {', '.join('builtin:' + k for k in BUILTIN)}), or download it first: hf download {repo_id}")
+    return ResolvedModel("hub-cache", str(Path(cached).parent), gguf_file)
 
 
 def _fix_gguf(model, tokenizer) -> None:
@@ -84,25 +101,27 @@ def dtype_keyword() -> str:
 
 
 def load(spec, dtype: str = "float32"):
-    """Load (model, tokenizer, ResolvedModel) in eval mode; never downloads when offline."""
+    """Load (model, tokenizer, ResolvedModel) in eval mode from local files only (never downloads)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import progress
+
+    if not progress.interactive():  # transformers' own loading bar would write \r updates into logs
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     resolved = resolve(spec.source, spec.gguf_file)
     kwargs = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:
         kwargs["revision"] = spec.revision
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
-    if resolved.kind != "hub":
-        kwargs["local_files_only"] = True
+    kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **{dtype_keyword(): getattr(torch, dtype)}, **kwargs)
     except OSError as e:
-        if resolved.kind == "hub":
-            raise ModelLoadError(f"model.source: could not fetch {resolved.location!r} from the hub "
-                                 f"(no network or no such model): {str(e).splitlines()[0]}") from None
         raise ModelLoadError(f"model.source: cannot load {resolved.location}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
         raise ModelLoadError(f"model.source: cannot load {resolved.location}: {e}") from None

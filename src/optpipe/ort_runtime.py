@@ -8,14 +8,13 @@ step are bound as the past of the next without a round trip through numpy.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .targets.base import Generation
+from .targets.base import Generation, OnToken, Pick, decode
 
 
 def session_options(threads: int, optimize: bool = True):
@@ -135,16 +134,22 @@ class OnnxDecoder:
     def logits(self, ids: np.ndarray) -> np.ndarray:
         return self.prefill(ids)[0]
 
-    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
-        t0 = time.perf_counter()
-        logits, state = self.prefill(ids)
-        tok = int(np.argmax(logits[-1]))
-        t1 = time.perf_counter()
-        tokens = [tok]
+    @property
+    def max_length(self) -> int:
+        return self.layout.max_length
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
+                 pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
+        held: dict = {}
         nxt = np.empty((1, 1), dtype=np.int64)
-        while len(tokens) < max_new_tokens and tok != eos_token_id:
+
+        def prefill():
+            logits, held["state"] = self.prefill(ids)
+            return logits[-1]
+
+        def step(tok, _position):
             nxt[0, 0] = tok
-            logits, state = self.step(nxt, state)
-            tok = int(np.argmax(logits[-1]))
-            tokens.append(tok)
-        return Generation(tokens, t1 - t0, time.perf_counter() - t1)
+            logits, held["state"] = self.step(nxt, held["state"])
+            return logits[-1]
+
+        return decode(prefill, step, np.asarray(ids).size, max_new_tokens, eos_token_id, pick, on_token)

@@ -8,18 +8,33 @@ and what it provides for later passes (e.g. `fused-attention`).
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from .errors import BuildError, RecipeError
 
 
 class PassConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _compiled(patterns: list[str]) -> list[str]:
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"invalid regex {p!r}: {e}") from None
+    return patterns
+
+
+Patterns = Annotated[list[str], AfterValidator(_compiled)]
 
 
 @dataclass
@@ -94,12 +109,20 @@ class Pass:
     provides: ClassVar[frozenset[str]] = frozenset()
     targets: ClassVar[frozenset[str] | None] = None  # None: any target
     streams: ClassVar[bool] = False  # works in a streaming build (model.streaming: no model in memory)
+    once: ClassVar[bool] = False  # may appear at most once in a recipe (e.g. export, static-kv-cache)
 
     def __init__(self, config: PassConfig):
         self.config = config
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_machine(self) -> None:
+        """Raise RecipeError when this CPU cannot build the pass as configured (run before the model loads)."""
+
+    def check_recipe(self, recipe, facts, earlier: list[Pass]) -> None:
+        """Raise ValueError when the pass's options do not fit the recipe or the model (`facts`: config read
+        without weights). Run by `validate` and before a build loads anything; the caller names the pass."""
 
 
 _REGISTRY: dict[str, list[type[Pass]]] = {}
@@ -111,10 +134,64 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+ENTRY_POINT_GROUP = "optpipe.passes"
+PLUGIN_ENV = "OPTPIPE_ALLOW_PLUGINS"
+
+
 def registered_passes() -> dict[str, list[type[Pass]]]:
+    """Built-in passes (every module of optpipe.passes) and passes installed under the `optpipe.passes` entry point."""
     from . import passes  # noqa: F401 - importing registers the built-in passes
 
+    _load_entry_points()
     return {name: list(impls) for name, impls in _REGISTRY.items()}
+
+
+_ENTRY_POINTS_LOADED: list[bool] = []
+
+
+def _load_entry_points() -> None:
+    """Installed packages register passes by entry point; installing a package is the user's explicit choice."""
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED.append(True)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken installed plugin must not break every build
+            raise RecipeError(f"entry point {ep.name} ({ep.value}) of group {ENTRY_POINT_GROUP} failed to import: "
+                              f"{type(e).__name__}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Pass)):
+            raise RecipeError(f"entry point {ep.name} ({ep.value}) is not a Pass subclass")
+        if cls not in _REGISTRY.get(cls.name, []):
+            register(cls)
+
+
+def describe_passes() -> dict[str, list[dict]]:
+    """Every pass with its implementations (per target) and options: `optpipe passes`, generated from the configs."""
+    out = {}
+    for name, impls in sorted(registered_passes().items()):
+        out[name] = [{
+            "targets": sorted(cls.targets) if cls.targets is not None else ["any"],
+            "stage": f"{cls.input_stage} -> {cls.output_stage}",
+            "summary": (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
+            "needs": sorted(cls.needs) if isinstance(cls.needs, frozenset) else ["depends on options"],
+            "options": [{"name": f, "type": _type_name(info.annotation),
+                         "default": None if info.is_required() else info.get_default(call_default_factory=True),
+                         "required": info.is_required(), "description": info.description or ""}
+                        for f, info in cls.Config.model_fields.items()],
+        } for cls in impls]
+    return out
+
+
+def _type_name(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+def plugins_allowed(allow: bool | None) -> bool:
+    return allow if allow is not None else os.environ.get(PLUGIN_ENV, "") not in ("", "0")
 
 
 def pass_for_target(impls: list[type[Pass]], target: str) -> type[Pass]:
@@ -125,23 +202,27 @@ def pass_for_target(impls: list[type[Pass]], target: str) -> type[Pass]:
     return next((cls for cls in impls if cls.targets is None), impls[0])
 
 
-def load_plugin(path: Path, name: str) -> type[Pass]:
-    """An out-of-tree pass: a Python file defining a Pass subclass whose `name` matches the recipe entry."""
+def load_plugin(path: Path, name: str, where: str, allow: bool | None) -> type[Pass]:
+    """An out-of-tree pass: a Python file defining a Pass subclass whose `name` matches the recipe entry.
+    A recipe is data, so its code runs only when the user allows it (--allow-plugins / OPTPIPE_ALLOW_PLUGINS=1)."""
     if not path.is_file():
-        raise RecipeError(f"plugin file {path} not found")
+        raise RecipeError(f"{where}.path: plugin file {path} not found")
+    if not plugins_allowed(allow):
+        raise RecipeError(f"{where}.path: {path} is plugin code, which is not run unless allowed: pass "
+                          f"--allow-plugins (API: allow_plugins=True) or set {PLUGIN_ENV}=1")
     spec = importlib.util.spec_from_file_location(f"optpipe_plugin_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - report any plugin import failure as a recipe problem
-        raise RecipeError(f"plugin file {path} failed to import: {type(e).__name__}: {e}") from None
+        raise RecipeError(f"{where}.path: plugin file {path} failed to import: {type(e).__name__}: {e}") from None
     for obj in vars(module).values():
         if isinstance(obj, type) and issubclass(obj, Pass) and obj is not Pass and getattr(obj, "name", None) == name:
             return obj
-    raise RecipeError(f"plugin file {path} defines no Pass subclass with name = {name!r}")
+    raise RecipeError(f"{where}.path: plugin file {path} defines no Pass subclass with name = {name!r}")
 
 
-def instantiate(recipe, source: str) -> list[Pass]:
+def instantiate(recipe, source: str, allow_plugins: bool | None = None) -> list[Pass]:
     from .recipe import errors_to_message
 
     known = registered_passes()
@@ -149,7 +230,7 @@ def instantiate(recipe, source: str) -> list[Pass]:
     for i, spec in enumerate(recipe.passes):
         where = f"{source}: passes[{i}]"
         if spec.path:
-            cls = load_plugin(recipe.resolve_path(spec.path), spec.name)
+            cls = load_plugin(recipe.resolve_path(spec.path), spec.name, where, allow_plugins)
         elif spec.name in known:
             cls = pass_for_target(known[spec.name], recipe.target)
         else:
@@ -163,9 +244,13 @@ def instantiate(recipe, source: str) -> list[Pass]:
     return out
 
 
-def validate_pass_chain(recipe, source: str) -> list[Pass]:
-    """Check stages, requirements and target fit before anything heavy runs."""
-    passes = instantiate(recipe, source)
+def validate_pass_chain(recipe, source: str, allow_plugins: bool | None = None) -> list[Pass]:
+    """Check stages, requirements and target fit before anything heavy runs. The instantiated passes are kept
+    on the recipe, so a build validates (and imports plugins) once."""
+    cached = getattr(recipe, "_passes", None)
+    if cached is not None:
+        return cached
+    passes = instantiate(recipe, source, allow_plugins)
     from .targets import get_target
 
     target = get_target(recipe.target)
@@ -178,6 +263,8 @@ def validate_pass_chain(recipe, source: str) -> list[Pass]:
                               f"streaming runs {', '.join(able)}")
         if p.targets is not None and recipe.target not in p.targets:
             raise RecipeError(f"{where}: not available for target {recipe.target} (works for {', '.join(sorted(p.targets))})")
+        if p.once and any(type(q).name == p.name for q in passes[:i]):
+            raise RecipeError(f"{where}: given twice; it may appear once in a recipe")
         if p.input_stage != stage:
             hint = " (put it before `export`)" if p.input_stage == "torch" else " (add `export` before it)"
             raise RecipeError(f"{where}: works on the {p.input_stage} model, but the model is {stage} here{hint}")
@@ -189,7 +276,38 @@ def validate_pass_chain(recipe, source: str) -> list[Pass]:
     if stage != target.final_stage:
         raise RecipeError(f"{source}: passes: target {recipe.target} needs a {target.final_stage} model at the end, "
                           f"the passes leave a {stage} model")
+    recipe._passes = passes
     return passes
+
+
+def check_cache_length(n: int, recipe, limit: int | None, limit_name: str) -> None:
+    """A static KV cache must hold the evaluation window and the speed gate's prompt + new tokens, and no more
+    positions than the model (or its exported rotary table) has."""
+    if limit and n > limit:
+        raise ValueError(f"max_length {n} exceeds {limit_name} ({limit})")
+    need = {"evaluation.window": recipe.evaluation.window,
+            "gates.speed.prompt_tokens + new_tokens": recipe.gates.speed.prompt_tokens + recipe.gates.speed.new_tokens}
+    for what, k in need.items():
+        if k > n:
+            raise ValueError(f"max_length {n} is shorter than {what} ({k})")
+
+
+def check_machine(passes: list[Pass], source: str) -> None:
+    """ISA-dependent refusals, before anything heavy runs (exit 2, naming the pass)."""
+    for i, p in enumerate(passes):
+        try:
+            p.check_machine()
+        except RecipeError as e:
+            raise RecipeError(f"{source}: passes[{i}] ({p.name}): {e}") from None
+
+
+def cpu_refusal(recipe) -> str | None:
+    """Why this CPU cannot build `recipe` (None: it can). For `doctor` and for tests that skip such recipes."""
+    try:
+        check_machine(instantiate(recipe, recipe.source_path or "<recipe>"), recipe.source_path or "<recipe>")
+    except RecipeError as e:
+        return str(e)
+    return None
 
 
 def run_passes(passes: list[Pass], state: ModelState, ctx: PassContext, log=print) -> list[PassRecord]:

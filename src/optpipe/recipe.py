@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import RecipeError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # NaN/inf are never a valid setting: a `.nan` threshold would switch a gate off.
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -52,8 +53,8 @@ class DataSpec(Strict):
     split: str = "train"
     text_field: str = "text"
     config_name: Optional[str] = None
-    max_tokens: int = Field(4096, gt=0, description="tokens taken from the source")
-    window: int = Field(512, ge=16, description="tokens per sequence (perplexity window / calibration sample)")
+    max_tokens: int = Field(4096, ge=16, le=10_000_000, description="tokens taken from the source")
+    window: int = Field(512, ge=16, le=32768, description="tokens per sequence (perplexity window / calibration sample)")
 
     @field_validator("source")
     @classmethod
@@ -62,18 +63,19 @@ class DataSpec(Strict):
 
 
 class AccuracyGate(Strict):
-    max_ppl_delta_pct: float = Field(3.0, description="relative perplexity increase vs the fp32 reference, percent")
+    max_ppl_delta_pct: float = Field(3.0, ge=0, le=1000,
+                                     description="relative perplexity increase vs the fp32 reference, percent")
     max_mean_kl: Optional[float] = Field(None, ge=0, description="mean KL(ref || candidate) of next-token distributions")
     min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
 
 
 class SpeedGate(Strict):
-    min_decode_speedup: Optional[float] = Field(1.0, gt=0, description="candidate decode tok/s / fp32 eager tok/s")
-    min_prefill_speedup: Optional[float] = Field(None, gt=0)
-    prompt_tokens: int = Field(64, ge=1)
-    new_tokens: int = Field(64, ge=2)
+    min_decode_speedup: Optional[float] = Field(1.0, gt=0, le=1000, description="candidate decode tok/s / fp32 eager tok/s")
+    min_prefill_speedup: Optional[float] = Field(None, gt=0, le=1000)
+    prompt_tokens: int = Field(64, ge=1, le=32768)
+    new_tokens: int = Field(64, ge=2, le=4096)
     repeats: int = Field(5, ge=1, le=50)
-    threads: Optional[int] = Field(None, ge=1, description="default: physical cores")
+    threads: Optional[int] = Field(None, ge=1, le=1024, description="default: physical cores")
     unmeasured: Literal["fail", "allow"] = Field(
         "fail", description="when the target's speed cannot be measured here (no GPU): fail the build, or allow it "
                             "and record the speed gate as not measured")
@@ -110,6 +112,7 @@ class Recipe(Strict):
 
     # Where the recipe came from; relative paths (plugins, data files) resolve against it.
     source_path: Optional[str] = Field(None, exclude=True)
+    _passes: Optional[list] = PrivateAttr(None)  # the validated pass chain (pipeline.validate_pass_chain)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -160,19 +163,71 @@ def errors_to_message(source: str, exc: ValidationError, prefix: tuple = ()) -> 
     return "\n".join(lines)
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (YAML would silently keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
+            seen[key] = True
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_NODES = 100_000  # a recipe is a few hundred values; more means an alias bomb or a wrong file
+
+
+def _expanded_size(obj, memo: dict) -> int:
+    """Values the document expands to (aliases counted every time they are used), memoized per object."""
+    key = id(obj)
+    if key in memo:
+        return memo[key]
+    memo[key] = MAX_NODES + 1  # a cycle (a self-referencing alias) counts as too large
+    if isinstance(obj, dict):
+        n = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in obj.items())
+    elif isinstance(obj, list):
+        n = 1 + sum(_expanded_size(v, memo) for v in obj)
+    else:
+        n = 1
+    memo[key] = min(n, MAX_NODES + 1)
+    return memo[key]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: nested too deeply") from None
+    try:
+        too_large = _expanded_size(data, {}) > MAX_NODES
+    except RecursionError:
+        too_large = True
+    if too_large:
+        raise RecipeError(f"{source}: expands to more than {MAX_NODES} values (alias bomb or not a recipe)")
+    return data
+
+
+def load_recipe(path: str | os.PathLike, allow_plugins: bool | None = None) -> Recipe:
     """Read, parse and fully validate a recipe, including every pass's options and the pass order."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
+    raw = path.read_bytes()
+    if len(raw) > 1 << 20:
+        raise RecipeError(f"{path}: {len(raw)} bytes; a recipe is a small YAML file (at most 1 MiB)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    return recipe_from_dict(data, source=str(path))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); save it as UTF-8") from None
+    return recipe_from_dict(parse_yaml(text, str(path)), source=str(path), allow_plugins=allow_plugins)
 
 
-def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
+def recipe_from_dict(data: Any, source: str = "<recipe>", allow_plugins: bool | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with model, target and passes")
     try:
@@ -182,5 +237,17 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     # Deferred import: the pass registry imports this module.
     from .pipeline import validate_pass_chain
 
-    validate_pass_chain(recipe, source)
+    _anchor_model_path(recipe)
+    validate_pass_chain(recipe, source, allow_plugins)
     return recipe
+
+
+def _anchor_model_path(recipe: Recipe) -> None:
+    """A relative model path is read next to the recipe when it exists there (as data and plugin paths are),
+    else from the working directory; the manifest then records the absolute path that was used."""
+    src = recipe.model.source
+    if src.startswith("builtin:") or Path(src).expanduser().is_absolute() or not recipe.source_path:
+        return
+    beside = recipe.base_dir / src
+    if beside.exists():
+        recipe.model.source = str(beside)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextvars
 import re
-import time
 
 import numpy as np
 import torch
 
-from .targets.base import Generation
+from .targets.base import Generation, OnToken, Pick, decode
 
 INT4_GROUPS = (32, 64, 128)
 
@@ -252,27 +251,36 @@ class TorchRunner:
             return StaticCache(config=self.model.config, max_cache_len=limit)
         return dynamic_cache(self.model.config)
 
-    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
+    @property
+    def max_length(self) -> int:
+        if self.kv_cache.get("mode") == "static":
+            return int(self.kv_cache["max_length"])
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 31)
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
+                 pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
         torch.set_num_threads(self.threads)
         ids = np.asarray(ids, dtype=np.int64)
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            cache = self._new_cache(ids.size + max_new_tokens)
+        nxt = torch.empty((1, 1), dtype=torch.long)
+        pos = torch.empty((1,), dtype=torch.long)
+        held = {}
+
+        def prefill():
+            held["cache"] = self._new_cache(ids.size + max_new_tokens)
             _FILLED.set(ids.size)
-            out = self._forward(torch.as_tensor(ids).reshape(1, -1), past_key_values=cache, use_cache=True,
+            out = self._forward(torch.as_tensor(ids).reshape(1, -1), past_key_values=held["cache"], use_cache=True,
                                 cache_position=torch.arange(ids.size))
-            tok = int(out.logits[0, -1].argmax())
-            t1 = time.perf_counter()
-            tokens = [tok]
-            nxt = torch.empty((1, 1), dtype=torch.long)
-            pos = torch.empty((1,), dtype=torch.long)
-            while len(tokens) < max_new_tokens and tok != eos_token_id:
-                nxt[0, 0] = tok
-                pos[0] = ids.size + len(tokens) - 1
-                _FILLED.set(int(pos[0]) + 1)
-                out = self._forward(nxt, past_key_values=cache, use_cache=True, cache_position=pos)
-                tok = int(out.logits[0, -1].argmax())
-                tokens.append(tok)
-            t2 = time.perf_counter()
+            return out.logits[0, -1].float().numpy()
+
+        def step(tok, position):
+            nxt[0, 0] = tok
+            pos[0] = position
+            _FILLED.set(position + 1)
+            out = self._forward(nxt, past_key_values=held["cache"], use_cache=True, cache_position=pos)
+            return out.logits[0, -1].float().numpy()
+
+        try:
+            with torch.inference_mode():
+                return decode(prefill, step, ids.size, max_new_tokens, eos_token_id, pick, on_token)
+        finally:
             _FILLED.set(None)
-            return Generation(tokens, t1 - t0, t2 - t1)

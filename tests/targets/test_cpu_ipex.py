@@ -47,7 +47,7 @@ def test_ipex_fp32_build_passes_and_reloads(tiny_llama, tmp_path):
     res = optpipe.build(ipex_recipe(tiny_llama, [{"name": "ipex-optimize"}]), output=out, log=lambda m: None)
     assert res.passed and res.manifest["target"]["ipex"]["weight_only"] == "none"
     assert abs(res.metrics["gates.accuracy.ppl_delta_pct"]) < 0.5
-    assert len(optpipe.load(out, threads=1).generate(__import__("numpy").arange(5, 20), 5).tokens) == 5
+    assert len(optpipe.load(out, threads=1).generate(__import__("numpy").arange(5, 20), 5, eos_token_id=None).tokens) == 5
 
 
 @pytest.mark.ipex

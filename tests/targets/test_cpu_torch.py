@@ -48,8 +48,8 @@ def test_int4_artifact_reloads_with_same_greedy_tokens(tiny_llama, tmp_path):
     assert {"model.layers.0.self_attn.q_proj.scales", "model.layers.0.self_attn.q_proj.zeros", "lm_head.qweight"} <= keys
     assert "model.layers.0.self_attn.q_proj.weight" not in keys
     ids = np.arange(20, 40)
-    first = optpipe.load(out, threads=1).generate(ids, 10).tokens
-    again = optpipe.load(out, threads=1).generate(ids, 10).tokens
+    first = optpipe.load(out, threads=1).generate(ids, 10, eos_token_id=None).tokens
+    again = optpipe.load(out, threads=1).generate(ids, 10, eos_token_id=None).tokens
     assert first == again and len(first) == 10
     layout = json.loads((out / "quantization.json").read_text())
     assert layout["model.layers.1.mlp.up_proj"]["group_size"] == 32
@@ -64,23 +64,59 @@ def test_gptq_and_tied_float_head(tiny_qwen2, tmp_path):
     with safe_open(str(tmp_path / "art" / "weights.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())
     assert res.manifest["passes"][0]["changes"]["layers_quantized"] == 14
-    assert len(optpipe.load(tmp_path / "art", threads=1).generate(np.arange(5, 25), 6).tokens) == 6
+    assert len(optpipe.load(tmp_path / "art", threads=1).generate(np.arange(5, 25), 6, eos_token_id=None).tokens) == 6
 
 
-def test_bf16_is_refused_without_native_support_unless_forced(tiny_llama, tmp_path, monkeypatch, capsys):
+AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_vnni", "avx512_bf16"}
+
+
+def fake_cpu(monkeypatch, flags: frozenset) -> None:
     from optpipe import hw
 
-    monkeypatch.setattr(hw, "isa", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    monkeypatch.setattr(hw, "cpu_flags", lambda: flags)
+
+
+def test_bf16_is_refused_before_loading_without_native_support(tiny_llama, tmp_path, monkeypatch, capsys):
+    from optpipe import models
+
+    fake_cpu(monkeypatch, AVX2_ONLY)
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded before the refusal"))
     recipe = write_recipe(tmp_path, torch_recipe(tiny_llama, [{"name": "bf16-autocast"}]))
-    assert main(["build", str(recipe), "-o", str(tmp_path / "art")]) == 1
-    assert "no avx512_bf16 or AMX" in capsys.readouterr().err
+    assert main(["build", str(recipe), "-o", str(tmp_path / "art")]) == 2
+    err = capsys.readouterr().err
+    assert "passes[0] (bf16-autocast)" in err and "no avx512_bf16 or AMX" in err and "fallback: fp32" in err
     assert not (tmp_path / "art").exists()
+
+
+def test_bf16_fallback_keeps_fp32_and_records_it(tiny_llama, tmp_path, monkeypatch):
+    fake_cpu(monkeypatch, AVX2_ONLY)
+    recipe = torch_recipe(tiny_llama, [{"name": "bf16-autocast", "fallback": "fp32"}] + INT4_CHAIN)
+    res = optpipe.build(recipe, output=tmp_path / "art", log=lambda m: None)
+    assert res.manifest["passes"][0]["changes"] == {"dtype": "float32", "native_bf16": False}
+    assert res.manifest["target"]["dtypes"] == ["float32"]
+    assert res.manifest["environment"]["isa"]["avx512_bf16"] is False
+
+
+@pytest.mark.parametrize("flags,refused", [(AVX2_ONLY, {"smollm2-135m-cpu-torch-bf16", "smollm2-135m-cpu-ipex-bf16",
+                                                        "smollm2-135m-cpu-ipex-int4"}),
+                                           (AVX512_BF16, set())])
+def test_shipped_recipes_this_cpu_can_build(flags, refused, monkeypatch):
+    """Only recipes that truly need bf16 are refused on an AVX2-only CPU; the INT4/INT8 ones fall back to fp32."""
+    from optpipe.pipeline import cpu_refusal
+    from optpipe.recipe import load_recipe
+
+    from ..conftest import ROOT
+
+    fake_cpu(monkeypatch, flags)
+    got = {p.stem for p in (ROOT / "recipes").glob("*.yaml") if cpu_refusal(load_recipe(p))}
+    assert got == refused
 
 
 def test_accuracy_gate_rejects_corrupted_torch_weights(tiny_llama, tmp_path, capsys):
     passes = INT4_CHAIN + [{"name": "corrupt-torch-scales", "path": str(DATA / "corrupt_torch_scales.py")}]
     recipe = write_recipe(tmp_path, torch_recipe(tiny_llama, passes, accuracy={"max_ppl_delta_pct": 5.0}))
-    assert main(["build", str(recipe), "-o", str(tmp_path / "art")]) == 3
+    assert main(["build", str(recipe), "-o", str(tmp_path / "art"), "--allow-plugins"]) == 3
     assert "accuracy: perplexity delta" in capsys.readouterr().err
     assert not (tmp_path / "art").exists()
 
@@ -109,5 +145,5 @@ def test_fuse_packs_projections_same_function_and_reloads(tiny_qwen2, tmp_path):
     res = optpipe.build(recipe, output=tmp_path / "art", log=lambda m: None)
     assert res.manifest["passes"][0]["changes"] == {"qkv_fused": 2, "gate_up_fused": 2}
     assert res.manifest["target"]["quantized_modules"] == {"int4-weight-only": 8, "int8-weight-only": 1}
-    first = optpipe.load(tmp_path / "art", threads=1).generate(ids, 8).tokens
-    assert optpipe.load(tmp_path / "art", threads=1).generate(ids, 8).tokens == first
+    first = optpipe.load(tmp_path / "art", threads=1).generate(ids, 8, eos_token_id=None).tokens
+    assert optpipe.load(tmp_path / "art", threads=1).generate(ids, 8, eos_token_id=None).tokens == first

@@ -63,7 +63,8 @@ def test_trt_accuracy_gate_rejects_corrupted_scales(tiny_llama, tmp_path):
     # a near-uniform random model barely moves perplexity; KL and top-1 agreement catch the damage
     gate = {"max_ppl_delta_pct": 5.0, "max_mean_kl": 0.1, "min_top1_agreement": 0.5}
     with pytest.raises(optpipe.GateFailed, match=r"(?s)mean KL .* exceeds max_mean_kl.*top-1 agreement .* below"):
-        optpipe.build(trt_recipe(tiny_llama, passes, accuracy=gate), output=tmp_path / "o", log=lambda m: None)
+        optpipe.build(trt_recipe(tiny_llama, passes, accuracy=gate), output=tmp_path / "o", allow_plugins=True,
+                      log=lambda m: None)
     assert not (tmp_path / "o").exists()
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import track
 
 from . import GateResult
 
@@ -16,7 +16,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def compare(reference, candidate, windows: list[np.ndarray]) -> dict:
     nll_ref = nll_cand = kl = agree = 0.0
     n = 0
-    for ids in tqdm(windows, desc="accuracy gate", unit="window"):
+    for ids in track(windows, desc="accuracy gate", unit="window"):
         lr = _log_softmax(reference.logits(ids))[:-1]
         lc = _log_softmax(candidate.logits(ids))[:-1]
         if not np.isfinite(lc).all():

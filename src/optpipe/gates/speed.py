@@ -6,7 +6,7 @@ import statistics
 import time
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import track
 
 from . import GateResult
 
@@ -22,7 +22,7 @@ def measure(reference, candidate, prompt: np.ndarray, new_tokens: int, repeats: 
     tokens = {}
     for name, r in (("reference", reference), ("candidate", candidate)):
         tokens[name] = r.generate(prompt, new_tokens).tokens  # warm-up (allocations, kernel selection)
-    for _ in tqdm(range(repeats), desc="speed gate", unit="round"):
+    for _ in track(range(repeats), desc="speed gate", unit="round"):
         for name, r in (("reference", reference), ("candidate", candidate)):
             g, cpu = _timed(r, prompt, new_tokens)
             runs[name].append((g.prefill_seconds, g.decode_tokens_per_second, cpu))

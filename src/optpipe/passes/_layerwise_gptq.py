@@ -14,7 +14,7 @@ import re
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
+from ..progress import bar
 
 from ..errors import BuildError
 from ..layerwise import LayerStep, hessian_sum, walk
@@ -62,18 +62,20 @@ def gptq_by_layer(checkpoint, nodes, weight: Callable[[object], np.ndarray],
             continue
         modules = {s: None if step.is_head else step.module.get_submodule(s) for s in sites}
         sums = step.observe(modules, hessian_sum)
-        bar = tqdm(total=sum(len(v) for v in sites.values()), desc=f"GPTQ layer {step.index}", unit="weight",
-                   leave=False)
-        for site, site_nodes in sites.items():
-            h = sums.pop(site).numpy()
-            h *= 2.0 / tokens  # in place: the MLP-down Hessian of a 13B model is 1.5 GB
-            for node in site_nodes:
-                w = weight(node)
-                qw = quantize(w, h)
-                errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
-                spill.put(node.name, qw.arrays())
-                bar.update(1)
-                del w, qw
-            del h
-        bar.close()
+        with bar(sum(len(v) for v in sites.values()), f"GPTQ layer {step.index}", "weight", leave=False) as b:
+            _fit_layer(sites, sums, tokens, weight, quantize, spill, errors, b)
     return errors
+
+
+def _fit_layer(sites, sums, tokens, weight, quantize, spill, errors, b) -> None:
+    for site, site_nodes in sites.items():
+        h = sums.pop(site).numpy()
+        h *= 2.0 / tokens  # in place: the MLP-down Hessian of a 13B model is 1.5 GB
+        for node in site_nodes:
+            w = weight(node)
+            qw = quantize(w, h)
+            errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
+            spill.put(node.name, qw.arrays())
+            b.update(1)
+            del w, qw
+        del h

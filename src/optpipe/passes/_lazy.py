@@ -121,7 +121,7 @@ def save_streaming(model: onnx.ModelProto, model_path, data_file: str, inline_be
     page-aligned so ONNX Runtime can map them. Returns the bytes written."""
     from pathlib import Path
 
-    from tqdm import tqdm
+    from ..progress import bar
 
     model_path = Path(model_path)
     data_path = model_path.parent / data_file
@@ -132,8 +132,8 @@ def save_streaming(model: onnx.ModelProto, model_path, data_file: str, inline_be
 
     big = [t for t in model.graph.initializer if is_lazy(t) or nbytes(t) >= inline_below]
     offset = 0
-    with open(data_path, "wb") as f, tqdm(total=sum(nbytes(t) for t in big), unit="B", unit_scale=True,
-                                           desc="writing weights") as bar:
+    with open(data_path, "wb") as f, bar(sum(nbytes(t) for t in big), "writing weights", "B",
+                                          unit_scale=True) as b:
         for t in big:
             arr = array(t)
             release(t)
@@ -150,7 +150,7 @@ def save_streaming(model: onnx.ModelProto, model_path, data_file: str, inline_be
             for k, v in (("location", data_file), ("offset", str(offset)), ("length", str(len(data)))):
                 t.external_data.add(key=k, value=v)
             offset += len(data)
-            bar.update(len(data))
+            b.update(len(data))
             del data
     onnx.save_model(model, str(model_path))
     return offset

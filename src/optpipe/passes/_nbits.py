@@ -6,7 +6,7 @@ import re
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from tqdm import tqdm
+from ..progress import track
 
 from ..layerwise import EffectiveWeight
 from ..pipeline import ModelState, PassContext
@@ -59,7 +59,7 @@ def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads:
                                 providers=["CPUExecutionProvider"])
     acc: dict[str, np.ndarray | None] = {n: None for n in names}
     count = 0
-    for ids in tqdm(windows, desc=f"calibration ({kind})", unit="window"):
+    for ids in track(windows, desc=f"calibration ({kind})", unit="window"):
         outs = sess.run(names, prefill_feeds(model, ids))
         for n, x in zip(names, outs):
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)
@@ -107,7 +107,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                                     ctx.threads, "hessian")
     new_nodes, new_inits = edit.new_nodes, edit.new_inits
     streamed = 0
-    for node in tqdm(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):
+    for node in track(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):
         src = inits[node.input[1]]
         k, n = src.dims
         base = node.name

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from tqdm import tqdm
+from ..progress import track
 
 
 def capture_inputs(model, modules: dict[str, torch.nn.Module], windows, reduce: Callable | None = None,
@@ -27,7 +27,7 @@ def capture_inputs(model, modules: dict[str, torch.nn.Module], windows, reduce: 
     budget = max_tokens
     try:
         with torch.inference_mode():
-            for ids in tqdm(windows, desc=desc, unit="window"):
+            for ids in track(windows, desc=desc, unit="window"):
                 if budget is not None:
                     if budget <= 0:
                         break

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from tqdm import tqdm
+from ..progress import track
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from . import _quant
@@ -62,7 +62,7 @@ class Awq(Pass):
         alphas = np.linspace(0, 1, self.config.grid)
         chosen, gains = [], []
         with torch.no_grad():
-            for name, norm, prev, linears in tqdm(groups, desc="awq scale search", unit="group"):
+            for name, norm, prev, linears in track(groups, desc="awq scale search", unit="group"):
                 if any(lin.in_features % self.config.block_size for lin in linears):
                     continue
                 x = inputs.pop(name)

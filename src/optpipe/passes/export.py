@@ -250,6 +250,12 @@ class Export(Pass):
     output_stage = "onnx"
     provides = frozenset({"onnx"})
     targets = frozenset({"cpu-onnx", "gpu-tensorrt"})
+    once = True
+
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        if facts is not None and facts.model_type not in SUPPORTED:
+            raise ValueError(f"model_type {facts.model_type!r} of {recipe.model.source} is not supported by export "
+                             f"(supported: {', '.join(SUPPORTED)})")
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         streaming = state.torch_model is None and state.checkpoint is not None

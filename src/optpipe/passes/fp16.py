@@ -32,6 +32,7 @@ def _to_fp16(t: onnx.TensorProto) -> onnx.TensorProto:
 
 @register
 class Fp16(Pass):
+    targets = frozenset({"gpu-tensorrt"})  # TensorRT's QDQ/fp16 route; cpu-onnx has its own quantizers
     name = "fp16"
     Config = PassConfig
     requires = frozenset({"onnx"})

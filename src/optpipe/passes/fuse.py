@@ -69,6 +69,7 @@ class _Graph(GraphEdit):
 
 @register
 class Fuse(Pass):
+    targets = frozenset({"cpu-onnx"})  # ORT contrib kernels; TensorRT takes the unfused graph
     name = "fuse"
     streams = True
     Config = FuseConfig

@@ -7,9 +7,9 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field
-from tqdm import tqdm
+from ..progress import bar
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
 from . import _quant
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
@@ -28,8 +28,8 @@ def _layer_groups(nodes) -> list[list]:
 class QdqInt4Config(PassConfig):
     algorithm: Literal["rtn", "gptq"] = "gptq"
     block_size: Literal[64, 128] = 128
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+    include: Patterns = Field(default_factory=list)
+    exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     damp: float = Field(0.1, gt=0, lt=1, description="GPTQ Hessian dampening; small calibration sets need more")
     act_order: bool = Field(True, description="GPTQ: most-activated columns first, static groups")
     sequential: bool = Field(False, description="GPTQ: layer by layer, each layer's Hessians measured with the "
@@ -38,6 +38,7 @@ class QdqInt4Config(PassConfig):
 
 @register
 class QdqInt4(Pass):
+    targets = frozenset({"gpu-tensorrt"})  # TensorRT's QDQ/fp16 route; cpu-onnx has its own quantizers
     name = "qdq-int4"
     Config = QdqInt4Config
     requires = frozenset({"onnx"})
@@ -46,6 +47,19 @@ class QdqInt4(Pass):
     @property
     def needs(self):  # type: ignore[override]
         return frozenset({"calibration"}) if self.config.algorithm == "gptq" else frozenset()
+
+    def _quantize_group(self, model, names, c, ctx, errors, b) -> None:
+        edit = GraphEdit(model)
+        by_name = {n.name: n for n in model.graph.node}
+        group = [by_name[name] for name in names]
+        hess = {}
+        if c.algorithm == "gptq":
+            hess = activation_stats(model, sorted({n.input[0] for n in group}), ctx.calibration_windows(),
+                                    ctx.threads, "hessian")
+        for node in group:
+            errors.append(self._quantize(edit, node, hess.get(node.input[0])))
+            b.update(1)
+        edit.commit()
 
     def _quantize(self, edit: GraphEdit, node, hessian) -> float:
         c = self.config
@@ -75,21 +89,10 @@ class QdqInt4(Pass):
         groups = [[n.name for n in g] for g in groups]  # a commit rebuilds the node list: find nodes by name again
         ensure_opset(model, "", 21)
         errors = []
-        bar = tqdm(total=len(usable), desc=f"qdq int4 ({c.algorithm}{', sequential' if len(groups) > 1 else ''})",
-                   unit="layer")
-        for names in groups:
-            edit = GraphEdit(model)
-            by_name = {n.name: n for n in model.graph.node}
-            group = [by_name[name] for name in names]
-            hess = {}
-            if c.algorithm == "gptq":
-                hess = activation_stats(model, sorted({n.input[0] for n in group}), ctx.calibration_windows(),
-                                        ctx.threads, "hessian")
-            for node in group:
-                errors.append(self._quantize(edit, node, hess.get(node.input[0])))
-                bar.update(1)
-            edit.commit()
-        bar.close()
+        desc = f"qdq int4 ({c.algorithm}{', sequential' if len(groups) > 1 else ''})"
+        with bar(len(usable), desc, "layer") as b:
+            for names in groups:
+                self._quantize_group(model, names, c, ctx, errors, b)
         state.info.setdefault("quantized", {}).update(
             {n.name: f"int4 weight-only qdq block{c.block_size} {c.algorithm}" for n in usable})
         state.info.setdefault("unquantized", {}).update(skipped)

@@ -8,20 +8,21 @@ import numpy as np
 from onnx import numpy_helper
 from pydantic import Field
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
 from ._qdq import quantize_activation, replace_weight
 
 
 class QdqInt8Config(PassConfig):
-    include: list[str] = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
-    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+    include: Patterns = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
+    exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     activation_margin: float = Field(1.0, gt=0, le=2, description="multiplies the calibrated |x| max")
 
 
 @register
 class QdqInt8(Pass):
+    targets = frozenset({"gpu-tensorrt"})  # TensorRT's QDQ/fp16 route; cpu-onnx has its own quantizers
     name = "qdq-int8"
     Config = QdqInt8Config
     requires = frozenset({"onnx"})

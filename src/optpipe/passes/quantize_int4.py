@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
 from ._nbits import quantize_matmuls
 
 
@@ -15,8 +15,8 @@ class Int4Config(PassConfig):
     zero_point: Literal["float", "int", "symmetric"] = Field(
         "float", description="float: exact on GGUF Q4_1-style grids; int: ORT-style; symmetric: Q4_0-style")
     accuracy_level: Literal[0, 1, 4] = Field(4, description="4 = int8 activations x int4 weights (VNNI); 0/1 = fp32")
-    include: list[str] = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
-    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+    include: Patterns = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
+    exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of mean diagonal)")
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..errors import BuildError
 from ..layerwise import EffectiveWeight
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
 from . import _lazy
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import MS_DOMAIN, GraphEdit, ensure_opset, prefill_feeds
@@ -38,8 +38,8 @@ class Int8Config(PassConfig):
     zero_point: Literal["symmetric", "int", "float"] = "symmetric"
     accuracy_level: Literal[0, 1, 4] = 4
     per_channel: bool = True
-    include: list[str] = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
-    exclude: list[str] = Field(default_factory=list)
+    include: Patterns = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
+    exclude: Patterns = Field(default_factory=list)
 
 
 @register

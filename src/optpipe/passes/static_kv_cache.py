@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import BuildError
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, check_cache_length, register
 from ._onnx import initializer_map, metadata, set_metadata
 
 
@@ -25,6 +25,13 @@ class StaticKVCache(Pass):
     Config = StaticKVConfig
     requires = frozenset({"fused-attention"})
     provides = frozenset({"static-kv-cache"})
+    targets = frozenset({"cpu-onnx"})
+    once = True
+
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        export = next((p for p in earlier if p.name == "export"), None)
+        limit = export.config.max_positions if export is not None else None
+        check_cache_length(self.config.max_length, recipe, limit, "export.max_positions (the rotary table)")
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         model = state.onnx_model

@@ -2,20 +2,28 @@
 
 RMSNorm computes its variance in fp32 inside the module and SDPA's CPU kernel accumulates the softmax in
 fp32, so only the storage and the matmuls drop to bf16. A CPU without avx512_bf16 or AMX emulates bf16
-(slower than fp32), so the pass refuses unless `force: true`.
+(slower than fp32). What happens there is the recipe's choice, made before the model is loaded:
+`fallback: refuse` (a bf16 recipe truly needs the ISA: exit 2, naming the alternative), `fallback: fp32`
+(keep fp32 for the unquantized parts and record it; quantized modules still feed their kernels bf16, which
+is those kernels' fast path on every x86 ISA), or `force: true` (convert anyway).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from .. import hw
-from ..errors import BuildError
+from ..errors import RecipeError
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 
 
 class Bf16Config(PassConfig):
     force: bool = Field(False, description="convert even when the CPU has no native bf16 (avx512_bf16 / AMX)")
+    fallback: Literal["refuse", "fp32"] = Field(
+        "refuse", description="on a CPU without native bf16: refuse the build before loading the model, or keep fp32 "
+                              "(recorded in the manifest)")
 
 
 def native_bf16() -> bool:
@@ -32,14 +40,24 @@ class Bf16Autocast(Pass):
     provides = frozenset({"bf16"})
     targets = frozenset({"cpu-torch", "cpu-ipex"})
 
+    def check_machine(self) -> None:
+        if not native_bf16() and not self.config.force and self.config.fallback == "refuse":
+            raise RecipeError("this CPU has no avx512_bf16 or AMX: bf16 would be emulated and slower than fp32. "
+                              "Use `fallback: fp32` (keeps fp32 here), `force: true`, or an fp32/INT8/INT4 variant "
+                              "of the recipe (e.g. recipes/smollm2-135m-cpu-torch-int8.yaml)")
+
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
-        if not native_bf16() and not self.config.force:
-            raise BuildError("this CPU has no avx512_bf16 or AMX: bf16 would be emulated and slower than fp32 "
-                             "(set force: true to convert anyway)")
+        self.check_machine()
+        native = native_bf16()
+        if not native and not self.config.force:  # fallback: fp32
+            state.info["dtype"] = "float32"
+            return PassResult(False, {"dtype": "float32", "native_bf16": False},
+                              ["no avx512_bf16/AMX on the build CPU: fp32 kept (fallback: fp32); quantized modules "
+                               "still compute in bf16 inside their kernels"])
         model = state.torch_model
         converted = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
         model.to(torch.bfloat16)
         state.info["dtype"] = "bfloat16"
         return PassResult(converted > 0, {"parameters_converted": converted, "dtype": "bfloat16",
-                                          "native_bf16": native_bf16()},
+                                          "native_bf16": native},
                           ["RMSNorm variance and SDPA softmax accumulate in fp32 inside their kernels"])

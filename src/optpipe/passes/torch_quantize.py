@@ -11,9 +11,9 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from tqdm import tqdm
+from ..progress import track
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
 from ..torch_runtime import (
     Int4WeightOnlyLinear,
     Int8Linear,
@@ -29,8 +29,8 @@ class TorchInt4Config(PassConfig):
     algorithm: Literal["rtn", "gptq"] = "rtn"
     group_size: Literal[32, 64, 128] = 32
     zero_point: Literal["float", "symmetric"] = Field("float", description="float: exact on GGUF Q4_1-style grids")
-    include: list[str] = Field(default_factory=list, description="regexes on module names; empty = all Linear")
-    exclude: list[str] = Field(default_factory=lambda: ["lm_head"])
+    include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all Linear")
+    exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     damp: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of mean diagonal)")
     act_order: bool = Field(False, description="GPTQ: columns by decreasing Hessian diagonal, static groups")
     max_calibration_tokens: int | None = Field(None, ge=16)
@@ -38,8 +38,8 @@ class TorchInt4Config(PassConfig):
 
 class TorchInt8Config(PassConfig):
     mode: Literal["weight-only", "dynamic"] = "weight-only"
-    include: list[str] = Field(default_factory=list, description="regexes on module names; empty = all Linear")
-    exclude: list[str] = Field(default_factory=list)
+    include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all Linear")
+    exclude: Patterns = Field(default_factory=list)
 
 
 def _select(model, include: list[str], exclude: list[str]):
@@ -98,7 +98,7 @@ class TorchQuantizeInt4(Pass):
             hessians = {name: ((2.0 / n) * h).numpy() for name, (h, n) in stats.items()}
         scheme = c.zero_point
         rel, done = [], {}
-        for name, lin in tqdm(chosen.items(), desc=f"quantize int4 ({c.algorithm})", unit="layer"):
+        for name, lin in track(chosen.items(), desc=f"quantize int4 ({c.algorithm})", unit="layer"):
             w = lin.weight.detach().float().numpy()
             if c.algorithm == "gptq":
                 qw = _quant.gptq(w, hessians[name], 4, c.group_size, scheme, damp=c.damp, act_order=c.act_order)
@@ -129,7 +129,7 @@ class TorchQuantizeInt8(Pass):
         chosen, skipped = _select(model, c.include, c.exclude)
         rel, done = [], {}
         dynamic = c.mode == "dynamic"
-        for name, lin in tqdm(chosen.items(), desc=f"quantize int8 ({c.mode})", unit="layer"):
+        for name, lin in track(chosen.items(), desc=f"quantize int8 ({c.mode})", unit="layer"):
             mod = Int8Linear.from_float(lin.weight, lin.bias, dynamic)
             rel.append(_rel_error(mod.dequantize(), lin.weight.detach().float()))
             set_module(model, name, mod)

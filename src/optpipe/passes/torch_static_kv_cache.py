@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, check_cache_length, register
 
 
 class TorchStaticKVConfig(PassConfig):
@@ -23,6 +23,11 @@ class TorchStaticKVCache(Pass):
     output_stage = "torch"
     provides = frozenset({"static-kv-cache"})
     targets = frozenset({"cpu-torch"})
+    once = True
+
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        check_cache_length(self.config.max_length, recipe, facts.max_positions if facts else None,
+                           "the model's max_position_embeddings")
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         limit = getattr(state.torch_model.config, "max_position_embeddings", None)

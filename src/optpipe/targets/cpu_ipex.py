@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import hw
-from ..errors import ArtifactError, RecipeError
+from ..errors import ArtifactError, InputError, RecipeError
 from ..models import dtype_keyword
 from .base import Generation
 
@@ -54,14 +54,23 @@ class IpexRunner:
             out = self.model(torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1), use_cache=False)
         return out.logits[0].float().numpy()
 
-    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 31)
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
+                 pick=None, on_token=None) -> Generation:
         from transformers.generation.streamers import BaseStreamer
 
+        if pick is not None:
+            raise InputError("cpu-ipex artifacts decode greedily (IPEX's generate path); sampling is not supported")
         marks: list[float] = []
 
         class _Clock(BaseStreamer):
             def put(self, value):
                 marks.append(time.perf_counter())
+                if on_token is not None and len(marks) > 1:  # marks[0] is the prompt
+                    on_token(int(value.reshape(-1)[0]))
 
             def end(self):
                 pass

@@ -8,15 +8,14 @@ this way.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..progress import track
 
 from ..layerwise import CheckpointLayers
 from ..models import dynamic_cache
-from .base import Generation
+from .base import Generation, OnToken, Pick, decode
 
 
 class LayerwiseReference:
@@ -31,8 +30,8 @@ class LayerwiseReference:
         m = self.layers
         h = m.embed(ids)
         pos = torch.arange(past, past + ids.numel()).unsqueeze(0)
-        for i in tqdm(range(m.num_layers), desc="fp32 reference (layer by layer)", unit="layer", leave=False,
-                      disable=m.num_layers < 8):
+        for i in track(range(m.num_layers), desc="fp32 reference (layer by layer)", unit="layer", leave=False,
+                       log=False):
             layer = m.layer(i)
             h = m.run_layer(layer, h, pos, cache)
             del layer
@@ -43,17 +42,16 @@ class LayerwiseReference:
         with torch.inference_mode():
             return self._forward(torch.as_tensor(np.asarray(ids, dtype=np.int64)), None, 0).numpy()
 
-    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None) -> Generation:
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 1 << 31)
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
+                 pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
         torch.set_num_threads(self.threads)
         ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        cache = dynamic_cache(self.config)
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            cache = dynamic_cache(self.config)
-            tok = int(self._forward(ids_t, cache, 0)[-1].argmax())
-            t1 = time.perf_counter()
-            tokens = [tok]
-            while len(tokens) < max_new_tokens and tok != eos_token_id:
-                past = ids_t.numel() + len(tokens) - 1
-                tok = int(self._forward(torch.tensor([tok]), cache, past)[-1].argmax())
-                tokens.append(tok)
-        return Generation(tokens, t1 - t0, time.perf_counter() - t1)
+            return decode(lambda: self._forward(ids_t, cache, 0)[-1].numpy(),
+                          lambda tok, position: self._forward(torch.tensor([tok]), cache, position)[-1].numpy(),
+                          ids_t.numel(), max_new_tokens, eos_token_id, pick, on_token)

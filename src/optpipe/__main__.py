@@ -1,0 +1,6 @@
+"""`python -m optpipe` is the `optpipe` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""`optpipe.load(...)`: an artifact's runner with its tokenizer, and the checks a user expects before any
+compute starts (ids in range, batch 1, room in the static cache), text in and text out, streaming, sampling."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..targets.base import Generation
+
+
+@dataclass
+class Completion:
+    """What `generate` returns: the new tokens (and their text when a tokenizer is attached)."""
+
+    tokens: list[int]
+    text: str | None
+    prompt_ids: list[int]
+    generation: Generation | None = None
+    finish_reason: str = "length"  # "length" | "eos"
+    extra: dict = field(default_factory=dict)
+
+
+def sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Callable[[np.ndarray], int] | None:
+    """None (greedy) for temperature 0; otherwise softmax(logits / T) restricted to the smallest set of tokens
+    whose probability reaches `top_p`, drawn from a generator seeded by `seed` (same seed, same text)."""
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return None
+    rng = np.random.default_rng(seed)
+
+    def pick(logits: np.ndarray) -> int:
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if top_p < 1:
+            order = np.argsort(-p)
+            keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+            q = np.zeros_like(p)
+            q[keep] = p[keep]
+            p = q / q.sum()
+        return int(rng.choice(p.size, p=p))
+
+    return pick
+
+
+class ArtifactModel:
+    """A loaded artifact. `logits(ids)` and `generate(prompt, ...)` validate their input first; `runner` is the
+    target's own runner (the code the gates measured), `tokenizer` the artifact's tokenizer (None if it has none)."""
+
+    def __init__(self, runner, tokenizer, manifest: dict, path: Path):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.path = path
+        self.vocab_size = _vocab_size(manifest, tokenizer)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.runner.max_length)
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.tokenizer is None:
+            raise InputError(f"{self.path}: this artifact has no tokenizer: pass token ids")
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    def ids(self, prompt) -> np.ndarray:
+        """A prompt (text, or token ids as a 1-D sequence or a [1, N] batch) as validated 1-D int64 ids."""
+        if isinstance(prompt, str):
+            arr = self.encode(prompt)
+        else:
+            arr = np.asarray(prompt)
+            if arr.ndim == 2 and arr.shape[0] == 1:
+                arr = arr[0]
+            if arr.ndim != 1:
+                raise InputError(f"token ids must be 1-D or a batch of one [1, N]; got shape {list(arr.shape)} "
+                                 "(batch > 1 is not supported: run one prompt at a time)")
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(f"token ids must be integers, got {arr.dtype}")
+            arr = arr.astype(np.int64)
+        if arr.size == 0:
+            raise InputError("the prompt is empty: at least one token is needed")
+        if self.vocab_size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        return arr
+
+    def logits(self, prompt) -> np.ndarray:
+        ids = self.ids(prompt)
+        if ids.size > self.max_length:
+            raise InputError(f"{ids.size} tokens exceed the artifact's {self.max_length}-token limit")
+        return self.runner.logits(ids)
+
+    def generate(self, prompt, max_new_tokens: int = 64, *, eos_token_id: int | None | str = "default",
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stream: Callable[[str, int], None] | None = None) -> Completion:
+        """Continue `prompt` (text or ids) by up to `max_new_tokens` tokens; stops at the tokenizer's eos unless
+        `eos_token_id=None`. `stream(text_piece, token_id)` is called for each token as it is produced."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+        ids = self.ids(prompt)
+        if ids.size + max_new_tokens > self.max_length:
+            raise InputError(f"prompt ({ids.size} tokens) + max_new_tokens ({max_new_tokens}) exceed the artifact's "
+                             f"{self.max_length}-token limit (its static KV cache or rotary table); nothing was generated")
+        pick = sampler(temperature, top_p, seed)
+        if eos_token_id == "default":
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        if max_new_tokens == 0:
+            return Completion([], "" if self.tokenizer is not None else None, ids.tolist(), None)
+        on_token, shown = self._streamer(stream) if stream is not None else (None, [0])
+        gen = self.runner.generate(ids, int(max_new_tokens), eos_token_id, pick=pick, on_token=on_token)
+        reason = "eos" if eos_token_id is not None and gen.tokens and gen.tokens[-1] == eos_token_id else "length"
+        text = self.tokenizer.decode(gen.tokens, skip_special_tokens=True) if self.tokenizer is not None else None
+        if stream is not None and text and len(text) > shown[0]:  # what an unfinished character held back
+            stream(text[shown[0]:], -1)
+        return Completion(list(gen.tokens), text, ids.tolist(), gen, reason)
+
+    def _streamer(self, stream: Callable[[str, int], None]) -> tuple[Callable[[int], None], list[int]]:
+        """Token -> newly completed text: decode everything so far and emit the difference (multi-byte
+        characters split over tokens appear once they are whole; what is still held back at the end is sent
+        with token id -1). Returns the callback and the count of characters sent so far."""
+        tokens: list[int] = []
+        shown = [0]
+
+        def on_token(tok: int) -> None:
+            tokens.append(tok)
+            if self.tokenizer is None:
+                stream("", tok)
+                return
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence
+                stream("", tok)
+                return
+            stream(text[shown[0]:], tok)
+            shown[0] = len(text)
+
+        return on_token, shown
+
+
+def _vocab_size(manifest: dict, tokenizer) -> int | None:
+    arch = (manifest.get("model") or {}).get("vocab_size")
+    if isinstance(arch, int):
+        return arch
+    return len(tokenizer) if tokenizer is not None else None
+
+
+def load_tokenizer(path: Path, manifest: dict):
+    """The artifact's own tokenizer directory (named in the manifest), loaded from local files only."""
+    sub = (manifest.get("target") or {}).get("tokenizer_dir")
+    if not sub:
+        return None
+    tdir = path / sub
+    if not tdir.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
