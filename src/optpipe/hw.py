@@ -39,6 +39,16 @@ def isa() -> dict[str, bool]:
     return out
 
 
+def int8_dot_product() -> str | None:
+    """The CPU's u8 x s8 dot-product instruction set (None: only AVX2's vpmaddubsw, whose int16 intermediate
+    sums can saturate when both operands are large: ONNX Runtime then loses accuracy unless weights use 7 bits)."""
+    have = isa()
+    for name in ("amx_int8", "avx512_vnni", "avx_vnni"):
+        if have.get(name):
+            return name
+    return None
+
+
 def physical_cores() -> int:
     """Physical cores (hyper-threads share execution units, so they are not counted)."""
     try:

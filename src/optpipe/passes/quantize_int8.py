@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
+from .. import hw
 from ..errors import BuildError
 from ..layerwise import EffectiveWeight
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
@@ -38,6 +39,9 @@ class Int8Config(PassConfig):
     zero_point: Literal["symmetric", "int", "float"] = "symmetric"
     accuracy_level: Literal[0, 1, 4] = 4
     per_channel: bool = True
+    reduce_range: Literal["auto", True, False] = Field(
+        "auto", description="dynamic/static: 7-bit weights, so u8 x s8 products cannot saturate on CPUs without VNNI "
+                            "(auto: on exactly those CPUs, detected at build time and recorded)")
     include: Patterns = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
     exclude: Patterns = Field(default_factory=list)
 
@@ -124,7 +128,9 @@ class QuantizeInt8(Pass):
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
                             location="in.onnx.data", size_threshold=1024)
+            reduce_range = hw.int8_dot_product() is None if c.reduce_range == "auto" else c.reduce_range
             common = dict(per_channel=c.per_channel, nodes_to_quantize=names, op_types_to_quantize=["MatMul"],
+                          reduce_range=reduce_range,
                           use_external_data_format=True,
                           extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
             if c.mode == "dynamic":
@@ -153,5 +159,9 @@ class QuantizeInt8(Pass):
             if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"):
                 kinds[n.op_type] = kinds.get(n.op_type, 0) + 1
         state.info.setdefault("quantized", {}).update({n: f"int8 {c.mode} (onnxruntime.quantization)" for n in names})
+        dot = hw.int8_dot_product()
         return PassResult(True, {"layers_quantized": len(names), "layers_skipped": len(skipped), "ops": kinds,
-                                 "skipped": skipped}, [])
+                                 "reduce_range": reduce_range, "int8_dot_product": dot or "none (AVX2 vpmaddubsw)",
+                                 "skipped": skipped},
+                          [f"reduce_range={reduce_range} ({c.reduce_range}): the build CPU has "
+                           f"{dot or 'no VNNI (u8 x s8 sums can saturate at full range)'}"])
