@@ -26,12 +26,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from _doc import write_section  # noqa: E402 - scripts/_doc.py
+
 from optpipe import data, hw, models  # noqa: E402
 from optpipe.gates.accuracy import _log_softmax  # noqa: E402
 from optpipe.recipe import DataSpec, ModelSpec  # noqa: E402
 from optpipe.targets.base import Generation  # noqa: E402
-
-from _doc import write_section  # noqa: E402 - scripts/_doc.py
 
 
 class LlamaCppRunner:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import optpipe
-
 from optpipe.cli import main
 from optpipe.pipeline import cpu_refusal
 from optpipe.recipe import load_recipe

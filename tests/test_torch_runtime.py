@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from optpipe.passes import _quant
-from optpipe.torch_runtime import Int4WeightOnlyLinear, Int8Linear, TorchRunner, _pack_nibbles, _unpack_nibbles
+from optpipe.runtime.torch_modules import Int4WeightOnlyLinear, Int8Linear, TorchRunner, _pack_nibbles, _unpack_nibbles
 
 
 def test_nibble_packing_round_trips():

@@ -13,7 +13,13 @@ import numpy as np
 from . import artifact, data, hw, models, preflight
 from .errors import GateFailed, RecipeError
 from .gates import GateResult, accuracy, speed
-from .pipeline import ModelState, PassContext, check_machine, run_passes, validate_pass_chain
+from .pipeline import (
+    ModelState,
+    PassContext,
+    check_machine,
+    run_passes,
+    validate_pass_chain,
+)
 from .recipe import DataSpec, Recipe, load_recipe, recipe_from_dict
 from .targets import get_target
 from .targets.torch_eager import TorchEagerRunner

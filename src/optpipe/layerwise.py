@@ -15,9 +15,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from .progress import track
 
-from .models import architecture_class
+from .models import architecture_class, rotary_module
+from .progress import track
 
 
 class Fp32Linear(torch.nn.Linear):
@@ -44,8 +44,6 @@ class CheckpointLayers:
     """The pieces of a Llama-family model built from a LazyCheckpoint on demand."""
 
     def __init__(self, checkpoint):
-        from .passes.export import rotary_module
-
         self.ck = checkpoint
         self.config = checkpoint.config
         self.config._attn_implementation = "sdpa"

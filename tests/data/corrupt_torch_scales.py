@@ -2,7 +2,7 @@
 import torch
 
 from optpipe.pipeline import Pass, PassResult
-from optpipe.torch_runtime import Int4WeightOnlyLinear
+from optpipe.runtime.torch_modules import Int4WeightOnlyLinear
 
 
 class CorruptTorchScales(Pass):

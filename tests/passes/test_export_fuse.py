@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 
 from optpipe import models
+from optpipe.errors import BuildError
 from optpipe.passes.export import ExportConfig, build_decoder_graph, check_against_torch
 from optpipe.passes.fuse import Fuse, FuseConfig
 from optpipe.passes.quantize_int4 import Int4Config, QuantizeInt4
 from optpipe.passes.static_kv_cache import StaticKVCache, StaticKVConfig
-from optpipe.errors import BuildError
 from optpipe.pipeline import ModelState, PassContext
 from optpipe.recipe import ModelSpec
-from optpipe.ort_runtime import OnnxDecoder
+from optpipe.runtime.ort_decoder import OnnxDecoder
 
 
 def load(path):

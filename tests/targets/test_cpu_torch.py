@@ -130,7 +130,7 @@ def test_fuse_packs_projections_same_function_and_reloads(tiny_qwen2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from optpipe.passes.torch_fuse import fusable, fuse_projections
-    from optpipe.torch_runtime import TorchRunner
+    from optpipe.runtime.torch_modules import TorchRunner
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2).eval()
     ids = np.arange(3, 30)

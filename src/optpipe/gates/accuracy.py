@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-from ..progress import track
 
+from ..progress import track
 from . import GateResult
 
 

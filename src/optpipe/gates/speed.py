@@ -6,8 +6,8 @@ import statistics
 import time
 
 import numpy as np
-from ..progress import track
 
+from ..progress import track
 from . import GateResult
 
 

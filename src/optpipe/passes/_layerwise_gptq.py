@@ -14,11 +14,11 @@ import re
 from typing import Callable
 
 import numpy as np
-from ..progress import bar
 
+from .. import lazy as _lazy
 from ..errors import BuildError
 from ..layerwise import LayerStep, hessian_sum, walk
-from . import _lazy
+from ..progress import bar
 
 # ONNX MatMul name (as export and fuse write them) -> the transformers module whose input is that MatMul's input
 _SITES = [

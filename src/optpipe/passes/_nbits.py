@@ -6,11 +6,12 @@ import re
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from ..progress import track
 
+from .. import lazy as _lazy
 from ..layerwise import EffectiveWeight
 from ..pipeline import ModelState, PassContext
-from . import _lazy, _quant
+from ..progress import track
+from . import _quant
 from ._onnx import (
     FLOAT,
     MS_DOMAIN,
@@ -49,7 +50,7 @@ def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads:
     kind "hessian": H = 2/n * sum(X^T X) (GPTQ); kind "absmax": max |x| over everything (per-tensor scales)."""
     import onnxruntime as ort
 
-    from ..ort_runtime import session_options
+    from ..runtime.ort_decoder import session_options
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

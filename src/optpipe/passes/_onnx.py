@@ -145,13 +145,13 @@ class GraphEdit:
         self.drop_inits: set[str] = set()
 
     def array(self, name: str) -> np.ndarray:
-        from . import _lazy
+        from .. import lazy as _lazy
 
         return _lazy.array(self.inits[name])
 
     def concat(self, new_name: str, names: list[str], axis: int) -> onnx.TensorProto:
         """Initializers `names` concatenated; stays lazy (computed when written) if any of them is lazy."""
-        from . import _lazy
+        from .. import lazy as _lazy
 
         srcs = [self.inits[n] for n in names]
         if not any(_lazy.is_lazy(t) for t in srcs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
 from ..progress import track
 
 

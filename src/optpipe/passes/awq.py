@@ -13,9 +13,9 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from ..progress import track
 
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..progress import track
 from . import _quant
 from ._torch_calib import capture_inputs
 

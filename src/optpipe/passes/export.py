@@ -18,9 +18,10 @@ import torch
 from onnx import helper
 from pydantic import Field
 
+from .. import lazy as _lazy
 from ..errors import BuildError
+from ..models import rotary_module
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
-from . import _lazy
 from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder
 
 SUPPORTED = ("llama", "qwen2", "mistral")
@@ -111,13 +112,6 @@ def _attention_function(a: dict) -> onnx.FunctionProto:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
-
-
-def rotary_module(config):
-    """The architecture's own rotary module, built from the config alone (covers scaled rope types too)."""
-    from ..models import architecture_class
-
-    return architecture_class(config, "RotaryEmbedding")(config=config)
 
 
 def rotary_cache(rot, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +217,7 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
 
 def check_against_torch(model, onnx_model: onnx.ModelProto, atol: float, threads: int = 1) -> dict:
     """Prefill 12 tokens then decode 1 with the cache, in both; compare logits. Raises BuildError on mismatch."""
-    from ..ort_runtime import OnnxDecoder
+    from ..runtime.ort_decoder import OnnxDecoder
 
     dec = OnnxDecoder.from_proto(onnx_model, threads=threads)
     rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ class IpexOptimize(Pass):
     targets = frozenset({"cpu-ipex"})
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
-        from ..targets.cpu_ipex import import_ipex
+        from ..runtime.ipex import import_ipex
 
         ipex = import_ipex()
         settings = {**self.config.model_dump(), "ipex_version": ipex.__version__}

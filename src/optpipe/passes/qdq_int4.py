@@ -7,9 +7,17 @@ from typing import Literal
 
 import numpy as np
 from pydantic import Field
-from ..progress import bar
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
+from ..pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    Patterns,
+    register,
+)
+from ..progress import bar
 from . import _quant
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset

@@ -8,7 +8,15 @@ import numpy as np
 from onnx import numpy_helper
 from pydantic import Field
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
+from ..pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    Patterns,
+    register,
+)
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
 from ._qdq import quantize_activation, replace_weight

@@ -5,7 +5,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
+from ..pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    Patterns,
+    register,
+)
 from ._nbits import quantize_matmuls
 
 

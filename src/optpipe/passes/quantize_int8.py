@@ -21,10 +21,18 @@ from onnx import helper, numpy_helper
 from pydantic import Field
 
 from .. import hw
+from .. import lazy as _lazy
 from ..errors import BuildError
 from ..layerwise import EffectiveWeight
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
-from . import _lazy
+from ..pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    Patterns,
+    register,
+)
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import MS_DOMAIN, GraphEdit, ensure_opset, prefill_feeds
 
@@ -77,6 +85,8 @@ class QuantizeInt8(Pass):
         model = state.onnx_model
         selected, skipped = select_matmuls(model, c.include, c.exclude)
         edit = GraphEdit(model)
+        reduce_range = self._reduce_range()
+        qmax = 64 if reduce_range else 127  # ORT's ranges: reduced [-64, 64], symmetric [-127, 127]
         for node in selected:
             src = edit.inits[node.input[1]]
             k, n = src.dims
@@ -84,8 +94,8 @@ class QuantizeInt8(Pass):
             def quantize(src=src):
                 w = _lazy.array(src)  # [K, N]
                 scale = np.abs(w).max(0) if c.per_channel else np.abs(w).max(keepdims=True)
-                scale = np.where(scale == 0, 1.0, scale / 127).astype(np.float32)
-                return {"q": np.clip(np.round(w / scale), -127, 127).astype(np.int8), "scale": scale}
+                scale = np.where(scale == 0, 1.0, scale / qmax).astype(np.float32)
+                return {"q": np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8), "scale": scale}
 
             shared = _lazy.Shared(quantize, 2)
             ns = n if c.per_channel else 1
@@ -105,8 +115,14 @@ class QuantizeInt8(Pass):
         state.info.setdefault("quantized", {}).update(
             {n.name: "int8 dynamic (DynamicQuantizeMatMul, streaming)" for n in selected})
         return PassResult(bool(selected), {"layers_quantized": len(selected), "layers_skipped": len(skipped),
-                                           "ops": {"DynamicQuantizeMatMul": len(selected)}, "skipped": skipped},
+                                           "ops": {"DynamicQuantizeMatMul": len(selected)},
+                                           "reduce_range": reduce_range, "skipped": skipped},
                           [f"{len(selected)} weights quantized while the artifact is written (streaming build)"])
+
+    def _reduce_range(self) -> bool:
+        """7-bit weights where the CPU has no VNNI (u8 x s8 int16 sums can saturate at full range)."""
+        rr = self.config.reduce_range
+        return hw.int8_dot_product() is None if rr == "auto" else rr
 
     def _ort(self, state: ModelState, ctx: PassContext) -> PassResult:
         from onnxruntime.quantization import (
@@ -128,7 +144,7 @@ class QuantizeInt8(Pass):
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
                             location="in.onnx.data", size_threshold=1024)
-            reduce_range = hw.int8_dot_product() is None if c.reduce_range == "auto" else c.reduce_range
+            reduce_range = self._reduce_range()
             common = dict(per_channel=c.per_channel, nodes_to_quantize=names, op_types_to_quantize=["MatMul"],
                           reduce_range=reduce_range,
                           use_external_data_format=True,

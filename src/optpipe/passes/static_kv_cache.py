@@ -10,7 +10,15 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import BuildError
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, check_cache_length, register
+from ..pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    check_cache_length,
+    register,
+)
 from ._onnx import initializer_map, metadata, set_metadata
 
 

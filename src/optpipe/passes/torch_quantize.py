@@ -11,10 +11,18 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field
-from ..progress import track
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, Patterns, register
-from ..torch_runtime import (
+from ..pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    Patterns,
+    register,
+)
+from ..progress import track
+from ..runtime.torch_modules import (
     Int4WeightOnlyLinear,
     Int8Linear,
     select_linears,

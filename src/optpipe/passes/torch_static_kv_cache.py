@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, check_cache_length, register
+from ..pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    check_cache_length,
+    register,
+)
 
 
 class TorchStaticKVConfig(PassConfig):

@@ -1,4 +1,5 @@
-"""Running an emitted artifact: what `optpipe.load` returns."""
-from .loaded import ArtifactModel, Completion, sampler
+"""Running an emitted artifact: what `optpipe.load` returns. Needs nothing from the compiler (passes, targets,
+builder): an import-linter contract in pyproject.toml holds it to that."""
+from .loaded import ArtifactModel, Completion, load_artifact, runner_for, sampler
 
-__all__ = ["ArtifactModel", "Completion", "sampler"]
+__all__ = ["ArtifactModel", "Completion", "load_artifact", "runner_for", "sampler"]

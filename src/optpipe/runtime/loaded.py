@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
-from ..targets.base import Generation
+from ..errors import ArtifactError, InputError
+from .generation import Generation
 
 
 @dataclass
@@ -161,3 +161,50 @@ def load_tokenizer(path: Path, manifest: dict):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
+
+
+def runner_for(target: str, directory: Path, saved: dict, threads: int):
+    """The runner for an artifact of `target`, from what its manifest says was saved (runtime modules only)."""
+    if target in ("cpu-onnx", "gpu-tensorrt"):
+        from .ort_decoder import OnnxDecoder
+
+        # TensorRT-ready graphs run unoptimized on the CPU: ORT's fusions would change what is checked
+        return OnnxDecoder.from_path(directory / saved.get("model_file", "model.onnx"), threads=threads,
+                                     optimize=target == "cpu-onnx")
+    if target == "cpu-torch":
+        from .torch_artifact import load_torch_artifact
+
+        return load_torch_artifact(directory, threads)
+    if target == "cpu-ipex":
+        from .ipex import load_ipex_artifact
+
+        return load_ipex_artifact(directory, threads)
+    raise ArtifactError(f"{directory}: unknown target {target!r} in the manifest")
+
+
+def load_artifact(artifact_dir, threads: int | None = None, *, digest: str | None = None,
+                  allow_rejected: bool = False) -> ArtifactModel:
+    """`optpipe.load`: see its docstring. Uses nothing from the compiler (passes, targets, builder)."""
+    from .. import hw
+    from ..artifact import read_manifest, verify
+
+    path = Path(artifact_dir)
+    manifest = read_manifest(path)
+    if digest is not None:
+        problems = verify(path, digest)
+        if allow_rejected:
+            problems = [p for p in problems if not p.startswith("status:")]
+        if problems:
+            raise ArtifactError(f"{path}: refused: " + "; ".join(problems))
+    if manifest.get("status") != "passed" and not allow_rejected:
+        raise ArtifactError(f"{path}: status is {manifest.get('status')!r}, not 'passed': this artifact failed its "
+                            "gates (load it with allow_rejected=True to inspect it)")
+    try:
+        n = hw.threads(threads)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    target = (manifest.get("recipe") or {}).get("target")
+    saved = manifest.get("target")
+    if not isinstance(target, str) or not isinstance(saved, dict):
+        raise ArtifactError(f"{path}: the manifest names no target")
+    return ArtifactModel(runner_for(target, path, saved, n), load_tokenizer(path, manifest), manifest, path)

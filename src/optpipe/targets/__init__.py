@@ -4,7 +4,6 @@ from __future__ import annotations
 from ..errors import RecipeError
 from .base import Runner, Target  # noqa: F401
 
-
 TARGETS = ("cpu-onnx", "cpu-torch", "cpu-ipex", "gpu-tensorrt")
 
 

@@ -1,14 +1,14 @@
 """`cpu-onnx`: an ONNX Runtime CPU artifact (model.onnx + one external-data file + tokenizer).
 
-Running it is `optpipe.ort_runtime.OnnxDecoder` (IOBinding decode loop, shared static KV buffer)."""
+Running it is `optpipe.runtime.ort_decoder.OnnxDecoder` (IOBinding decode loop, shared static KV buffer)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import onnx
 
-from ..ort_runtime import OnnxDecoder
-from ..passes import _lazy
+from .. import lazy as _lazy
+from ..runtime.ort_decoder import OnnxDecoder
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

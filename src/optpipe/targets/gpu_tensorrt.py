@@ -19,7 +19,7 @@ from onnx import inliner
 
 from .. import hw
 from ..errors import BuildError
-from ..ort_runtime import OnnxDecoder
+from ..runtime.ort_decoder import OnnxDecoder
 from .trt_lint import lint, lint_profile
 
 MODEL_FILE = "model.onnx"

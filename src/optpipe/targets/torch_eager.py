@@ -1,7 +1,7 @@
 """The fp32 PyTorch eager runner: the reference every gate compares against (same Runner API as targets)."""
 from __future__ import annotations
 
-from ..torch_runtime import TorchRunner
+from ..runtime.torch_modules import TorchRunner
 
 
 class TorchEagerRunner(TorchRunner):

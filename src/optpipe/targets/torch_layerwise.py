@@ -8,13 +8,12 @@ this way.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
-from ..progress import track
 
 from ..layerwise import CheckpointLayers
-from ..models import dynamic_cache
+from ..progress import track
+from ..runtime.torch_modules import dynamic_cache
 from .base import Generation, OnToken, Pick, decode
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .targets.base import Generation, OnToken, Pick, decode
+from .generation import Generation, OnToken, Pick, decode
 
 
 def session_options(threads: int, optimize: bool = True):

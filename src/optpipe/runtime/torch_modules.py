@@ -13,7 +13,7 @@ import re
 import numpy as np
 import torch
 
-from .targets.base import Generation, OnToken, Pick, decode
+from .generation import Generation, OnToken, Pick, decode
 
 INT4_GROUPS = (32, 64, 128)
 
@@ -242,8 +242,6 @@ class TorchRunner:
     def _new_cache(self, needed: int):
         from transformers import StaticCache
 
-        from .models import dynamic_cache
-
         if self.kv_cache.get("mode") == "static":
             limit = int(self.kv_cache["max_length"])
             if needed > limit:
@@ -284,3 +282,75 @@ class TorchRunner:
                 return decode(prefill, step, ids.size, max_new_tokens, eos_token_id, pick, on_token)
         finally:
             _FILLED.set(None)
+
+
+# -- transformers compatibility (the IPEX environment pins transformers 4.51.3) --
+
+def dtype_keyword() -> str:
+    """transformers 5 takes `dtype`; 4.x (the IPEX environment pins 4.51.3) takes `torch_dtype`."""
+    import transformers
+
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def dynamic_cache(config):
+    """transformers' DynamicCache; 4.x (the IPEX environment pins 4.51.3) takes no config."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:
+        return DynamicCache()
+
+
+# -- packed projections (cpu-torch `fuse`), rebuilt when an artifact is loaded --
+
+class FusedProjection(torch.nn.Module):
+    """Holds the fused Linear (`linear`) and the last input it saw with its output."""
+
+    def __init__(self, linear: torch.nn.Module, sizes: list[int]):
+        super().__init__()
+        self.linear = linear
+        self.sizes = sizes
+        self._last: tuple | None = None
+
+    def output(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, torch.split(self.linear(x), self.sizes, dim=-1))
+        return self._last[1]
+
+
+class ProjectionSlice(torch.nn.Module):
+    """Stands where q_proj (etc.) stood: slice `index` of the holder's fused output. The holder is not a
+    registered submodule here (it is one of the parent), so the weights appear once in the state dict."""
+
+    def __init__(self, holder: FusedProjection, index: int):
+        super().__init__()
+        object.__setattr__(self, "holder", holder)
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.holder.output(x)[self.index]
+        if self.index == len(self.holder.sizes) - 1:
+            self.holder._last = None  # the group is complete: drop the reference to its input
+        return out
+
+
+def fuse_projections(model, groups: list[tuple[str, str, tuple[str, ...]]], device=None) -> None:
+    """Apply the rewrite for `groups` (from `fusable`); with device='meta' it only rebuilds the structure (load)."""
+    for parent_name, fused_name, parts in groups:
+        parent = model.get_submodule(parent_name)
+        linears = [getattr(parent, p) for p in parts]
+        sizes = [lin.out_features for lin in linears]
+        bias = all(lin.bias is not None for lin in linears)
+        fused = torch.nn.Linear(linears[0].in_features, sum(sizes), bias=bias, device=device or linears[0].weight.device,
+                                dtype=linears[0].weight.dtype)
+        if device != "meta":
+            with torch.no_grad():
+                fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+                if bias:
+                    fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+        holder = FusedProjection(fused, sizes)
+        setattr(parent, fused_name, holder)
+        for i, p in enumerate(parts):
+            setattr(parent, p, ProjectionSlice(holder, i))

@@ -121,7 +121,7 @@ def save_streaming(model: onnx.ModelProto, model_path, data_file: str, inline_be
     page-aligned so ONNX Runtime can map them. Returns the bytes written."""
     from pathlib import Path
 
-    from ..progress import bar
+    from .progress import bar
 
     model_path = Path(model_path)
     data_path = model_path.parent / data_file

@@ -1,0 +1,61 @@
+"""The decoding contract every runner keeps (the gates, the benchmarks and users call the same code)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prefill_seconds: float
+    decode_seconds: float  # for len(tokens) - 1 steps: the first token comes from the prefill
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = len(self.tokens) - 1
+        return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
+
+
+Pick = Callable[[np.ndarray], int]  # next-token choice from a logits row (greedy by default, or a sampler)
+OnToken = Callable[[int], None]  # called with each new token as soon as it is chosen (streaming)
+
+
+class Runner(Protocol):
+    """Runs a model batch 1: the same code the gates, the benchmark and users call."""
+
+    max_length: int  # the longest prompt + generation the artifact can hold (static cache or rotary table)
+
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """[S, V] next-token logits for a 1-D token array, computed in one prefill."""
+
+    def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
+                 pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
+        """Greedy decoding (or `pick`'s choice), reporting each token to `on_token`."""
+
+
+def greedy(logits_row: np.ndarray) -> int:
+    return int(np.argmax(logits_row))
+
+
+def decode(prefill: Callable[[], np.ndarray], step: Callable[[int, int], np.ndarray], prompt_len: int,
+           max_new_tokens: int, eos_token_id: int | None, pick: Pick | None, on_token: OnToken | None) -> Generation:
+    """The decode loop every runner shares: `prefill()` gives the last prompt position's logits, `step(token,
+    position)` the next logits. Times the prefill (to the first token) apart from the decode steps."""
+    pick = pick or greedy
+    t0 = time.perf_counter()
+    tok = pick(prefill())
+    t1 = time.perf_counter()
+    tokens = [tok]
+    if on_token:
+        on_token(tok)
+    while len(tokens) < max_new_tokens and tok != eos_token_id:
+        tok = pick(step(tok, prompt_len + len(tokens) - 1))
+        tokens.append(tok)
+        if on_token:
+            on_token(tok)
+    return Generation(tokens, t1 - t0, time.perf_counter() - t1)
