@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from _doc import write_section  # noqa: E402 - scripts/_doc.py
 
 from optpipe import data, hw, models  # noqa: E402
-from optpipe.gates.accuracy import _log_softmax  # noqa: E402
+from optpipe.gates.accuracy import log_softmax  # noqa: E402
 from optpipe.recipe import DataSpec, ModelSpec  # noqa: E402
 from optpipe.targets.base import Generation  # noqa: E402
 
@@ -167,7 +167,7 @@ def main() -> int:
         r = make_runner(kind, arg, a.threads[0], model)
         nll = n = 0.0
         for w in ev.windows:
-            lp = _log_softmax(r.logits(w))[:-1]
+            lp = log_softmax(r.logits(w))[:-1]
             nll -= lp[np.arange(w.size - 1), w[1:]].sum()
             n += w.size - 1
         results[name]["ppl"] = float(np.exp(nll / n))

@@ -183,13 +183,14 @@ def render_report(m: dict) -> str:
     for i, p in enumerate(m["passes"], 1):
         ch = ", ".join(f"{k}={v}" for k, v in p["changes"].items() if not isinstance(v, (dict, list)))
         lines.append(f"| {i} | {p['name']} | {p['seconds']} | {ch} |")
-    for gname in ("accuracy", "speed"):
+    for gname in ("accuracy", "speed", "coverage"):
         g = m["gates"].get(gname)
         if not g:
             continue
         lines += ["", f"## Gate: {gname} — {g['status']}", ""]
         for k, v in g.items():
-            if k in ("status", "passed", "thresholds", "failures", "runs", "runs_columns") or isinstance(v, list):
+            if k in ("status", "passed", "thresholds", "failures", "runs", "runs_columns", "layers") or \
+                    (isinstance(v, list) and not k.endswith("_ci95")):
                 continue
             lines.append(f"- {k}: {v}")
         lines.append(f"- thresholds: {json.dumps(g['thresholds'])}")

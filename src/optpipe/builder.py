@@ -12,7 +12,7 @@ import numpy as np
 
 from . import artifact, data, hw, models, preflight
 from .errors import GateFailed, RecipeError
-from .gates import GateResult, accuracy, speed
+from .gates import GateResult, accuracy, coverage, speed
 from .pipeline import (
     ModelState,
     PassContext,
@@ -87,22 +87,31 @@ def check_speed_measurable(recipe: Recipe, target, source: str) -> None:
                           "set gates.speed.unmeasured: allow to build anyway and record it as not measured")
 
 
+def quantize_intent(pass_records: list[dict]) -> list[tuple[str, int | None]]:
+    """(label, layers quantized) of every pass that quantizes, from the manifest's pass records."""
+    return [(f"passes[{i}] ({r['name']})", r["changes"].get("layers_quantized")) for i, r in enumerate(pass_records)
+            if "layers_quantized" in r["changes"]]
+
+
 def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, threads: int,
-              log=print, saved: dict | None = None) -> dict[str, GateResult]:
+              log=print, saved: dict | None = None, intent: list | None = None) -> dict[str, GateResult]:
+    log("coverage gate: the precision every linear of the artifact runs in")
+    cov = coverage.check(coverage.measure(candidate.precisions()), recipe.gates.coverage, intent or [])
     log("accuracy gate: candidate vs fp32 reference on the evaluation text")
     acc = accuracy.check(accuracy.compare(reference, candidate, eval_windows.windows), recipe.gates.accuracy)
     g = recipe.gates.speed
     why = speed_unmeasurable_reason(target)
     if why:  # check_speed_measurable already refused this unless the recipe allows it
         log(f"speed gate: not measured ({why})")
-        return {"accuracy": acc, "speed": GateResult("speed", None, {"reason": why}, g.model_dump(), [])}
+        return {"accuracy": acc, "speed": GateResult("speed", None, {"reason": why}, g.model_dump(), []),
+                "coverage": cov}
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats} interleaved rounds, {threads} thread(s)")
     spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
                                     g.new_tokens, g.repeats), g, threads)
     hint = target.speed_failure_hint(saved) if spd.failures and hasattr(target, "speed_failure_hint") else None
     if hint:
         spd.failures.append(hint)
-    return {"accuracy": acc, "speed": spd}
+    return {"accuracy": acc, "speed": spd, "coverage": cov}
 
 
 def reference_runner(checkpoint, model, threads: int):
@@ -115,8 +124,10 @@ def reference_runner(checkpoint, model, threads: int):
 
 
 def _summary(gates: dict[str, GateResult]) -> dict:
-    keys = {"accuracy": ("ppl_delta_pct", "mean_kl", "top1_agreement", "ppl_reference", "ppl_candidate"),
-            "speed": ("decode_speedup", "prefill_speedup", "candidate_decode_tok_s", "reference_decode_tok_s")}
+    keys = {"accuracy": ("ppl_delta_pct", "ppl_delta_pct_ci95", "decided_on", "mean_kl", "kl_p99", "top1_agreement",
+                         "ppl_reference", "ppl_candidate"),
+            "speed": ("decode_speedup", "prefill_speedup", "candidate_decode_tok_s", "reference_decode_tok_s"),
+            "coverage": ("linears", "quantized", "quantized_fraction")}
     out = {f"gates.{g}.status": gates[g].to_json()["status"] for g in keys if g in gates}
     out.update({f"gates.{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]})
     return out
@@ -181,7 +192,8 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         t = time.perf_counter()
         candidate = target.load(staging.path, threads)
         reference = reference_runner(checkpoint, None if streaming else reference_model, threads)
-        gates = run_gates(recipe, target, reference, candidate, eval_windows, threads, log, saved)
+        gates = run_gates(recipe, target, reference, candidate, eval_windows, threads, log, saved,
+                          quantize_intent([r.to_json() for r in records]))
         stages["gates"] = round(time.perf_counter() - t, 1)
         del candidate
         passed = all(g.passed is not False for g in gates.values())
@@ -247,7 +259,8 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
         reference = reference_runner(None, model, threads)
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
     candidate = target.load(artifact_dir, threads)
-    gates = run_gates(recipe, target, reference, candidate, windows, threads, log, manifest.get("target"))
+    gates = run_gates(recipe, target, reference, candidate, windows, threads, log, manifest.get("target"),
+                      quantize_intent(manifest.get("passes") or []))
     passed = all(g.passed is not False for g in gates.values())
     result = {"status": "passed" if passed else "rejected", "gates": {k: g.to_json() for k, g in gates.items()},
               "evaluation": windows.describe()}

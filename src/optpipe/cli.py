@@ -49,7 +49,7 @@ def _emit_json(obj) -> None:
 def _print_gates(gates: dict) -> None:
     for name, g in gates.items():
         keys = [k for k in g if k not in ("thresholds", "failures", "runs", "runs_columns", "passed")
-                and not isinstance(g[k], (list, dict))]
+                and (not isinstance(g[k], (list, dict)) or k.endswith("_ci95"))]
         print(f"{name}: " + ", ".join(f"{k}={g[k]}" for k in keys))
         for f in g.get("failures", []):
             print(f"  FAILED: {f}")

@@ -72,7 +72,11 @@ class DataSpec(Strict):
 class AccuracyGate(Strict):
     max_ppl_delta_pct: float = Field(3.0, ge=0, le=1000,
                                      description="relative perplexity increase vs the fp32 reference, percent")
+    decide_on: Literal["upper_95", "point"] = Field(
+        "upper_95", description="the statistic max_ppl_delta_pct applies to: the upper end of the 95% interval "
+                                "(a pass must not be luck) or the point estimate")
     max_mean_kl: Optional[float] = Field(None, ge=0, description="mean KL(ref || candidate) of next-token distributions")
+    max_kl_p99: Optional[float] = Field(None, ge=0, description="99th percentile of the per-token KL")
     min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
 
 
@@ -88,9 +92,16 @@ class SpeedGate(Strict):
                             "and record the speed gate as not measured")
 
 
+class CoverageGate(Strict):
+    min_quantized_fraction: Optional[float] = Field(
+        None, ge=0, le=1, description="fraction of the artifact's linears that must run quantized (default: only the "
+                                      "floor: every quantize pass of the recipe quantized at least one layer)")
+
+
 class Gates(Strict):
     accuracy: AccuracyGate = AccuracyGate()
     speed: SpeedGate = SpeedGate()
+    coverage: CoverageGate = CoverageGate()
 
 
 class PassSpec(BaseModel):

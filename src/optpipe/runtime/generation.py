@@ -37,6 +37,9 @@ class Runner(Protocol):
                  pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
         """Greedy decoding (or `pick`'s choice), reporting each token to `on_token`."""
 
+    def precisions(self) -> dict[str, str]:
+        """Every weight matmul (linear) of the artifact with the precision it runs in, e.g. "int4", "float32"."""
+
 
 def greedy(logits_row: np.ndarray) -> int:
     return int(np.argmax(logits_row))

@@ -43,6 +43,10 @@ class IpexRunner:
             out = self.model(torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1), use_cache=False)
         return out.logits[0].float().numpy()
 
+    def precisions(self) -> dict[str, str]:
+        """IPEX replaces Linear modules by its own fused ones; what `ipex.json` asked for is what they run."""
+        return {}
+
     @property
     def max_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 31)

@@ -47,9 +47,10 @@ class _Layout:
 class OnnxDecoder:
     """Batch-1 decoder over an exported graph; `prefill`/`step` keep the cache as OrtValues."""
 
-    def __init__(self, session, layout: _Layout):
+    def __init__(self, session, layout: _Layout, graph=None):
         import onnxruntime as ort
 
+        self._graph = graph  # the ModelProto or the path it was loaded from (for `precisions`)
         self.ort = ort
         self.session = session
         self.layout = layout
@@ -70,14 +71,14 @@ class OnnxDecoder:
         meta = {p.key: p.value for p in model.metadata_props}
         sess = ort.InferenceSession(model.SerializeToString(), session_options(threads, optimize),
                                     providers=["CPUExecutionProvider"])
-        return cls(sess, _Layout.from_metadata(meta))
+        return cls(sess, _Layout.from_metadata(meta), model)
 
     @classmethod
     def from_path(cls, path: Path, threads: int = 1, optimize: bool = True) -> "OnnxDecoder":
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), session_options(threads, optimize), providers=["CPUExecutionProvider"])
-        return cls(sess, _Layout.from_metadata(sess.get_modelmeta().custom_metadata_map))
+        return cls(sess, _Layout.from_metadata(sess.get_modelmeta().custom_metadata_map), Path(path))
 
     # -- cache ---------------------------------------------------------------------------------
     def new_cache(self) -> list:
@@ -138,6 +139,11 @@ class OnnxDecoder:
     def max_length(self) -> int:
         return self.layout.max_length
 
+    def precisions(self) -> dict[str, str]:
+        model = self._graph if isinstance(self._graph, onnx.ModelProto) else \
+            onnx.load(str(self._graph), load_external_data=False)
+        return graph_precisions(model)
+
     def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
                  pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
         held: dict = {}
@@ -153,3 +159,29 @@ class OnnxDecoder:
             return logits[-1]
 
         return decode(prefill, step, np.asarray(ids).size, max_new_tokens, eos_token_id, pick, on_token)
+
+
+_INT_TYPES = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "int8", onnx.TensorProto.INT4: "int4",
+              onnx.TensorProto.UINT4: "int4"}
+_QUANTIZED_MATMULS = {"DynamicQuantizeMatMul": "int8", "MatMulInteger": "int8", "MatMulIntegerToFloat": "int8"}
+
+
+def graph_precisions(model: onnx.ModelProto) -> dict[str, str]:
+    """MatMul-like node -> the precision of its weight: MatMulNBits int<bits>, the dynamic/static int8 ops, a
+    MatMul fed by DequantizeLinear of an integer initializer (QDQ), or the float dtype of a plain weight."""
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    dq_source = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            bits = next((a.i for a in n.attribute if a.name == "bits"), 4)
+            out[n.name] = f"int{bits}"
+        elif n.op_type in _QUANTIZED_MATMULS:
+            out[n.name] = _QUANTIZED_MATMULS[n.op_type]
+        elif n.op_type in ("MatMul", "Gemm") and len(n.input) > 1:
+            w = n.input[1]
+            if w in dq_source and inits.get(dq_source[w]) in _INT_TYPES:
+                out[n.name] = _INT_TYPES[inits[dq_source[w]]]
+            elif w in inits:
+                out[n.name] = onnx.helper.tensor_dtype_to_np_dtype(inits[w]).name
+    return out

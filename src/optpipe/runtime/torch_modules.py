@@ -255,6 +255,9 @@ class TorchRunner:
             return int(self.kv_cache["max_length"])
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 31)
 
+    def precisions(self) -> dict[str, str]:
+        return module_precisions(self.model)
+
     def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
                  pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
         torch.set_num_threads(self.threads)
@@ -354,3 +357,16 @@ def fuse_projections(model, groups: list[tuple[str, str, tuple[str, ...]]], devi
         setattr(parent, fused_name, holder)
         for i, p in enumerate(parts):
             setattr(parent, p, ProjectionSlice(holder, i))
+
+
+def module_precisions(model) -> dict[str, str]:
+    """Linear-like module -> precision: "int4"/"int8" for the quantized modules, else the weight's float dtype."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Int4WeightOnlyLinear):
+            out[name] = "int4"
+        elif isinstance(mod, Int8Linear):
+            out[name] = "int8"
+        elif isinstance(mod, torch.nn.Linear):
+            out[name] = str(mod.weight.dtype).removeprefix("torch.")
+    return out
