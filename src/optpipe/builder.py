@@ -60,8 +60,7 @@ def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, pref
     passes = validate_pass_chain(recipe, source, allow_plugins)
     check_machine(passes, source)
     target = get_target(recipe.target)
-    if hasattr(target, "preflight"):  # e.g. cpu-ipex without IPEX installed
-        target.preflight()
+    target.preflight()  # e.g. cpu-ipex without IPEX installed
     facts = preflight.check(recipe, source, passes)
     return recipe, passes, facts
 
@@ -73,10 +72,7 @@ def speed_prompt(windows: list[np.ndarray], n: int) -> np.ndarray:
 
 def speed_unmeasurable_reason(target) -> str | None:
     """Why the target's speed cannot be measured on this machine (None: it can)."""
-    probe = getattr(target, "speed_measurable", None)
-    if probe is None:
-        return None
-    ok, why = probe()
+    ok, why = target.speed_measurable()
     return None if ok else why
 
 
@@ -108,7 +104,7 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats} interleaved rounds, {threads} thread(s)")
     spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
                                     g.new_tokens, g.repeats), g, threads)
-    hint = target.speed_failure_hint(saved) if spd.failures and hasattr(target, "speed_failure_hint") else None
+    hint = target.speed_failure_hint(saved) if spd.failures else None
     if hint:
         spd.failures.append(hint)
     return {"accuracy": acc, "speed": spd, "coverage": cov}
@@ -247,8 +243,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
         recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
     threads = _threads(threads, recipe, str(artifact_dir / artifact.MANIFEST))
     target = get_target(recipe.target)
-    if hasattr(target, "preflight"):
-        target.preflight()
+    target.preflight()
     check_speed_measurable(recipe, target, str(artifact_dir / artifact.MANIFEST))
     log(f"loading reference model {recipe.model.source}")
     if recipe.model.streaming:

@@ -142,7 +142,7 @@ def _shipped_recipes(directory: Path) -> dict[str, str | None]:
         try:
             recipe = load_recipe(path)
             why = cpu_refusal(recipe)
-            if why is None and hasattr(get_target(recipe.target), "preflight"):
+            if why is None:
                 get_target(recipe.target).preflight()
         except OptpipeError as e:
             why = str(e).splitlines()[0]

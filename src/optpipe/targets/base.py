@@ -8,9 +8,33 @@ from ..runtime.generation import Generation, OnToken, Pick, Runner, decode, gree
 
 
 class Target(Protocol):
+    """Every hook the builder calls; `TargetBase` gives the defaults (nothing to check, speed measurable)."""
+
     name: str
     final_stage: str
 
     def save(self, state, directory: Path) -> dict: ...
 
     def load(self, directory: Path, threads: int) -> Runner: ...
+
+    def preflight(self) -> None:
+        """Before the model loads: raise RecipeError when this environment cannot build for the target."""
+
+    def speed_measurable(self) -> tuple[bool, str]:
+        """(False, why) where this machine cannot run the target's speed gate (no GPU for TensorRT)."""
+
+    def speed_failure_hint(self, saved: dict | None) -> str | None:
+        """A likely cause to add to a failed speed gate (e.g. IPEX without its fast kernels on this ISA)."""
+
+
+class TargetBase:
+    """Defaults for the optional hooks of `Target`."""
+
+    def preflight(self) -> None:
+        return None
+
+    def speed_measurable(self) -> tuple[bool, str]:
+        return True, ""
+
+    def speed_failure_hint(self, saved: dict | None) -> str | None:
+        return None

@@ -14,6 +14,7 @@ import torch
 from .. import hw
 from ..errors import RecipeError
 from ..runtime.ipex import SETTINGS_FILE, import_ipex, load_ipex_artifact
+from .base import TargetBase
 
 
 def fast_woq_kernels() -> tuple[bool, str]:
@@ -23,7 +24,7 @@ def fast_woq_kernels() -> tuple[bool, str]:
     return bool(have), ", ".join(have) if have else "neither AVX512-FP16 nor AMX"
 
 
-class CpuIpexTarget:
+class CpuIpexTarget(TargetBase):
     name = "cpu-ipex"
     final_stage = "torch"
 

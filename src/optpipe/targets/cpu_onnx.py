@@ -9,13 +9,14 @@ import onnx
 
 from .. import lazy as _lazy
 from ..runtime.ort_decoder import OnnxDecoder
+from .base import TargetBase
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 TOKENIZER_DIR = "tokenizer"
 
 
-class CpuOnnxTarget:
+class CpuOnnxTarget(TargetBase):
     name = "cpu-onnx"
     final_stage = "onnx"
 

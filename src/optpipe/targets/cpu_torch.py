@@ -25,6 +25,7 @@ from ..runtime.torch_artifact import (
     load_torch_artifact,
 )
 from ..runtime.torch_modules import TorchRunner, quantized_layout
+from .base import TargetBase
 
 
 def _state_dict_without_ties(model) -> dict[str, torch.Tensor]:
@@ -40,7 +41,7 @@ def _state_dict_without_ties(model) -> dict[str, torch.Tensor]:
     return out
 
 
-class CpuTorchTarget:
+class CpuTorchTarget(TargetBase):
     name = "cpu-torch"
     final_stage = "torch"
 

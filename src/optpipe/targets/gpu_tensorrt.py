@@ -20,6 +20,7 @@ from onnx import inliner
 from .. import hw
 from ..errors import BuildError
 from ..runtime.ort_decoder import OnnxDecoder
+from .base import TargetBase
 from .trt_lint import lint, lint_profile
 
 MODEL_FILE = "model.onnx"
@@ -88,12 +89,11 @@ def cpu_check_int8_note() -> str:
             "(the SmolLM2 TRT INT8 recipe measured +2.06% on an AVX2-only EPYC, +1.15% on an AVX-512 VNNI one)")
 
 
-class GpuTensorRTTarget:
+class GpuTensorRTTarget(TargetBase):
     name = "gpu-tensorrt"
     final_stage = "onnx"
 
-    @staticmethod
-    def speed_measurable() -> tuple[bool, str]:
+    def speed_measurable(self) -> tuple[bool, str]:
         return speed_measurable()
 
     def save(self, state, directory: Path) -> dict:
