@@ -56,13 +56,14 @@ def physical_cores() -> int:
 
         n = psutil.cpu_count(logical=False)
         if n:
-            return min(n, len(os.sched_getaffinity(0)))
+            return min(n, usable_cpus())
     except Exception:  # noqa: BLE001 - psutil absent or unsupported platform
         pass
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return max(1, usable_cpus())
 
 
 def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), else all of them."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

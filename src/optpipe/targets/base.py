@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from ..runtime.generation import Generation, OnToken, Pick, Runner, decode, greedy  # noqa: F401 - re-exported
+from ..runtime.generation import Generation, Runner  # noqa: F401 - re-exported for the benchmark scripts
 
 
 class Target(Protocol):

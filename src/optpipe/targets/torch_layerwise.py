@@ -13,8 +13,8 @@ import torch
 
 from ..layerwise import CheckpointLayers
 from ..progress import track
+from ..runtime.generation import Generation, OnToken, Pick, decode
 from ..runtime.torch_modules import dynamic_cache
-from .base import Generation, OnToken, Pick, decode
 
 
 class LayerwiseReference:
