@@ -101,9 +101,10 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
         log(f"speed gate: not measured ({why})")
         return {"accuracy": acc, "speed": GateResult("speed", None, {"reason": why}, g.model_dump(), []),
                 "coverage": cov}
-    log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats} interleaved rounds, {threads} thread(s)")
+    log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats}-{g.max_repeats} paired "
+        f"rounds (until the {g.decide_on} speedup decides), {threads} thread(s)")
     spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
-                                    g.new_tokens, g.repeats), g, threads)
+                                    g.new_tokens, g, threads, hw.usable_cpus()), g, threads)
     hint = target.speed_failure_hint(saved) if spd.failures else None
     if hint:
         spd.failures.append(hint)
@@ -122,7 +123,8 @@ def reference_runner(checkpoint, model, threads: int):
 def _summary(gates: dict[str, GateResult]) -> dict:
     keys = {"accuracy": ("ppl_delta_pct", "ppl_delta_pct_ci95", "decided_on", "mean_kl", "kl_p99", "top1_agreement",
                          "ppl_reference", "ppl_candidate"),
-            "speed": ("decode_speedup", "prefill_speedup", "candidate_decode_tok_s", "reference_decode_tok_s"),
+            "speed": ("decode_speedup", "decode_speedup_ci95", "prefill_speedup", "candidate_decode_tok_s",
+                      "reference_decode_tok_s", "rounds", "rounds_busy"),
             "coverage": ("linears", "quantized", "quantized_fraction")}
     out = {f"gates.{g}.status": gates[g].to_json()["status"] for g in keys if g in gates}
     out.update({f"gates.{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]})

@@ -265,12 +265,11 @@ def parser() -> argparse.ArgumentParser:
 
 def _report_error(e: BaseException, args) -> int:
     code = e.exit_code if isinstance(e, OptpipeError) else 1
-    if isinstance(e, GateFailed):
-        gates = (e.report.get("manifest") or e.report).get("gates")
-        if gates and not getattr(args, "json", False):
-            _print_gates(gates)
-    if getattr(args, "json", False):
-        _emit_json({"status": "error", "exit_code": code, "error": str(e)})
+    gates = (e.report.get("manifest") or e.report).get("gates") if isinstance(e, GateFailed) else None
+    if gates and not getattr(args, "json", False):
+        _print_gates(gates)
+    if getattr(args, "json", False):  # a refusal carries the measurements it rests on
+        _emit_json({"status": "error", "exit_code": code, "error": str(e), **({"gates": gates} if gates else {})})
     if isinstance(e, OptpipeError):
         print(f"error: {e}", file=sys.stderr)
     else:

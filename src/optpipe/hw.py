@@ -67,6 +67,39 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+class BackgroundLoad:
+    """CPU time other processes take on the CPUs this process may run on, over an interval: what makes a speed
+    measurement describe the machine's load instead of the artifact. `cpus()` after the interval: how many CPUs
+    others kept busy on average (None where per-CPU counters are unavailable)."""
+
+    def __init__(self):
+        import time
+
+        self._cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self._t0, self._own0, self._busy0 = time.perf_counter(), time.process_time(), self._busy()
+
+    def _busy(self) -> float | None:
+        try:
+            import psutil
+
+            per_cpu = psutil.cpu_times(percpu=True)
+            chosen = [per_cpu[i] for i in self._cpus if i < len(per_cpu)] if self._cpus else per_cpu
+            return sum(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+                       + getattr(t, "steal", 0.0) for t in chosen)
+        except Exception:  # noqa: BLE001 - no per-CPU counters here: the load cannot be measured
+            return None
+
+    def cpus(self) -> float | None:
+        import time
+
+        busy = self._busy()
+        wall = time.perf_counter() - self._t0
+        if busy is None or self._busy0 is None or wall <= 0:
+            return None
+        others = (busy - self._busy0) - (time.process_time() - self._own0)
+        return max(others, 0.0) / wall
+
+
 def threads(requested: int | None, field: str = "threads") -> int:
     """A validated thread count: default physical cores; more than the CPUs this process may use is refused
     (it would only oversubscribe them, and absurd values hang thread-pool creation)."""

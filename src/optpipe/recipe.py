@@ -14,6 +14,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .errors import RecipeError
@@ -85,11 +86,28 @@ class SpeedGate(Strict):
     min_prefill_speedup: Optional[float] = Field(None, gt=0, le=1000)
     prompt_tokens: int = Field(64, ge=1, le=32768)
     new_tokens: int = Field(64, ge=2, le=4096)
-    repeats: int = Field(5, ge=1, le=50)
+    repeats: int = Field(5, ge=1, le=50, description="rounds measured before the interval may decide")
+    max_repeats: Optional[int] = Field(
+        None, ge=1, le=200, description="bound on rounds (busy ones included) before the gate says inconclusive; "
+                                        "default max(3 x repeats, 10)")
+    decide_on: Literal["lower_95", "point"] = Field(
+        "lower_95", description="lower_95: the speedup's 95% interval must clear the threshold (and a fail needs "
+                                "its upper bound below it); point: the geometric mean of the rounds decides")
+    max_background_cpus: float = Field(
+        0.25, ge=0, le=1024, description="CPUs other processes may keep busy, beyond those the gate's threads leave "
+                                         "idle, before a round is discarded as measuring the machine's load")
     threads: Optional[int] = Field(None, ge=1, le=1024, description="default: physical cores")
     unmeasured: Literal["fail", "allow"] = Field(
         "fail", description="when the target's speed cannot be measured here (no GPU): fail the build, or allow it "
                             "and record the speed gate as not measured")
+
+    @model_validator(mode="after")
+    def _bound(self):
+        if self.max_repeats is None:
+            self.max_repeats = max(3 * self.repeats, 10)
+        elif self.max_repeats < self.repeats:
+            raise ValueError(f"max_repeats ({self.max_repeats}) must be >= repeats ({self.repeats})")
+        return self
 
 
 class CoverageGate(Strict):

@@ -11,8 +11,10 @@ class GateResult:
     metrics: dict
     thresholds: dict
     failures: list[str] = field(default_factory=list)
+    inconclusive: bool = False  # refused because the measurement could not decide (not because it failed)
 
     def to_json(self) -> dict:
-        status = "not measured" if self.passed is None else ("passed" if self.passed else "failed")
+        status = ("not measured" if self.passed is None else "passed" if self.passed else
+                  "inconclusive" if self.inconclusive else "failed")
         return {"status": status, "passed": self.passed, **self.metrics, "thresholds": self.thresholds,
                 "failures": self.failures}

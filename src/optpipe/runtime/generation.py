@@ -14,6 +14,9 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float  # for len(tokens) - 1 steps: the first token comes from the prefill
     extra: dict = field(default_factory=dict)
+    # CPU time of this process (all its threads) in each phase; None where a runner cannot split it
+    prefill_cpu_seconds: float | None = None
+    decode_cpu_seconds: float | None = None
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -50,9 +53,9 @@ def decode(prefill: Callable[[], np.ndarray], step: Callable[[int, int], np.ndar
     """The decode loop every runner shares: `prefill()` gives the last prompt position's logits, `step(token,
     position)` the next logits. Times the prefill (to the first token) apart from the decode steps."""
     pick = pick or greedy
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     tok = pick(prefill())
-    t1 = time.perf_counter()
+    c1, t1 = time.process_time(), time.perf_counter()
     tokens = [tok]
     if on_token:
         on_token(tok)
@@ -61,4 +64,5 @@ def decode(prefill: Callable[[], np.ndarray], step: Callable[[int, int], np.ndar
         tokens.append(tok)
         if on_token:
             on_token(tok)
-    return Generation(tokens, t1 - t0, time.perf_counter() - t1)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return Generation(tokens, t1 - t0, t2 - t1, prefill_cpu_seconds=c1 - c0, decode_cpu_seconds=c2 - c1)
