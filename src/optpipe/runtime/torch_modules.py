@@ -232,6 +232,7 @@ class TorchRunner:
         if self.kv_cache.get("mode") == "static" and not compile:  # compiled graphs keep the full buffer
             use_static_cache_attention(model)
         self._forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        self._cache_kw = cache_keyword(model.forward)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
         torch.set_num_threads(self.threads)
@@ -269,7 +270,7 @@ class TorchRunner:
         def prefill():
             held["cache"] = self._new_cache(ids.size + max_new_tokens)
             _FILLED.set(ids.size)
-            out = self._forward(torch.as_tensor(ids).reshape(1, -1), past_key_values=held["cache"], use_cache=True,
+            out = self._forward(torch.as_tensor(ids).reshape(1, -1), **{self._cache_kw: held["cache"]}, use_cache=True,
                                 cache_position=torch.arange(ids.size))
             return out.logits[0, -1].float().numpy()
 
@@ -277,7 +278,7 @@ class TorchRunner:
             nxt[0, 0] = tok
             pos[0] = position
             _FILLED.set(position + 1)
-            out = self._forward(nxt, past_key_values=held["cache"], use_cache=True, cache_position=pos)
+            out = self._forward(nxt, **{self._cache_kw: held["cache"]}, use_cache=True, cache_position=pos)
             return out.logits[0, -1].float().numpy()
 
         try:
@@ -294,6 +295,17 @@ def dtype_keyword() -> str:
     import transformers
 
     return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def cache_keyword(forward) -> str:
+    """The KV-cache argument of a transformers forward: `cache` from 5.x's rename (`past_key_values` is removed in
+    5.40), `past_key_values` before it (the IPEX environment's 4.51.3)."""
+    import inspect
+
+    try:
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def dynamic_cache(config):
