@@ -72,6 +72,18 @@ def test_json_results_and_quiet_build(tiny_llama, tmp_path, capsys):
     assert err["status"] == "error" and err["exit_code"] == 2 and "already exists" in err["error"]
 
 
+def test_json_refusal_carries_the_gate_measurements(tiny_llama, tmp_path, capsys):
+    """A pipeline reading `--json` learns why a build was refused: each gate's status, statistic and interval."""
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, FUSED_INT4, speed={
+        "min_decode_speedup": 1000, "prompt_tokens": 16, "new_tokens": 8, "repeats": 2, "threads": 1}))
+    assert main(["-q", "build", str(recipe), "-o", str(tmp_path / "art"), "--json"]) == 3
+    err = json.loads(capsys.readouterr().out)
+    speed = err["gates"]["speed"]
+    assert err["exit_code"] == 3 and speed["status"] == "failed" and speed["rounds"] >= 2
+    lo, hi = speed["decode_speedup_ci95"]
+    assert lo <= speed["decode_speedup"] <= hi < 1000 and err["gates"]["accuracy"]["status"] == "passed"
+
+
 def test_build_log_has_no_carriage_returns_when_not_a_tty(tiny_llama, tmp_path):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, FUSED_INT4 + []))
     proc = subprocess.run([sys.executable, "-m", "optpipe", "build", str(recipe), "-o", str(tmp_path / "o")],
