@@ -12,7 +12,7 @@ import numpy as np
 
 from . import artifact, data, hw, models, preflight
 from .errors import GateFailed, RecipeError
-from .gates import GateResult, accuracy, coverage, speed
+from .gates import GateResult, accuracy, coverage, generation, speed
 from .pipeline import (
     ModelState,
     PassContext,
@@ -95,12 +95,17 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
     cov = coverage.check(coverage.measure(candidate.precisions()), recipe.gates.coverage, intent or [])
     log("accuracy gate: candidate vs fp32 reference on the evaluation text")
     acc = accuracy.check(accuracy.compare(reference, candidate, eval_windows.windows), recipe.gates.accuracy)
+    gen_gate = recipe.gates.generation
+    log(f"generation gate: {gen_gate.prompts} prompts, {gen_gate.new_tokens} greedy tokens each")
+    gen = generation.check(generation.measure(
+        reference, candidate, generation.prompts(eval_windows.windows, gen_gate.prompts, gen_gate.prompt_tokens),
+        gen_gate.new_tokens, eval_windows.eos_token_id), gen_gate)
     g = recipe.gates.speed
     why = speed_unmeasurable_reason(target)
     if why:  # check_speed_measurable already refused this unless the recipe allows it
         log(f"speed gate: not measured ({why})")
         return {"accuracy": acc, "speed": GateResult("speed", None, {"reason": why}, g.model_dump(), []),
-                "coverage": cov}
+                "coverage": cov, "generation": gen}
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats}-{g.max_repeats} paired "
         f"rounds (until the {g.decide_on} speedup decides), {threads} thread(s)")
     spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
@@ -108,7 +113,7 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
     hint = target.speed_failure_hint(saved) if spd.failures else None
     if hint:
         spd.failures.append(hint)
-    return {"accuracy": acc, "speed": spd, "coverage": cov}
+    return {"accuracy": acc, "speed": spd, "coverage": cov, "generation": gen}
 
 
 def reference_runner(checkpoint, model, threads: int):
@@ -125,7 +130,9 @@ def _summary(gates: dict[str, GateResult]) -> dict:
                          "ppl_reference", "ppl_candidate"),
             "speed": ("decode_speedup", "decode_speedup_ci95", "prefill_speedup", "candidate_decode_tok_s",
                       "reference_decode_tok_s", "rounds", "rounds_busy"),
-            "coverage": ("linears", "quantized", "quantized_fraction")}
+            "coverage": ("linears", "quantized", "quantized_fraction"),
+            "generation": ("mean_first_divergence", "teacher_forced_agreement", "repetition_candidate",
+                           "repetition_reference")}
     out = {f"gates.{g}.status": gates[g].to_json()["status"] for g in keys if g in gates}
     out.update({f"gates.{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]})
     return out

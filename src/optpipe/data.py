@@ -65,6 +65,7 @@ class TokenWindows:
     windows: list[np.ndarray]
     source: str
     tokens: int
+    eos_token_id: int | None = None  # the tokenizer's end of text: where the generation gate lets a model stop
 
     def describe(self) -> dict:
         return {"source": self.source, "tokens": self.tokens, "windows": len(self.windows),
@@ -78,4 +79,5 @@ def token_windows(spec, tokenizer, base_dir: Path | None = None, field_name: str
     windows = [w for w in windows if w.size >= 16]
     if not windows:
         raise RecipeError(f"{field_name}.source: fewer than 16 tokens of text in {spec.source}")
-    return TokenWindows(windows, spec.source, int(sum(w.size for w in windows)))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return TokenWindows(windows, spec.source, int(sum(w.size for w in windows)), eos if isinstance(eos, int) else None)

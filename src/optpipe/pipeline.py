@@ -281,12 +281,15 @@ def validate_pass_chain(recipe, source: str, allow_plugins: bool | None = None) 
 
 
 def check_cache_length(n: int, recipe, limit: int | None, limit_name: str) -> None:
-    """A static KV cache must hold the evaluation window and the speed gate's prompt + new tokens, and no more
+    """A static KV cache must hold the evaluation window and the speed and generation gates' prompt + new tokens, and no more
     positions than the model (or its exported rotary table) has."""
     if limit and n > limit:
         raise ValueError(f"max_length {n} exceeds {limit_name} ({limit})")
     need = {"evaluation.window": recipe.evaluation.window,
             "gates.speed.prompt_tokens + new_tokens": recipe.gates.speed.prompt_tokens + recipe.gates.speed.new_tokens}
+    if recipe.gates.generation.prompts:
+        need["gates.generation.prompt_tokens + new_tokens"] = (recipe.gates.generation.prompt_tokens
+                                                               + recipe.gates.generation.new_tokens)
     for what, k in need.items():
         if k > n:
             raise ValueError(f"max_length {n} is shorter than {what} ({k})")

@@ -116,10 +116,29 @@ class CoverageGate(Strict):
                                       "floor: every quantize pass of the recipe quantized at least one layer)")
 
 
+class GenerationGate(Strict):
+    """Free-running generation vs the reference's, from prompts cut out of the evaluation text."""
+    prompts: int = Field(4, ge=0, le=256, description="prompts (0 switches the gate off)")
+    prompt_tokens: int = Field(32, ge=1, le=32768)
+    new_tokens: int = Field(32, ge=2, le=4096)
+    min_teacher_forced_agreement: Optional[float] = Field(
+        None, ge=0, le=1, description="fraction of the reference's continuation the candidate predicts as its top-1 "
+                                      "when fed the reference's tokens")
+    min_mean_first_divergence: Optional[float] = Field(
+        None, ge=0, description="mean position (tokens) where the greedy continuations first differ")
+    max_repetition_increase: Optional[float] = Field(
+        0.25, ge=0, le=1, description="degenerate output: the candidate's repeated-4-gram fraction may exceed the "
+                                      "reference's by at most this much")
+    max_length_change: Optional[float] = Field(
+        0.5, ge=0, description="degenerate output: total generated length (to EOS) within this fraction of the "
+                               "reference's")
+
+
 class Gates(Strict):
     accuracy: AccuracyGate = AccuracyGate()
     speed: SpeedGate = SpeedGate()
     coverage: CoverageGate = CoverageGate()
+    generation: GenerationGate = GenerationGate()
 
 
 class PassSpec(BaseModel):
