@@ -46,6 +46,8 @@ def gate_once(artifact: Path, hogs: int) -> dict:
     spd = gates.get("speed", {})
     return {"exit_code": p.returncode, "hogs": hogs, "seconds": round(seconds, 1),
             "verdicts": {k: g.get("status") for k, g in gates.items()},
+            "generation": {k: gates.get("generation", {}).get(k) for k in ("mean_first_divergence",
+                           "teacher_forced_agreement", "repetition_reference", "repetition_candidate")},
             "decode_speedup": spd.get("decode_speedup"), "decode_speedup_ci95": spd.get("decode_speedup_ci95"),
             "rounds": spd.get("rounds"), "rounds_busy": spd.get("rounds_busy"),
             "ppl_delta_pct": gates.get("accuracy", {}).get("ppl_delta_pct")}
@@ -57,18 +59,18 @@ def table(results: dict, isa: str) -> str:
              f"{datetime.date.today().isoformat()}: `python scripts/gate_stability.py ARTIFACTS --runs N --loaded K`. "
              "Each run re-gates the artifact in its own process; loaded runs have a CPU-bound process (one per two CPUs) "
              "beside it.", "",
-             "| artifact | run | beside it | exit | accuracy | speed | coverage | decode speedup [95%] | rounds (busy) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| artifact | run | beside it | exit | accuracy | speed | coverage | generation | decode speedup [95%] | "
+             "rounds (busy) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         for i, r in enumerate(runs, 1):
             v = r.get("verdicts", {})
             ci = r.get("decode_speedup_ci95") or [None, None]
             sp = (f"{r['decode_speedup']:.2f}× [{ci[0]}, {ci[1]}]" if r.get("decode_speedup") is not None else "–")
             lines.append(f"| {name} | {i} | {r['hogs']} CPU hog(s) | {r['exit_code']} | {v.get('accuracy', '–')} | "
-                         f"{v.get('speed', '–')} | {v.get('coverage', '–')} | {sp} | {r.get('rounds')} "
+                         f"{v.get('speed', '–')} | {v.get('coverage', '–')} | {v.get('generation', '–')} | {sp} | {r.get('rounds')} "
                          f"({r.get('rounds_busy')}) |")
         verdicts = {json.dumps(r.get("verdicts"), sort_keys=True) for r in runs}
-        lines.append(f"| {name} | **{'identical' if len(verdicts) == 1 else 'DIFFERENT'} verdicts** | | | | | | | |")
+        lines.append(f"| {name} | **{'identical' if len(verdicts) == 1 else 'DIFFERENT'} verdicts** | | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -90,10 +92,13 @@ def main() -> int:
             runs.append(r)
         results[art.name] = runs
     isa = isa_tag()
+    record = ROOT / "docs" / f"gate_stability_{isa}.json"
+    if not a.no_docs and record.exists():  # artifacts measured in earlier invocations stay in the table
+        results = {**json.loads(record.read_text())["results"], **results}
     text = table(results, isa)
     print(text)
     if not a.no_docs:
-        (ROOT / "docs" / f"gate_stability_{isa}.json").write_text(json.dumps(
+        record.write_text(json.dumps(
             {"environment": hw.environment(), "results": results}, indent=1))
         write_section(ROOT / "docs" / "benchmarks.md", f"gate-stability-{isa}", text)
     return 0

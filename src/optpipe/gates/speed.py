@@ -6,7 +6,8 @@ same threads. A verdict is a statistic, so:
 - rounds are added (up to `max_repeats`) until the interval clears or misses the threshold; when the bound
   runs out first the gate says "inconclusive" (the build is refused, exit 3) instead of flipping a coin;
 - a round during which other processes kept the CPUs busy is not a measurement of the artifact: it is
-  discarded and recorded (`rounds_busy`). CPU time is recorded beside wall time, but it does not remove load:
+  discarded and recorded (`rounds_busy`); the load is also sampled for half a second before each round, so a
+  machine busy throughout is declared inconclusive in seconds. CPU time is recorded beside wall time, but it does not remove load:
   OpenMP/ORT threads spin at barriers while a sibling is descheduled, so under a CPU hog the CPU-time ratio
   fell (1.27x to 0.84x for cpu-torch INT8 on an AVX2 EPYC) as much as the wall ratio (1.44x to 0.89x).
 """
@@ -26,6 +27,7 @@ from . import GateResult
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 IDLE_WAIT_SECONDS = 2.0  # pause after a busy round before measuring again
+PROBE_SECONDS = 0.5  # how long the machine's load is sampled before each round
 
 
 def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
@@ -65,6 +67,13 @@ def measure(reference, candidate, prompt: np.ndarray, new_tokens: int, gate, thr
     thresholds = {"decode_s": gate.min_decode_speedup, "prefill_s": gate.min_prefill_speedup}
     rounds, busy = [], []
     for i in track(range(gate.max_repeats), desc="speed gate", unit="round"):
+        probe = BackgroundLoad()  # a short look before measuring: a busy machine costs seconds, not whole rounds
+        sleep(PROBE_SECONDS)
+        others = probe.cpus()
+        if others is not None and others > allowed:
+            busy.append(round(others, 2))
+            sleep(IDLE_WAIT_SECONDS)
+            continue
         load = BackgroundLoad()
         order = (("reference", reference), ("candidate", candidate))
         pair = {n: _run(r, prompt, new_tokens) for n, r in (order if i % 2 == 0 else order[::-1])}
