@@ -69,21 +69,28 @@ def table(results: dict, isa: str) -> str:
             lines.append(f"| {name} | {i} | {r['hogs']} CPU hog(s) | {r['exit_code']} | {v.get('accuracy', '–')} | "
                          f"{v.get('speed', '–')} | {v.get('coverage', '–')} | {v.get('generation', '–')} | {sp} | {r.get('rounds')} "
                          f"({r.get('rounds_busy')}) |")
-        verdicts = {json.dumps(r.get("verdicts"), sort_keys=True) for r in runs}
-        lines.append(f"| {name} | **{'identical' if len(verdicts) == 1 else 'DIFFERENT'} verdicts** | | | | | | | | |")
+        said = []
+        for label, group in (("quiet", [r for r in runs if not r["hogs"]]), ("loaded", [r for r in runs if r["hogs"]])):
+            verdicts = {json.dumps(r.get("verdicts"), sort_keys=True) for r in group}
+            if group:
+                speed = sorted({(r.get("verdicts") or {}).get("speed", "error") for r in group})
+                said.append(f"{label}: {'identical' if len(verdicts) == 1 else 'DIFFERENT'} verdicts "
+                            f"(speed {', '.join(speed)}) over {len(group)} run(s)")
+        lines.append(f"| {name} | **{'; '.join(said)}** | | | | | | | | |")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("artifacts", nargs="+", type=Path)
+    ap.add_argument("artifacts", nargs="*", type=Path)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--loaded", type=int, default=2, help="how many of the runs have CPU hogs beside them")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the recorded JSON, no runs")
     a = ap.parse_args()
     hogs = hw.usable_cpus()
     results = {}
-    for art in a.artifacts:
+    for art in [] if a.table_only else a.artifacts:
         runs = []
         for i in range(a.runs):
             loaded = i >= a.runs - a.loaded
