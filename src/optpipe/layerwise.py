@@ -78,7 +78,7 @@ class CheckpointLayers:
         return layer.requires_grad_(False).eval()
 
     def run_layer(self, layer, h: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        out = layer(h, attention_mask=None, position_ids=positions, **{cache_keyword(layer.forward): cache},
+        out = layer(h, attention_mask=None, position_ids=positions, **{cache_keyword(type(layer).forward): cache},
                     use_cache=cache is not None, position_embeddings=self.rotary(h, positions))
         return out[0] if isinstance(out, tuple) else out
 

@@ -66,21 +66,25 @@ def measure(reference, candidate, prompt: np.ndarray, new_tokens: int, gate, thr
     allowed = max(cpus - threads, 0) + gate.max_background_cpus  # others may use the CPUs the gate leaves idle
     thresholds = {"decode_s": gate.min_decode_speedup, "prefill_s": gate.min_prefill_speedup}
     rounds, busy = [], []
+
+    def too_busy(others: float | None) -> bool:
+        """Record and wait out a load above what the gate allows (None: the load cannot be measured here)."""
+        if others is None or others <= allowed:
+            return False
+        busy.append(round(others, 2))
+        sleep(IDLE_WAIT_SECONDS)
+        return True
+
     for i in track(range(gate.max_repeats), desc="speed gate", unit="round"):
         probe = BackgroundLoad()  # a short look before measuring: a busy machine costs seconds, not whole rounds
         sleep(PROBE_SECONDS)
-        others = probe.cpus()
-        if others is not None and others > allowed:
-            busy.append(round(others, 2))
-            sleep(IDLE_WAIT_SECONDS)
+        if too_busy(probe.cpus()):
             continue
         load = BackgroundLoad()
         order = (("reference", reference), ("candidate", candidate))
         pair = {n: _run(r, prompt, new_tokens) for n, r in (order if i % 2 == 0 else order[::-1])}
         others = load.cpus()
-        if others is not None and others > allowed:
-            busy.append(round(others, 2))
-            sleep(IDLE_WAIT_SECONDS)
+        if too_busy(others):
             continue
         rounds.append({**pair, "background_cpus": others})
         if len(rounds) >= gate.repeats and all(

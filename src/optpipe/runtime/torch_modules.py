@@ -8,6 +8,7 @@ ISA, so artifacts store the plain codes and pack them when loaded.
 from __future__ import annotations
 
 import contextvars
+import functools
 import re
 
 import numpy as np
@@ -297,9 +298,11 @@ def dtype_keyword() -> str:
     return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
+@functools.lru_cache(maxsize=None)
 def cache_keyword(forward) -> str:
     """The KV-cache argument of a transformers forward: `cache` from 5.x's rename (`past_key_values` is removed in
-    5.40), `past_key_values` before it (the IPEX environment's 4.51.3)."""
+    5.40), `past_key_values` before it (the IPEX environment's 4.51.3). Cached: the layer-by-layer reference asks
+    once per layer call."""
     import inspect
 
     try:
