@@ -50,3 +50,21 @@ def test_static_cache_runner_decodes_like_dynamic(tiny_llama):
     assert static == dynamic
     with pytest.raises(ValueError, match="exceeds the static KV cache of 64"):
         TorchRunner(model, 1, {"mode": "static", "max_length": 64}).generate(ids, 60)
+
+
+@pytest.mark.parametrize("kv_cache", [None, {"mode": "static", "max_length": 64}])
+def test_a_runner_does_not_keep_its_model_alive(tiny_llama, kv_cache):
+    """A dropped runner frees its model: a process that builds or gates many models (a test suite, a tuner) must
+    not hold every one of them (a cache keyed by the bound `forward` once did, and CI ran out of memory)."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    runner = TorchRunner(model, 1, kv_cache)
+    runner.generate(np.arange(10, 20), 4)
+    alive = weakref.ref(model)
+    del model, runner
+    gc.collect()
+    assert alive() is None

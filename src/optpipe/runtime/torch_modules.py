@@ -298,15 +298,20 @@ def dtype_keyword() -> str:
     return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
-@functools.lru_cache(maxsize=None)
 def cache_keyword(forward) -> str:
     """The KV-cache argument of a transformers forward: `cache` from 5.x's rename (`past_key_values` is removed in
-    5.40), `past_key_values` before it (the IPEX environment's 4.51.3). Cached: the layer-by-layer reference asks
-    once per layer call."""
+    5.40), `past_key_values` before it (the IPEX environment's 4.51.3). A bound method is looked up by its function:
+    caching the method itself would keep every model it was asked about alive."""
+    return _cache_keyword(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(function) -> str:
+    """Cached per function: the layer-by-layer reference asks once per layer call."""
     import inspect
 
     try:
-        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
     except (TypeError, ValueError):
         return "past_key_values"
 
