@@ -216,9 +216,17 @@ def _static_cache_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 
 def use_static_cache_attention(model) -> None:
+    """Route the model's attention through `_static_cache_sdpa`, with SDPA's masks (a name transformers does not
+    know gets no mask function, and a sliding-window layer then attends to every position)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(STATIC_ATTENTION, _static_cache_sdpa)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # transformers 4.51 (the IPEX environment) builds masks without this registry
+        pass
+    else:
+        AttentionMaskInterface.register(STATIC_ATTENTION, sdpa_mask)
     model.config._attn_implementation = STATIC_ATTENTION
 
 
