@@ -23,17 +23,16 @@ def _byte_tokenizer():
 
 
 def make_tiny(path: Path, arch: str = "llama", layers: int = 2, **shape) -> Path:
+    """A random-init model of any transformers decoder family, from its config (`arch` is its model_type)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
     common.update(shape)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    common.setdefault("head_dim", common["hidden_size"] // common["num_attention_heads"])  # Qwen3 defaults to 128
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common))
     with torch.no_grad():  # larger weights than the default init, so logits are not flat
         for p in model.parameters():
             if p.dim() == 2:

@@ -59,7 +59,7 @@ def test_json_results_and_quiet_build(tiny_llama, tmp_path, capsys):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, FUSED_INT4))
     assert main(["validate", str(recipe), "--json"]) == 0
     v = json.loads(capsys.readouterr().out)
-    assert v["status"] == "ok" and v["model_type"] == "llama" and v["passes"][0] == "export"
+    assert v["status"] == "ok" and v["model_type"] == "llama" and v["family"] == "llama" and v["passes"][0] == "export"
     out = tmp_path / "art"
     assert main(["-q", "build", str(recipe), "-o", str(out), "--json"]) == 0
     captured = capsys.readouterr()

@@ -105,14 +105,20 @@ def test_streaming_gptq_sees_earlier_quantization(tiny_llama, tmp_path):
 
 
 def test_streaming_gptq_rejects_unknown_matmul_names():
+    from transformers import LlamaConfig
+
     from optpipe.errors import BuildError
     from optpipe.passes._layerwise_gptq import input_site
 
-    assert input_site("model.layers.3.self_attn.qkv_proj", 8) == (3, "self_attn.q_proj")
-    assert input_site("model.layers.0.mlp.gate_up_proj", 8) == (0, "mlp.gate_proj")
-    assert input_site("lm_head", 8) == (8, "lm_head")
-    with pytest.raises(BuildError, match="custom_proj"):
-        input_site("model.layers.0.custom_proj", 8)
+    config = LlamaConfig(num_hidden_layers=8)
+    assert input_site("model.layers.3.self_attn.qkv_proj", config) == (3, "self_attn.q_proj")
+    assert input_site("model.layers.3.self_attn.v_proj", config) == (3, "self_attn.q_proj")
+    assert input_site("model.layers.0.mlp.gate_up_proj", config) == (0, "mlp.gate_proj")
+    assert input_site("model.layers.7.mlp.down_proj", config) == (7, "mlp.down_proj")
+    assert input_site("lm_head", config) == (8, "lm_head")
+    for bad in ("model.layers.0.custom_proj", "model.layers.8.mlp.down_proj", "decoder.layers.0.mlp.down_proj"):
+        with pytest.raises(BuildError, match="cannot tell which"):
+            input_site(bad, config)
 
 
 def test_checkpoint_view_rewrites_tensors_as_read(tiny_llama):

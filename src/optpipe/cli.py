@@ -88,7 +88,7 @@ def cmd_validate(a) -> int:
     r, passes, facts = check(a.recipe, allow_plugins=a.allow_plugins or None)
     if a.json:
         _emit_json({"status": "ok", "recipe": str(a.recipe), "target": r.target, "model": facts.describe(),
-                    "model_type": facts.model_type, "passes": [p.name for p in passes]})
+                    "model_type": facts.model_type, "family": facts.family, "passes": [p.name for p in passes]})
         return 0
     print(f"{a.recipe}: ok ({r.target}; model {facts.describe()}; passes: {', '.join(p.name for p in passes)})")
     return 0

@@ -16,9 +16,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from . import arch
 from .models import architecture_class, rotary_module
 from .progress import track
-from .runtime.torch_modules import cache_keyword
+from .runtime.torch_modules import cache_keyword, dynamic_cache
 
 
 class Fp32Linear(torch.nn.Linear):
@@ -42,7 +43,7 @@ class Int8ActLinear(Fp32Linear):
 
 
 class CheckpointLayers:
-    """The pieces of a Llama-family model built from a LazyCheckpoint on demand."""
+    """The pieces of a described decoder (`optpipe.arch`) built from a LazyCheckpoint on demand."""
 
     def __init__(self, checkpoint):
         self.ck = checkpoint
@@ -52,15 +53,17 @@ class CheckpointLayers:
         self.layer_cls = architecture_class(self.config, "DecoderLayer")
         self.norm_cls = architecture_class(self.config, "RMSNorm")
         self.rotary = rotary_module(self.config)
+        self.desc = arch.describe(self.config)
+        self.windows = self.desc.windows(self.config)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[1, S, hidden] fp32 hidden states for token ids [S] (only the rows used are converted)."""
-        return self.ck.get_torch("model.embed_tokens.weight")[ids].float().unsqueeze(0)
+        return self.ck.get_torch(self.desc.embed + ".weight")[ids].float().unsqueeze(0)
 
     def layer(self, i: int, effective: dict | None = None) -> torch.nn.Module:
         """Decoder layer i. `effective`: MatMul name (as the ONNX graph names it; fused q/k/v and gate/up
         included) -> loader of W [N, K] to use instead of the checkpoint's weight (e.g. dequantized INT4)."""
-        prefix = f"model.layers.{i}."
+        prefix = self.desc.layer_prefix(i)
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         state = {k[len(prefix):]: self.ck.get_torch(k) for k in self.ck.weight_map if k.startswith(prefix)}
@@ -73,34 +76,48 @@ class CheckpointLayers:
                     setattr(mod, name, torch.nn.Parameter(p.detach().float(), requires_grad=False))
         for name, eff in (effective or {}).items():
             if name.startswith(prefix):
-                _set_weights(layer, name[len(prefix):], torch.from_numpy(np.asarray(eff.load(), np.float32)),
-                             eff.act_int8_block)
+                _set_weights(layer, self.desc.fused.get(name[len(prefix):], (name[len(prefix):],)),
+                             torch.from_numpy(np.asarray(eff.load(), np.float32)), eff.act_int8_block)
         return layer.requires_grad_(False).eval()
 
-    def run_layer(self, layer, h: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        out = layer(h, attention_mask=None, position_ids=positions, **{cache_keyword(type(layer).forward): cache},
-                    use_cache=cache is not None, position_embeddings=self.rotary(h, positions))
+    def run_layer(self, index: int, layer, h: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """Decoder layer `index` on hidden states at `positions`; a cache (from `new_cache`) holds every earlier
+        position. A sliding-window layer gets its window as an explicit mask (the eager model builds the same)."""
+        out = layer(h, attention_mask=self._mask(self.windows[index], positions), position_ids=positions,
+                    **{cache_keyword(type(layer).forward): cache}, use_cache=cache is not None,
+                    position_embeddings=self.rotary(h, positions))
         return out[0] if isinstance(out, tuple) else out
+
+    @staticmethod
+    def _mask(window: int | None, positions: torch.Tensor) -> torch.Tensor | None:
+        """[1, 1, S, T] (True: attend) for queries at `positions` over keys 0 .. T-1, or None: plain causal."""
+        if window is None:
+            return None
+        q = positions[0].unsqueeze(1)
+        k = torch.arange(int(positions[0, -1]) + 1).unsqueeze(0)
+        return ((k <= q) & (q - k < window))[None, None]
+
+    def new_cache(self):
+        """A KV cache that keeps every position of every layer (a sliding-window cache would drop the keys the
+        explicit masks of `run_layer` index)."""
+        return dynamic_cache(None)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         with torch.device("meta"):
             norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        norm.load_state_dict({"weight": self.ck.get_torch("model.norm.weight").float()}, assign=True)
+        norm.load_state_dict({"weight": self.ck.get_torch(self.desc.final_norm + ".weight").float()}, assign=True)
         return norm(h)
 
     @property
     def head_name(self) -> str:
-        return "lm_head.weight" if "lm_head.weight" in self.ck else "model.embed_tokens.weight"
+        head = self.desc.lm_head + ".weight"
+        return head if head in self.ck else self.desc.embed + ".weight"
 
     def head(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Logits for normed hidden states x [S, hidden], the head read in row chunks."""
         vocab = self.ck.shapes[self.head_name][0]
         return torch.cat([x @ self.ck.get_torch(self.head_name, (r, min(r + chunk, vocab))).float().T
                           for r in range(0, vocab, chunk)], dim=-1)
-
-
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 @dataclass
@@ -112,13 +129,12 @@ class EffectiveWeight:
     act_int8_block: int | None = None
 
 
-def _set_weights(layer, name: str, w: torch.Tensor, act_int8_block: int | None = None) -> None:
-    """Put W [N, K] into linear `name` of the layer, or split its rows over the linears a fused name stands for."""
-    names = FUSED.get(name, (name,))
+def _set_weights(layer, names: tuple[str, ...], w: torch.Tensor, act_int8_block: int | None = None) -> None:
+    """Put W [N, K] into the layer's linear, or split its rows over the linears a fused weight stands for."""
     mods = [layer.get_submodule(n) for n in names]
     sizes = [m.out_features for m in mods]
     if sum(sizes) != w.shape[0] or any(m.in_features != w.shape[1] for m in mods):
-        raise ValueError(f"weight for {name}: {list(w.shape)} does not fit {names} ({sizes} x {mods[0].in_features})")
+        raise ValueError(f"weight for {'+'.join(names)}: {list(w.shape)} does not fit {names} ({sizes} x {mods[0].in_features})")
     for m, part in zip(mods, torch.split(w, sizes)):
         m.weight = torch.nn.Parameter(part.contiguous(), requires_grad=False)
         if act_int8_block:
@@ -170,7 +186,7 @@ class LayerStep:
 
     @torch.inference_mode()
     def _forward(self) -> None:
-        self.outputs = [self.layers.run_layer(self.module, h, torch.arange(h.shape[1]).unsqueeze(0))
+        self.outputs = [self.layers.run_layer(self.index, self.module, h, torch.arange(h.shape[1]).unsqueeze(0))
                         for h in self.hidden]
 
 

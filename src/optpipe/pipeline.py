@@ -110,6 +110,7 @@ class Pass:
     targets: ClassVar[frozenset[str] | None] = None  # None: any target
     streams: ClassVar[bool] = False  # works in a streaming build (model.streaming: no model in memory)
     once: ClassVar[bool] = False  # may appear at most once in a recipe (e.g. export, static-kv-cache)
+    topology: ClassVar[bool] = False  # reads the layer topology: the model's family needs an architecture description
 
     def __init__(self, config: PassConfig):
         self.config = config

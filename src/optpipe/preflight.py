@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import arch
 from .errors import ModelLoadError, RecipeError
 
 GGUF_MAGIC = b"GGUF"
@@ -26,9 +27,18 @@ class ModelFacts:
     max_positions: int | None
     architectures: list[str]
     source_kind: str  # "gguf" | "hf-dir" | "hub-cache"
+    config: dict = field(default_factory=dict)  # the (text) config's settings; from a GGUF header, those it names
+
+    @property
+    def family(self) -> str | None:
+        """The architecture description that covers this model, or None (only passes that need no layer topology
+        can then run)."""
+        return arch.describe(self.model_type).family if self.model_type in arch.supported() else None
 
     def describe(self) -> str:
-        return f"{self.model_type} ({', '.join(self.architectures) or 'no architectures listed'}), {self.source_kind}"
+        family = f"family {self.family}" if self.family else "no architecture description"
+        return (f"{self.model_type} ({', '.join(self.architectures) or 'no architectures listed'}), "
+                f"{self.source_kind}, {family}")
 
 
 # GGUF value types -> struct format (strings and arrays handled apart)
@@ -79,7 +89,10 @@ def _gguf_facts(path: Path) -> ModelFacts:
     if not arch:
         raise ModelLoadError(f"model.source: {path}: GGUF header names no general.architecture")
     ctx = header.get(f"{arch}.context_length")
-    return ModelFacts(str(arch), int(ctx) if ctx else None, [], "gguf")
+    config = {"model_type": str(arch), "num_attention_heads": header.get(f"{arch}.attention.head_count"),
+              "num_key_value_heads": header.get(f"{arch}.attention.head_count_kv"),
+              "sliding_window": header.get(f"{arch}.attention.sliding_window")}
+    return ModelFacts(str(arch), int(ctx) if ctx else None, [], "gguf", config)
 
 
 def _config_facts(config_path: Path, kind: str) -> ModelFacts:
@@ -96,7 +109,7 @@ def _config_facts(config_path: Path, kind: str) -> ModelFacts:
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     ctx = text.get("max_position_embeddings")
     return ModelFacts(cfg["model_type"], int(ctx) if isinstance(ctx, int) else None,
-                      list(cfg.get("architectures") or []), kind)
+                      list(cfg.get("architectures") or []), kind, {**text, "model_type": cfg["model_type"]})
 
 
 def model_facts(spec) -> ModelFacts:
@@ -159,6 +172,10 @@ def check(recipe, source: str, passes: list) -> ModelFacts | None:
     if any("calibration" in p.needs for p in passes):
         check_data(recipe.calibration, recipe.base_dir, f"{source}: calibration")
     for i, p in enumerate(passes):
+        if p.topology and facts.model_type not in arch.supported():
+            raise RecipeError(f"{source}: passes[{i}] ({p.name}): needs the layer topology of model_type "
+                              f"{facts.model_type!r}, which has no architecture description (described: "
+                              f"{', '.join(arch.supported())})")
         try:
             p.check_recipe(recipe, facts, passes[:i])
         except ValueError as e:

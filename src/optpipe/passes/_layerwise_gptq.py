@@ -10,35 +10,34 @@ layer's weights, its Hessians, and the calibration activations.
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import numpy as np
 
+from .. import arch
 from .. import lazy as _lazy
 from ..errors import BuildError
 from ..layerwise import LayerStep, hessian_sum, walk
 from ..progress import bar
 
-# ONNX MatMul name (as export and fuse write them) -> the transformers module whose input is that MatMul's input
-_SITES = [
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.(?:q|k|v|qkv)_proj$"), "self_attn.q_proj"),
-    (re.compile(r"^model\.layers\.(\d+)\.self_attn\.o_proj$"), "self_attn.o_proj"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.(?:gate|up|gate_up)_proj$"), "mlp.gate_proj"),
-    (re.compile(r"^model\.layers\.(\d+)\.mlp\.down_proj$"), "mlp.down_proj"),
-]
 
-
-def input_site(name: str, num_layers: int) -> tuple[int, str]:
-    """(layer index, module path in the layer) whose input feeds MatMul `name`; lm_head is (num_layers, "lm_head")."""
-    if name == "lm_head":
-        return num_layers, LayerStep.HEAD
-    for pattern, module in _SITES:
-        m = pattern.match(name)
-        if m:
-            return int(m.group(1)), module
+def input_site(name: str, config) -> tuple[int, str]:
+    """(layer index, module path in the layer) whose input feeds MatMul `name` (ONNX MatMuls are named after the
+    module they replace, fused ones after the fused name); lm_head is (num_layers, "lm_head")."""
+    desc = arch.describe(config)
+    layers = config.num_hidden_layers
+    if name == desc.lm_head:
+        return layers, LayerStep.HEAD
+    head, _, rest = name.partition(desc.layers + ".")
+    index, _, module = rest.partition(".")
+    if not head and index.isdigit() and int(index) < layers:
+        try:
+            return int(index), desc.input_of(module)
+        except KeyError:
+            pass
     raise BuildError(f"GPTQ in a streaming build: cannot tell which decoder-layer input feeds MatMul {name!r} "
-                     "(known: q/k/v/qkv, o, gate/up/gate_up, down projections and lm_head)")
+                     f"(the {desc.family} description knows {', '.join(desc.linears + tuple(desc.fused))} and "
+                     f"{desc.lm_head})")
 
 
 def gptq_by_layer(checkpoint, nodes, weight: Callable[[object], np.ndarray],
@@ -50,7 +49,7 @@ def gptq_by_layer(checkpoint, nodes, weight: Callable[[object], np.ndarray],
     layers = checkpoint.config.num_hidden_layers
     by_layer: dict[int, dict[str, list]] = {}
     for node in nodes:
-        i, site = input_site(node.name, layers)
+        i, site = input_site(node.name, checkpoint.config)
         by_layer.setdefault(i, {}).setdefault(site, []).append(node)
     tokens = sum(int(np.asarray(w).size) for w in windows)
     errors = []

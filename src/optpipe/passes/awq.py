@@ -1,7 +1,8 @@
 """`awq`: activation-aware weight scaling (Lin et al., 2024) before weight-only INT4 quantization.
 
-Per group of linears that share an input (attention q/k/v after input_layernorm; MLP gate/up after
-post_attention_layernorm; down_proj after up_proj; o_proj after v_proj when there is no grouped-query sharing),
+Per group of linears that share an input, as the architecture description lists them (Llama: attention q/k/v after
+input_layernorm; MLP gate/up after post_attention_layernorm; down_proj after up_proj; o_proj after v_proj when there
+is no grouped-query sharing),
 channels with large mean |activation| are scaled up in the weights and down in the preceding op:
 s = mean|X|^alpha, with alpha searched on a grid to minimise the group's output error after quantizing the scaled
 weights with the same quantizer the later pass uses. In float the model computes the same function.
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from .. import arch
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ..progress import track
 from . import _quant
@@ -30,25 +32,29 @@ class AwqConfig(PassConfig):
 
 
 def _groups(model):
-    cfg = model.config
-    gqa = cfg.num_key_value_heads != cfg.num_attention_heads
-    for i, layer in enumerate(model.model.layers):
-        a, m = layer.self_attn, layer.mlp
-        yield f"model.layers.{i}.attn_qkv", layer.input_layernorm, None, [a.q_proj, a.k_proj, a.v_proj]
-        if not gqa:
-            yield f"model.layers.{i}.attn_o", None, a.v_proj, [a.o_proj]
-        yield f"model.layers.{i}.mlp_gate_up", layer.post_attention_layernorm, None, [m.gate_proj, m.up_proj]
-        yield f"model.layers.{i}.mlp_down", None, m.up_proj, [m.down_proj]
+    """(name, norm or None, previous linear or None, linears) per group of the architecture description."""
+    desc = arch.describe(model.config)
+    for i, layer in enumerate(model.get_submodule(desc.layers)):
+        for g in desc.groups(model.config):
+            source = layer.get_submodule(g.source)
+            yield (desc.layer_prefix(i) + g.name, source if g.source_kind == "norm" else None,
+                   source if g.source_kind == "linear" else None, [layer.get_submodule(m) for m in g.members])
 
 
 @register
 class Awq(Pass):
     name = "awq"
+    topology = True
     Config = AwqConfig
     input_stage = "torch"
     output_stage = "torch"
     needs = frozenset({"calibration"})
     provides = frozenset({"awq"})
+
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        if any("fused-projections" in p.provides for p in earlier):
+            raise ValueError("must come before `fuse`: it rescales the separate q/k/v and gate/up linears that "
+                             "fuse packs into one")
 
     def _quantized(self, w: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -3,7 +3,8 @@
 The graph is written from the model's config and weights rather than traced: the structure is known, so
 attention, RMSNorm and rotary are emitted as model-local ONNX functions (domain `optpipe`) in plain ONNX ops.
 That keeps the unfused graph runnable anywhere, and gives `fuse` exact, named units to replace with ONNX
-Runtime's fused kernels. Supported: llama (incl. SmolLM2, Llama-2/3, Mistral-style) and qwen2 (q/k/v biases).
+Runtime's fused kernels. The layer's module names and features come from its architecture description
+(`optpipe.arch`): llama (SmolLM2, Llama 2/3), mistral, qwen2 (q/k/v biases), qwen3 (q/k norms).
 
 The output check runs the graph in ONNX Runtime on a prompt and one cached decode step and compares logits
 with PyTorch; a mismatch beyond `atol` fails the build.
@@ -18,13 +19,13 @@ import torch
 from onnx import helper
 from pydantic import Field
 
+from .. import arch as _arch_desc
 from .. import lazy as _lazy
 from ..errors import BuildError
 from ..models import rotary_module
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder
 
-SUPPORTED = ("llama", "qwen2", "mistral")
 NEG = float(np.finfo(np.float32).min)
 
 
@@ -36,14 +37,15 @@ class ExportConfig(PassConfig):
 
 
 def _arch(config) -> dict:
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED:
-        raise BuildError(f"model_type {mt!r} is not supported by export (supported: {', '.join(SUPPORTED)})")
+    try:
+        desc = _arch_desc.describe(config)
+    except _arch_desc.UnsupportedArchitecture as e:
+        raise BuildError(f"export: {e}") from None
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {"model_type": mt, "hidden": config.hidden_size, "heads": heads, "kv_heads": config.num_key_value_heads,
-            "head_dim": head_dim, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
-            "eps": float(config.rms_norm_eps), "bias": mt == "qwen2" or bool(getattr(config, "attention_bias", False))}
+    return {"model_type": config.model_type, "desc": desc, "hidden": config.hidden_size, "heads": heads,
+            "kv_heads": config.num_key_value_heads, "head_dim": head_dim, "layers": config.num_hidden_layers,
+            "vocab": config.vocab_size, "eps": float(config.rms_norm_eps)}
 
 
 def _rmsnorm_function(eps: float) -> onnx.FunctionProto:
@@ -56,8 +58,14 @@ def _rmsnorm_function(eps: float) -> onnx.FunctionProto:
                                 [helper.make_opsetid("", OPSET)])
 
 
-def _attention_function(a: dict) -> onnx.FunctionProto:
-    """Causal GQA attention with rotary embedding and a growing KV cache, in plain ONNX ops.
+def attention_op(window: int | None) -> str:
+    """The attention function's name: one per sliding-window size (fuse reads the window back from it)."""
+    return "CausalAttention" if window is None else f"CausalAttentionWindow{window}"
+
+
+def _attention_function(a: dict, window: int | None = None) -> onnx.FunctionProto:
+    """Causal GQA attention with rotary embedding and a growing KV cache, in plain ONNX ops. With a `window`, a
+    query at position i sees keys j with i - j < window (transformers' sliding-window mask).
 
     Inputs q/k/v are [B, S, heads*D]; past_* are [B, kv_heads, P, D]; positions run from P = T - S to T - 1,
     T being the attention mask's length (so a static cache can later reuse the same convention).
@@ -100,12 +108,15 @@ def _attention_function(a: dict) -> onnx.FunctionProto:
     rows = g.op("Unsqueeze", [pos, i64([1])])
     cols = g.op("Range", [i64(0), T, i64(1)])
     future = g.op("Greater", [cols, rows])  # [S, T]
+    if window is not None:
+        too_old = g.op("GreaterOrEqual", [g.op("Sub", [rows, cols]), i64(window)])
+        future = g.op("Or", [future, too_old])
     padded = g.op("Unsqueeze", [g.op("Equal", ["attention_mask", i64(0)]), i64([1, 2])])  # [B,1,1,T]
     masked = g.op("Where", [g.op("Or", [future, padded]), g.const(NEG, np.float32), scores])
     ctx = g.op("MatMul", [g.op("Softmax", [masked], axis=-1), vv])
     g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), i64([0, 0, H * D])], outputs=["output"])
     return helper.make_function(
-        FN_DOMAIN, "CausalAttention",
+        FN_DOMAIN, attention_op(window),
         ["q", "k", "v", "past_key", "past_value", "attention_mask", "cos_cache", "sin_cache"],
         ["output", "present_key", "present_value"], g.nodes, [helper.make_opsetid("", OPSET)])
 
@@ -158,7 +169,8 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
     a["scale"] = 1.0 / float(np.sqrt(a["head_dim"]))
     H, KV, D, L = a["heads"], a["kv_heads"], a["head_dim"], a["layers"]
     g = GraphBuilder()
-    embed = wts.init(g, "model.embed_tokens.weight", "model.embed_tokens.weight")
+    d: _arch_desc.ArchDescription = a["desc"]
+    embed = wts.init(g, d.embed + ".weight", d.embed + ".weight")
     cos, sin = rotary_cache(wts.rotary(), cfg.max_positions)
     g.init("cos_cache", cos)
     g.init("sin_cache", sin)
@@ -173,43 +185,56 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
     def norm(x, module: str):
         return g.op("RMSNorm", [x, wts.init(g, module + ".weight", module + ".weight")], domain=FN_DOMAIN, name=module)
 
-    h = g.op("Gather", [embed, "input_ids"], name="model.embed_tokens")
+    h = g.op("Gather", [embed, "input_ids"], name=d.embed)
     inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", INT64, ["batch", "total_sequence"])]
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", a["vocab"]])]
+    d: _arch_desc.ArchDescription = a["desc"]
+    windows = d.windows(wts.config)
+
+    def per_head_norm(x, module: str, n: int):
+        """RMSNorm over each head's D channels (Qwen3's q/k norm), before rotary."""
+        x4 = g.op("Reshape", [x, g.const([0, 0, n, D])], name=module + ".to_heads")
+        return g.op("Reshape", [norm(x4, module), g.const([0, 0, n * D])], name=module + ".from_heads")
+
     for i in range(L):
-        p = f"model.layers.{i}"
-        x = norm(h, f"{p}.input_layernorm")
-        q, k, v = (linear(x, f"{p}.self_attn.{n}_proj") for n in "qkv")
+        p = d.layer_prefix(i)
+        x = norm(h, p + d.attn_norm)
+        q, k, v = (linear(x, p + n) for n in (d.q, d.k, d.v))
+        if d.qk_norm:
+            q, k = per_head_norm(q, p + d.qk_norm[0], H), per_head_norm(k, p + d.qk_norm[1], KV)
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
-        attn, _, _ = g.op("CausalAttention", [q, k, v, past_k, past_v, "attention_mask", "cos_cache", "sin_cache"],
-                          n_out=3, domain=FN_DOMAIN, name=f"{p}.self_attn.attention",
-                          outputs=[f"{p}.self_attn.attention/out", pres_k, pres_v])
-        h = g.op("Add", [h, linear(attn, f"{p}.self_attn.o_proj")], name=f"{p}.attn_residual")
-        x = norm(h, f"{p}.post_attention_layernorm")
-        gate = linear(x, f"{p}.mlp.gate_proj")
-        up = linear(x, f"{p}.mlp.up_proj")
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{p}.mlp.act_sigmoid")],
-                                name=f"{p}.mlp.act_silu"), up], name=f"{p}.mlp.act_mul")
-        h = g.op("Add", [h, linear(act, f"{p}.mlp.down_proj")], name=f"{p}.mlp_residual")
+        attn_name = p + d.o.rsplit(".", 1)[0] + ".attention"
+        attn, _, _ = g.op(attention_op(windows[i]), [q, k, v, past_k, past_v, "attention_mask", "cos_cache", "sin_cache"],
+                          n_out=3, domain=FN_DOMAIN, name=attn_name,
+                          outputs=[attn_name + "/out", pres_k, pres_v])
+        h = g.op("Add", [h, linear(attn, p + d.o)], name=p + "attn_residual")
+        x = norm(h, p + d.mlp_norm)
+        gate = linear(x, p + d.gate)
+        up = linear(x, p + d.up)
+        mlp = p + d.down.rsplit(".", 1)[0]
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{mlp}.act_sigmoid")],
+                                name=f"{mlp}.act_silu"), up], name=f"{mlp}.act_mul")
+        h = g.op("Add", [h, linear(act, p + d.down)], name=p + "mlp_residual")
         for nm in (past_k, past_v):
             inputs.append(helper.make_tensor_value_info(nm, FLOAT, ["batch", KV, "past_sequence", D]))
         for nm in (pres_k, pres_v):
             outputs.append(helper.make_tensor_value_info(nm, FLOAT, ["batch", KV, "total_sequence", D]))
-    x = norm(h, "model.norm")
-    lm = "lm_head.weight" if wts.has("lm_head.weight") else "model.embed_tokens.weight"
-    w = wts.init(g, "lm_head.weight_t", lm, transpose=True)  # materialized even when tied, so it can be quantized
-    g.op("MatMul", [x, w], name="lm_head", outputs=["logits"])
+    x = norm(h, d.final_norm)
+    lm = d.lm_head + ".weight" if wts.has(d.lm_head + ".weight") else d.embed + ".weight"
+    w = wts.init(g, d.lm_head + ".weight_t", lm, transpose=True)  # materialized even when tied, so it can be quantized
+    g.op("MatMul", [x, w], name=d.lm_head, outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
     model_proto = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", cfg.opset), helper.make_opsetid(FN_DOMAIN, 1)],
-        functions=[_rmsnorm_function(a["eps"]), _attention_function(a)], producer_name="optpipe")
+        functions=[_rmsnorm_function(a["eps"])] + [_attention_function(a, w) for w in sorted(set(windows), key=str)],
+        producer_name="optpipe")
     model_proto.ir_version = 10
     meta = {"optpipe.num_layers": L, "optpipe.num_heads": H, "optpipe.kv_num_heads": KV, "optpipe.head_dim": D,
             "optpipe.vocab_size": a["vocab"], "optpipe.kv_cache": "dynamic", "optpipe.max_length": cfg.max_positions,
-            "optpipe.model_type": a["model_type"], "optpipe.rms_norm_eps": repr(a["eps"])}
+            "optpipe.model_type": a["model_type"], "optpipe.family": d.family, "optpipe.rms_norm_eps": repr(a["eps"])}
     for k_, v_ in meta.items():
         model_proto.metadata_props.append(onnx.StringStringEntryProto(key=k_, value=str(v_)))
     return model_proto
@@ -238,6 +263,7 @@ def check_against_torch(model, onnx_model: onnx.ModelProto, atol: float, threads
 @register
 class Export(Pass):
     name = "export"
+    topology = True
     streams = True
     Config = ExportConfig
     input_stage = "torch"
@@ -245,11 +271,6 @@ class Export(Pass):
     provides = frozenset({"onnx"})
     targets = frozenset({"cpu-onnx", "gpu-tensorrt"})
     once = True
-
-    def check_recipe(self, recipe, facts, earlier) -> None:
-        if facts is not None and facts.model_type not in SUPPORTED:
-            raise ValueError(f"model_type {facts.model_type!r} of {recipe.model.source} is not supported by export "
-                             f"(supported: {', '.join(SUPPORTED)})")
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         streaming = state.torch_model is None and state.checkpoint is not None

@@ -1,8 +1,9 @@
 """`fuse`: replace the exported graph's units with ONNX Runtime's fused CPU kernels, and count each fusion.
 
-- attention (`optpipe:CausalAttention`: rotary + KV cache + GQA) -> `com.microsoft:GroupQueryAttention`
-  with `do_rotary=1`, taking a packed QKV projection when q/k/v share their input;
-- q/k/v projections -> one MatMul (`qkv_proj`); MLP gate/up projections -> one MatMul + Split;
+- attention (`optpipe:CausalAttention[WindowN]`: rotary + KV cache + GQA) -> `com.microsoft:GroupQueryAttention`
+  with `do_rotary=1` (and `local_window_size=N` for a sliding window), taking a packed QKV projection when q/k/v share their input;
+- q/k/v projections -> one MatMul (`qkv_proj`); MLP gate/up projections -> one MatMul + Split (names from the
+  architecture description);
 - residual Add + RMSNorm -> `com.microsoft:SkipSimplifiedLayerNormalization`; other RMSNorm ->
   `SimplifiedLayerNormalization`.
 SiLU-mul stays two element-wise ops: ONNX Runtime's CPU provider has no fused SwiGLU kernel.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
+from .. import arch
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ._onnx import (
     FN_DOMAIN,
@@ -30,6 +32,12 @@ class FuseConfig(PassConfig):
     rmsnorm: bool = True
     qkv: bool = True
     gate_up: bool = True
+
+
+def _window(op_type: str) -> int:
+    """GroupQueryAttention's local_window_size for an export attention function (-1: full causal attention)."""
+    suffix = op_type.removeprefix("CausalAttention").removeprefix("Window")
+    return int(suffix) if suffix else -1
 
 
 def _weight_matmul(node, inits) -> bool:
@@ -71,6 +79,7 @@ class _Graph(GraphEdit):
 class Fuse(Pass):
     targets = frozenset({"cpu-onnx"})  # ORT contrib kernels; TensorRT takes the unfused graph
     name = "fuse"
+    topology = True
     streams = True
     Config = FuseConfig
     provides = frozenset({"fused-attention"})
@@ -81,10 +90,11 @@ class Fuse(Pass):
         meta = metadata(model)
         counts = {"attention_gqa": 0, "qkv_packed": 0, "gate_up": 0, "skip_rmsnorm": 0, "rmsnorm": 0}
         g = _Graph(model)
+        desc = arch.describe(meta["optpipe.model_type"])
         if self.config.attention:
-            self._attention(g, meta, counts)
+            self._attention(g, meta, desc, counts)
         if self.config.gate_up:
-            self._gate_up(g, counts)
+            self._gate_up(g, desc, counts)
         g.commit()
         if self.config.rmsnorm:
             g = _Graph(model)
@@ -97,8 +107,8 @@ class Fuse(Pass):
             notes.append("attention left unfused (fuse.attention: false): the static KV cache needs it fused")
         return PassResult(any(counts.values()), counts, notes)
 
-    def _attention(self, g: _Graph, meta: dict, counts: dict) -> None:
-        attn = [n for n in g.model.graph.node if n.domain == FN_DOMAIN and n.op_type == "CausalAttention"]
+    def _attention(self, g: _Graph, meta: dict, desc: arch.ArchDescription, counts: dict) -> None:
+        attn = [n for n in g.model.graph.node if n.domain == FN_DOMAIN and n.op_type.startswith("CausalAttention")]
         if not attn:
             return
         # Shared by every layer: GQA's sequence bookkeeping, from the attention mask.
@@ -119,23 +129,26 @@ class Fuse(Pass):
             packed = (self.config.qkv and all(srcs) and len({s[0].input[0] for s in srcs}) == 1
                       and len({s[1] is None for s in srcs}) == 1)
             if packed:
-                prefix = node.name.rsplit(".", 1)[0]
-                q, _ = g.concat_linears(srcs, prefix + ".qkv_proj")
+                layer = node.name.removesuffix(desc.o.rsplit(".", 1)[0] + ".attention")
+                q, _ = g.concat_linears(srcs, layer + desc.qkv_fused)
                 k = v = ""
                 counts["qkv_packed"] += 1
             g.new_nodes.append(helper.make_node(
                 "GroupQueryAttention", [q, k, v, past_k, past_v, "gqa/seqlens_k", "gqa/total_sequence_length", cos, sin],
                 list(node.output), name=node.name, domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
-                do_rotary=1, rotary_interleaved=0, scale=1.0 / float(np.sqrt(head_dim))))
+                do_rotary=1, rotary_interleaved=0, scale=1.0 / float(np.sqrt(head_dim)),
+                local_window_size=_window(node.op_type)))
             g.remove.add(id(node))
             counts["attention_gqa"] += 1
 
-    def _gate_up(self, g: _Graph, counts: dict) -> None:
-        for gate in [n for n in g.model.graph.node if n.op_type == "MatMul" and n.name.endswith(".mlp.gate_proj")]:
-            up = next((n for n in g.cons.get(gate.input[0], []) if n.op_type == "MatMul" and n.name.endswith(".mlp.up_proj")), None)
+    def _gate_up(self, g: _Graph, desc: arch.ArchDescription, counts: dict) -> None:
+        for gate in [n for n in g.model.graph.node if n.op_type == "MatMul" and n.name.endswith("." + desc.gate)]:
+            layer = gate.name.removesuffix(desc.gate)
+            up = next((n for n in g.cons.get(gate.input[0], []) if n.op_type == "MatMul" and n.name == layer + desc.up),
+                      None)
             if up is None or not (_weight_matmul(gate, g.inits) and _weight_matmul(up, g.inits)):
                 continue
-            name = gate.name.rsplit(".", 1)[0] + ".gate_up_proj"
+            name = layer + desc.gate_up_fused
             out, sizes = g.concat_linears([(gate, None), (up, None)], name)
             g.new_inits.append(numpy_helper.from_array(np.array(sizes, np.int64), name + ".split"))
             g.new_nodes.append(helper.make_node("Split", [out, name + ".split"], [gate.output[0], up.output[0]],

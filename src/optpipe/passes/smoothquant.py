@@ -1,6 +1,6 @@
 """`smoothquant`: migrate activation outliers into the weights (Xiao et al., 2023) before INT8 quantization.
 
-For each RMSNorm -> Linear group (attention q/k/v; MLP gate/up) it measures the per-channel max |x| of the
+For each RMSNorm -> Linear group of the architecture description (attention q/k/v; MLP gate/up) it measures the per-channel max |x| of the
 norm's output on calibration text and divides the channel by s_j = max|X_j|^alpha / max|W_j|^(1-alpha),
 multiplying the following weights' input columns by the same s_j. In fp32 the model computes the same
 function; per-tensor activation quantization afterwards loses much less. Works on the PyTorch model, so it
@@ -12,13 +12,15 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from .. import arch
 from ..layerwise import channel_absmax, walk
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ._torch_calib import capture_inputs
 
-# per decoder layer: the norm and the linears that read its output
-GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-          ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+
+def norm_groups(config) -> list[tuple[str, tuple[str, ...]]]:
+    """Per decoder layer: each norm and the linears that read its output (from the architecture description)."""
+    return [(g.source, g.members) for g in arch.describe(config).groups(config) if g.source_kind == "norm"]
 
 
 class SmoothQuantConfig(PassConfig):
@@ -34,6 +36,7 @@ def smoothing_scale(amax: torch.Tensor, weights, alpha: float) -> torch.Tensor:
 @register
 class SmoothQuant(Pass):
     name = "smoothquant"
+    topology = True
     streams = True
     Config = SmoothQuantConfig
     input_stage = "torch"
@@ -41,20 +44,26 @@ class SmoothQuant(Pass):
     needs = frozenset({"calibration"})
     provides = frozenset({"smoothed"})
 
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        if any("fused-projections" in p.provides for p in earlier):
+            raise ValueError("must come before `fuse`: it rescales the separate q/k/v and gate/up linears that "
+                             "fuse packs into one")
+
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         if state.torch_model is None and state.checkpoint is not None:
             return self._streaming(state, ctx)
         model = state.torch_model
-        layers = model.model.layers
+        groups = norm_groups(model.config)
+        layers = model.get_submodule(arch.describe(model.config).layers)
         observed = {f"{i}.{norm}": layer.get_submodule(linears[0])
-                    for i, layer in enumerate(layers) for norm, linears in GROUPS}
+                    for i, layer in enumerate(layers) for norm, linears in groups}
         amax = capture_inputs(model, observed, ctx.calibration_windows(), reduce=channel_absmax,
                               desc="smoothquant calibration")
         a = self.config.alpha
         scales = []
         with torch.no_grad():
             for i, layer in enumerate(layers):
-                for norm, linears in GROUPS:
+                for norm, linears in groups:
                     lins = [layer.get_submodule(n) for n in linears]
                     s = smoothing_scale(amax[f"{i}.{norm}"], [lin.weight for lin in lins], a)
                     norm_w = layer.get_submodule(norm).weight
@@ -69,10 +78,12 @@ class SmoothQuant(Pass):
         a view of the checkpoint (weights are rescaled as later passes read them), never a model in memory."""
         a = self.config.alpha
         fns, scales, amaxes = {}, [], []
+        config = state.checkpoint.config
+        groups, desc = norm_groups(config), arch.describe(config)
         for step in walk(state.checkpoint, ctx.calibration_windows(), desc="smoothquant calibration (layer by layer)"):
-            layer, prefix = step.module, f"model.layers.{step.index}."
-            amax = step.observe({norm: layer.get_submodule(linears[0]) for norm, linears in GROUPS}, channel_absmax)
-            for norm, linears in GROUPS:
+            layer, prefix = step.module, desc.layer_prefix(step.index)
+            amax = step.observe({norm: layer.get_submodule(linears[0]) for norm, linears in groups}, channel_absmax)
+            for norm, linears in groups:
                 s = smoothing_scale(amax[norm], [layer.get_submodule(n).weight for n in linears], a)
                 fns[prefix + norm + ".weight"] = lambda t, s=s: t / s
                 fns.update({prefix + n + ".weight": (lambda t, s=s: t * s) for n in linears})

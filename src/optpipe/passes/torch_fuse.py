@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import torch
 
+from .. import arch
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ..runtime.torch_modules import fuse_projections
 
-GROUPS = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
-
 
 def fusable(model) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(parent module, fused leaf name, member leaf names) for every fusable group of the architecture description
+    whose members are still plain Linears."""
+    desc = arch.describe(model.config)
     out = []
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in GROUPS:
-            fused, parts = GROUPS[leaf]
-            if all(type(getattr(mod, p, None)) is torch.nn.Linear for p in parts):
-                out.append((name, fused, parts))
+    for i, layer in enumerate(model.get_submodule(desc.layers)):
+        for fused, members in desc.fused.items():
+            parent = fused.rsplit(".", 1)[0]
+            if any(m.rsplit(".", 1)[0] != parent for m in members):
+                continue  # members under different modules: the holder trick needs one parent
+            if all(type(layer.get_submodule(m)) is torch.nn.Linear for m in members):
+                out.append((desc.layer_prefix(i) + parent, fused.rsplit(".", 1)[1],
+                            tuple(m.rsplit(".", 1)[1] for m in members)))
     return out
 
 
 @register
 class TorchFuse(Pass):
     name = "fuse"
+    topology = True
     Config = PassConfig
     input_stage = "torch"
     output_stage = "torch"

@@ -14,7 +14,6 @@ import torch
 from ..layerwise import CheckpointLayers
 from ..progress import track
 from ..runtime.generation import Generation, OnToken, Pick, decode
-from ..runtime.torch_modules import dynamic_cache
 
 
 class LayerwiseReference:
@@ -32,7 +31,7 @@ class LayerwiseReference:
         for i in track(range(m.num_layers), desc="fp32 reference (layer by layer)", unit="layer", leave=False,
                        log=False):
             layer = m.layer(i)
-            h = m.run_layer(layer, h, pos, cache)
+            h = m.run_layer(i, layer, h, pos, cache)
             del layer
         return m.head(m.final_norm(h)[0])
 
@@ -49,7 +48,7 @@ class LayerwiseReference:
                  pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
         torch.set_num_threads(self.threads)
         ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        cache = dynamic_cache(self.config)
+        cache = self.layers.new_cache()
         with torch.inference_mode():
             return decode(lambda: self._forward(ids_t, cache, 0)[-1].numpy(),
                           lambda tok, position: self._forward(torch.tensor([tok]), cache, position)[-1].numpy(),

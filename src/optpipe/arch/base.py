@@ -1,0 +1,102 @@
+"""What a model family's decoder looks like, said once: module paths, which linears read the same input and which
+module produces it, what export must emit (q/k norms, activation; biases are read from the weights). Passes that need a layer's topology
+(export, fuse, smoothquant, awq, GPTQ in memory and streaming, the layer-by-layer walk, torch fuse) read it here
+instead of spelling out `self_attn.q_proj` each."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+def setting(config, key: str, default=None):
+    """A config value from a transformers config object or its JSON dict (the preflight reads JSON)."""
+    value = config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears of a decoder layer that read the same input.
+
+    `source` is the module whose output that input is, and `source_kind` says how a per-input-channel scale can be
+    moved into it: a norm's weight is divided by s, a linear's output rows are (SmoothQuant/AWQ). `fused` names the
+    one linear the members become when fused. `needs_mha`: valid only when every query head has its own k/v head
+    (o_proj reads v_proj's output head by head; with grouped-query sharing a v row feeds several heads)."""
+
+    name: str
+    members: tuple[str, ...]
+    source: str
+    source_kind: Literal["norm", "linear"]
+    fused: str | None = None
+    needs_mha: bool = False
+
+
+@dataclass(frozen=True)
+class ArchDescription:
+    """One family's decoder. Module paths are relative to a decoder layer unless they say otherwise."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    o: str = "self_attn.o_proj"
+    gate: str = "mlp.gate_proj"
+    up: str = "mlp.up_proj"
+    down: str = "mlp.down_proj"
+    qkv_fused: str = "self_attn.qkv_proj"
+    gate_up_fused: str = "mlp.gate_up_proj"
+    qk_norm: tuple[str, str] | None = None  # per-head RMSNorm of q and k before rotary (Qwen3)
+    activation: Literal["silu"] = "silu"
+    sliding_window: bool = False  # the family honours the config's sliding_window / layer_types
+    notes: str = ""
+
+    def groups(self, config) -> tuple[LinearGroup, ...]:
+        """The layer's linear groups in execution order; the o_proj group only where it is valid for `config`."""
+        mha = setting(config, "num_key_value_heads", setting(config, "num_attention_heads")) == \
+            setting(config, "num_attention_heads")
+        groups = (LinearGroup("attn_qkv", (self.q, self.k, self.v), self.attn_norm, "norm", self.qkv_fused),
+                  LinearGroup("attn_o", (self.o,), self.v, "linear", needs_mha=True),
+                  LinearGroup("mlp_gate_up", (self.gate, self.up), self.mlp_norm, "norm", self.gate_up_fused),
+                  LinearGroup("mlp_down", (self.down,), self.up, "linear"))
+        return tuple(g for g in groups if mha or not g.needs_mha)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
+    @property
+    def fused(self) -> dict[str, tuple[str, ...]]:
+        """Fused linear -> the linears it stands for, in row order."""
+        return {self.qkv_fused: (self.q, self.k, self.v), self.gate_up_fused: (self.gate, self.up)}
+
+    def input_of(self, linear: str) -> str:
+        """The module (a member linear) whose input is the input of `linear`, a member or a fused name."""
+        for fused, members in self.fused.items():
+            if linear == fused or linear in members:
+                return members[0]
+        if linear in self.linears:
+            return linear
+        raise KeyError(linear)
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.layers}.{i}."
+
+    def windows(self, config) -> list[int | None]:
+        """Per decoder layer: the sliding attention window, or None for full causal attention. A config with
+        `layer_types` says it per layer (Qwen2/3's max_window_layers end up there); otherwise `sliding_window`
+        applies to every layer (Mistral)."""
+        layers = int(setting(config, "num_hidden_layers", 0))
+        window = setting(config, "sliding_window")
+        if not self.sliding_window or not window or setting(config, "use_sliding_window", True) is False:
+            return [None] * layers
+        types = setting(config, "layer_types")
+        if types:
+            return [int(window) if t == "sliding_attention" else None for t in types]
+        return [int(window)] * layers

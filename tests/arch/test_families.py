@@ -1,0 +1,170 @@
+"""Every described family, on a tiny random-init model that exercises its features: the exported graph matches
+PyTorch, and greedy decoding from a prompt longer than the sliding window gives transformers' own `generate`
+tokens, on ONNX Runtime (fused, static KV cache) and on the cpu-torch runner (fused projections, both caches)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from optpipe import arch, models
+from optpipe.passes.export import ExportConfig, build_decoder_graph, check_against_torch
+from optpipe.passes.fuse import Fuse, FuseConfig
+from optpipe.passes.static_kv_cache import StaticKVCache, StaticKVConfig
+from optpipe.passes.torch_fuse import fusable
+from optpipe.pipeline import ModelState, PassContext
+from optpipe.recipe import ModelSpec
+from optpipe.runtime.ort_decoder import OnnxDecoder
+from optpipe.runtime.torch_modules import TorchRunner, fuse_projections
+
+from ..conftest import make_tiny
+
+PROMPT, NEW = 40, 48  # the prompt alone is longer than every window below
+# name -> (model_type, config settings that exercise the family)
+FAMILIES = {
+    "llama": ("llama", {}),
+    "llama3-rope": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    "mistral-window16": ("mistral", {"sliding_window": 16}),
+    "qwen2": ("qwen2", {}),
+    "qwen2-window16-layer1": ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-mha": ("qwen3", {"num_key_value_heads": 4}),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request, tmp_path_factory):
+    model_type, settings = FAMILIES[request.param]
+    path = make_tiny(tmp_path_factory.mktemp(request.param), model_type, **settings)
+    model, _, _ = models.load(ModelSpec(source=str(path)))
+    return request.param, model, path
+
+
+def hf_greedy(model, prompt: np.ndarray) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.as_tensor(prompt).reshape(1, -1), max_new_tokens=NEW, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, min_new_tokens=NEW)
+    return out[0, prompt.size:].tolist()
+
+
+def prompt_ids() -> np.ndarray:
+    return np.random.default_rng(1).integers(1, 256, PROMPT)
+
+
+def test_windows_come_from_the_config(family_model):
+    name, model, _ = family_model
+    windows = arch.describe(model.config).windows(model.config)
+    expected = {"mistral-window16": [16, 16], "qwen2-window16-layer1": [None, 16]}.get(name, [None, None])
+    assert windows == expected
+
+
+def test_onnx_static_cache_decodes_like_transformers(family_model):
+    name, model, _ = family_model
+    proto = build_decoder_graph(model, ExportConfig(max_positions=256))
+    assert check_against_torch(model, proto, atol=1e-3)["max_abs_logit_diff"] < 1e-3
+    state = ModelState("onnx", onnx_model=proto)
+    fused = Fuse(FuseConfig()).call(state, PassContext()).changes
+    assert fused["attention_gqa"] == 2 and fused["gate_up"] == 2
+    # q/k norms sit between the projections and attention, so Qwen3's q/k/v stay three MatMuls
+    assert fused["qkv_packed"] == (0 if name.startswith("qwen3") else 2)
+    StaticKVCache(StaticKVConfig(max_length=128)).call(state, PassContext())
+    prompt = prompt_ids()
+    got = OnnxDecoder.from_proto(state.onnx_model).generate(prompt, NEW).tokens
+    assert got == hf_greedy(model, prompt)
+
+
+@pytest.mark.parametrize("kv_cache", [None, {"mode": "static", "max_length": 128}], ids=["dynamic", "static"])
+def test_torch_runner_with_fused_projections_decodes_like_transformers(family_model, kv_cache):
+    _, model, _ = family_model
+    prompt = prompt_ids()
+    want = hf_greedy(model, prompt)
+    fused = copy.deepcopy(model)
+    groups = fusable(fused)
+    assert len(groups) == 2 * fused.config.num_hidden_layers
+    fuse_projections(fused, groups)
+    assert TorchRunner(fused, 1, kv_cache).generate(prompt, NEW).tokens == want
+
+
+def test_layer_by_layer_reference_decodes_like_transformers(family_model):
+    """The streaming build's fp32 reference (one layer at a time, sliding windows as explicit masks)."""
+    from optpipe.checkpoint import LazyCheckpoint
+    from optpipe.targets.torch_layerwise import LayerwiseReference
+
+    _, model, path = family_model
+    prompt = prompt_ids()
+    layerwise = LayerwiseReference(LazyCheckpoint.open(path), 1)
+    with torch.no_grad():
+        eager = model(torch.as_tensor(prompt).reshape(1, -1)).logits[0].numpy()
+    assert np.abs(layerwise.logits(prompt) - eager).max() < 1e-4
+    assert layerwise.generate(prompt, 12).tokens == hf_greedy(model, prompt)[:12]
+
+
+def test_groups_follow_the_description():
+    """o_proj is scaled through v_proj only where no k/v head is shared (AWQ)."""
+    from transformers import AutoConfig
+
+    desc = arch.describe("qwen3")
+    gqa = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=2)
+    mha = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=4)
+    assert [g.name for g in desc.groups(gqa)] == ["attn_qkv", "mlp_gate_up", "mlp_down"]
+    assert [g.name for g in desc.groups(mha)] == ["attn_qkv", "attn_o", "mlp_gate_up", "mlp_down"]
+    assert desc.input_of("self_attn.qkv_proj") == desc.input_of("self_attn.v_proj") == "self_attn.q_proj"
+    with pytest.raises(KeyError):
+        desc.input_of("self_attn.q_norm")
+
+
+def test_unknown_family_is_named_with_the_described_ones():
+    with pytest.raises(arch.UnsupportedArchitecture, match="'gpt2' has no architecture description.*llama"):
+        arch.describe({"model_type": "gpt2"})
+
+
+ONNX_INT4 = [{"name": "smoothquant", "alpha": 0.5}, {"name": "export", "max_positions": 512}, {"name": "fuse"},
+             {"name": "static-kv-cache", "max_length": 256},
+             {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "exclude": []}]
+TORCH_INT8 = [{"name": "smoothquant", "alpha": 0.5}, {"name": "fuse"}, {"name": "quantize-int8"}]
+
+
+@pytest.mark.parametrize("name", ["mistral-window16", "qwen3"])
+def test_quantized_builds_pass_their_gates_in_memory_and_streaming(name, tmp_path):
+    """The features each family adds (a sliding window shorter than the evaluation window; q/k norms) through the
+    calibrated INT4 chain on cpu-onnx, in memory and streamed (same logits), and INT8 on cpu-torch."""
+    import optpipe
+
+    from ..conftest import tiny_recipe
+
+    model_type, settings = FAMILIES[name]
+    path = make_tiny(tmp_path / "model", model_type, **settings)
+    mem = optpipe.build(tiny_recipe(path, ONNX_INT4), output=tmp_path / "mem", log=lambda m: None)
+    recipe = tiny_recipe(path, ONNX_INT4)
+    recipe["model"] = {"source": str(path), "streaming": True}
+    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    assert mem.manifest["status"] == st.manifest["status"] == "passed"
+    ids = prompt_ids()
+    a = optpipe.load(tmp_path / "mem", threads=1).logits(ids)
+    b = optpipe.load(tmp_path / "st", threads=1).logits(ids)
+    assert np.abs(a - b).max() < 1e-3
+    torch_recipe = tiny_recipe(path, TORCH_INT8)
+    torch_recipe["target"] = "cpu-torch"
+    res = optpipe.build(torch_recipe, output=tmp_path / "torch", log=lambda m: None)
+    assert res.manifest["status"] == "passed"
+    assert res.manifest["passes"][1]["changes"]["qkv_fused"] == 2
+
+
+EXAMPLES = {"llama3": ("OPTPIPE_LLAMA3", "llama3-rope"), "mistral": ("OPTPIPE_MISTRAL", "mistral-window16"),
+            "qwen2": ("OPTPIPE_QWEN2", "qwen2"), "qwen3": ("OPTPIPE_QWEN3", "qwen3")}
+
+
+@pytest.mark.parametrize("example", list(EXAMPLES))
+def test_example_recipes_validate_on_a_model_of_their_family(example, tmp_path, monkeypatch, capsys):
+    """recipes/examples/<family>-cpu-int4.yaml, pointed (by its environment variable) at a tiny model of the family:
+    `validate` accepts it and names the family, without loading weights."""
+    from optpipe.cli import main
+
+    from ..conftest import ROOT
+
+    variable, family = EXAMPLES[example]
+    model_type, settings = FAMILIES[family]
+    monkeypatch.setenv(variable, str(make_tiny(tmp_path / "m", model_type, **settings)))
+    assert main(["validate", str(ROOT / "recipes" / "examples" / f"{example}-cpu-int4.yaml")]) == 0
+    assert f"family {model_type}" in capsys.readouterr().out
