@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from .errors import BuildError, RecipeError
+from .handoff import Handoff
 
 
 class PassConfig(BaseModel):
@@ -68,7 +69,7 @@ class ModelState:
     onnx_model: Any = None  # onnx.ModelProto
     checkpoint: Any = None  # LazyCheckpoint: the streaming build (no torch_model in memory)
     features: set[str] = field(default_factory=set)  # provided by passes so far
-    info: dict[str, Any] = field(default_factory=dict)  # e.g. kv-cache layout, unquantized layers
+    handoff: Handoff = field(default_factory=Handoff)  # what the passes leave for the target (typed)
     # streaming build: MatMul name -> loader of its weight W [N, K] as the graph now computes it (dequantized), so a
     # later layer-by-layer calibration sees the model the earlier passes made, as an in-memory graph run would
     effective_weights: dict[str, Any] = field(default_factory=dict)

@@ -158,7 +158,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         edit.drop_inits.add(node.input[1])
     edit.commit()
     ensure_opset(model, MS_DOMAIN, 1)
-    state.info.setdefault("quantized", {}).update({n.name: f"int{bits} {algorithm} block{block} {scheme}" for n in usable})
+    state.handoff.quantized.update({n.name: f"int{bits} {algorithm} block{block} {scheme}" for n in usable})
     changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),
                "weight_rel_error_mean": round(float(np.mean(rel_errors)), 5) if rel_errors else None,
                "weight_rel_error_max": round(float(np.max(rel_errors)), 5) if rel_errors else None,

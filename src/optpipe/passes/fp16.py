@@ -68,7 +68,7 @@ class Fp16(Pass):
         del model.functions[:]
         model.functions.extend(wrapped)
         set_metadata(model, optpipe__float_type="float16")
-        state.info["float32_islands"] = [f.name for f in wrapped]
+        state.handoff.float32_islands = [f.name for f in wrapped]
         return PassResult(True, {"initializers_fp16": inits, "constants_fp16": consts, "casts_retargeted": casts,
                                  "io_fp16": io, "functions_kept_fp32": len(wrapped)},
                           [f"kept in float32 (cast at the boundary): {', '.join(f.name for f in wrapped)}"])

@@ -36,7 +36,7 @@ class IpexOptimize(Pass):
 
         ipex = import_ipex()
         settings = {**self.config.model_dump(), "ipex_version": ipex.__version__}
-        state.info["ipex"] = settings
+        state.handoff.ipex = settings
         return PassResult(True, {"weight_only": self.config.weight_only, "lowp_mode": self.config.lowp_mode,
                                  "ipex_version": ipex.__version__},
                           ["applied by ipex.llm.optimize when the artifact is loaded (the gates measure that)"])

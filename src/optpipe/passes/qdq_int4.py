@@ -101,9 +101,9 @@ class QdqInt4(Pass):
         with bar(len(usable), desc, "layer") as b:
             for names in groups:
                 self._quantize_group(model, names, c, ctx, errors, b)
-        state.info.setdefault("quantized", {}).update(
+        state.handoff.quantized.update(
             {n.name: f"int4 weight-only qdq block{c.block_size} {c.algorithm}" for n in usable})
-        state.info.setdefault("unquantized", {}).update(skipped)
+        state.handoff.unquantized.update(skipped)
         return PassResult(bool(usable), {"layers_quantized": len(usable), "layers_skipped": len(skipped),
                                          "weight_rel_error_mean": round(float(np.mean(errors)), 5) if errors else None,
                                          "skipped": skipped}, [])

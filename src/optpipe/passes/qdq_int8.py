@@ -54,8 +54,8 @@ class QdqInt8(Pass):
             quantize_activation(edit, node, float(absmax[node.input[0]]) * self.config.activation_margin)
         edit.commit()
         ensure_opset(model, "", 21)
-        state.info.setdefault("quantized", {}).update({n.name: "int8 W8A8 qdq" for n in selected})
-        state.info.setdefault("unquantized", {}).update(skipped)
+        state.handoff.quantized.update({n.name: "int8 W8A8 qdq" for n in selected})
+        state.handoff.unquantized.update(skipped)
         return PassResult(bool(selected), {"layers_quantized": len(selected), "layers_skipped": len(skipped),
                                            "weight_rel_error_mean": round(float(np.mean(errors)), 5) if errors else None,
                                            "skipped": skipped}, [])

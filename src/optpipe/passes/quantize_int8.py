@@ -112,7 +112,7 @@ class QuantizeInt8(Pass):
             edit.drop_inits.add(node.input[1])
         edit.commit()
         ensure_opset(model, MS_DOMAIN, 1)
-        state.info.setdefault("quantized", {}).update(
+        state.handoff.quantized.update(
             {n.name: "int8 dynamic (DynamicQuantizeMatMul, streaming)" for n in selected})
         return PassResult(bool(selected), {"layers_quantized": len(selected), "layers_skipped": len(skipped),
                                            "ops": {"DynamicQuantizeMatMul": len(selected)},
@@ -174,7 +174,7 @@ class QuantizeInt8(Pass):
         for n in out.graph.node:
             if n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"):
                 kinds[n.op_type] = kinds.get(n.op_type, 0) + 1
-        state.info.setdefault("quantized", {}).update({n: f"int8 {c.mode} (onnxruntime.quantization)" for n in names})
+        state.handoff.quantized.update({n: f"int8 {c.mode} (onnxruntime.quantization)" for n in names})
         dot = hw.int8_dot_product()
         return PassResult(True, {"layers_quantized": len(names), "layers_skipped": len(skipped), "ops": kinds,
                                  "reduce_range": reduce_range, "int8_dot_product": dot or "none (AVX2 vpmaddubsw)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..errors import BuildError
+from ..handoff import KVCacheLayout
 from ..pipeline import (
     ModelState,
     Pass,
@@ -57,7 +58,7 @@ class StaticKVCache(Pass):
                 vi.type.tensor_type.shape.dim[2].dim_value = n
                 changed += 1
         set_metadata(model, **{"optpipe__kv_cache": "static", "optpipe__max_length": n})
-        state.info["kv_cache"] = {"mode": "static", "max_length": n}
+        state.handoff.kv_cache = KVCacheLayout("static", n)
         layers = int(metadata(model)["optpipe.num_layers"])
         return PassResult(True, {"buffers": changed // 2, "layers": layers, "max_length": n,
                                  "rotary_positions": int(cos.dims[0]) if cos is not None else None})

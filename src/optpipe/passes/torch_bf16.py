@@ -50,14 +50,12 @@ class Bf16Autocast(Pass):
         self.check_machine()
         native = native_bf16()
         if not native and not self.config.force:  # fallback: fp32
-            state.info["dtype"] = "float32"
             return PassResult(False, {"dtype": "float32", "native_bf16": False},
                               ["no avx512_bf16/AMX on the build CPU: fp32 kept (fallback: fp32); quantized modules "
                                "still compute in bf16 inside their kernels"])
         model = state.torch_model
         converted = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
         model.to(torch.bfloat16)
-        state.info["dtype"] = "bfloat16"
         return PassResult(converted > 0, {"parameters_converted": converted, "dtype": "bfloat16",
                                           "native_bf16": native},
                           ["RMSNorm variance and SDPA softmax accumulate in fp32 inside their kernels"])

@@ -45,7 +45,7 @@ class TorchFuse(Pass):
         model = state.torch_model
         groups = fusable(model)
         fuse_projections(model, groups)
-        state.info["fused"] = [list(g[:2]) + [list(g[2])] for g in groups]
+        state.handoff.fused_projections = groups
         counts = {f: sum(1 for g in groups if g[1] == f) for f in ("qkv_proj", "gate_up_proj")}
         return PassResult(bool(groups), {"qkv_fused": counts["qkv_proj"], "gate_up_fused": counts["gate_up_proj"]},
                           ["fused Linear layers are quantized as one by the quantize passes that follow"])

@@ -65,7 +65,7 @@ def _hessian(prev, x: torch.Tensor) -> tuple:
 
 
 def _record(state: ModelState, quantized: dict[str, str], skipped: dict[str, str], rel: list[float]) -> dict:
-    state.info.setdefault("quantized", {}).update(quantized)
+    state.handoff.quantized.update(quantized)
     return {"layers_quantized": len(quantized), "layers_skipped": len(skipped),
             "weight_rel_error_mean": round(float(np.mean(rel)), 5) if rel else None,
             "weight_rel_error_max": round(float(np.max(rel)), 5) if rel else None, "skipped": skipped}

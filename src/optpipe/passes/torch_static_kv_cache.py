@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from ..handoff import KVCacheLayout
 from ..pipeline import (
     ModelState,
     Pass,
@@ -43,6 +44,6 @@ class TorchStaticKVCache(Pass):
         notes = []
         if limit and n > limit:
             notes.append(f"max_length {n} is beyond the model's max_position_embeddings {limit}")
-        state.info["kv_cache"] = {"mode": "static", "max_length": n}
-        state.info["compile"] = self.config.compile
+        state.handoff.kv_cache = KVCacheLayout("static", n)
+        state.handoff.compile = self.config.compile
         return PassResult(True, {"max_length": n, "compile": self.config.compile}, notes)

@@ -33,7 +33,7 @@ class CpuIpexTarget(TargetBase):
         import_ipex()
 
     def save(self, state, directory: Path) -> dict:
-        settings = state.info.get("ipex")
+        settings = state.handoff.ipex
         if settings is None:
             raise RecipeError("target cpu-ipex: the recipe needs an `ipex-optimize` pass (it sets what IPEX applies)")
         directory.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ class CpuOnnxTarget(TargetBase):
             state.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         return {"format": "onnx", "model_file": MODEL_FILE, "external_data": DATA_FILE,
                 "tokenizer_dir": TOKENIZER_DIR if state.tokenizer is not None else None,
-                "runtime": "onnxruntime CPUExecutionProvider", "kv_cache": state.info.get("kv_cache", "dynamic"),
+                "runtime": "onnxruntime CPUExecutionProvider", "kv_cache": state.handoff.kv_cache.as_dict(),
+                "quantized": state.handoff.quantized_summary(),
                 "streamed": streamed}
 
     def load(self, directory: Path, threads: int) -> OnnxDecoder:

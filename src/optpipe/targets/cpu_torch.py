@@ -56,9 +56,8 @@ class CpuTorchTarget(TargetBase):
         model.config.to_json_file(str(directory / "config.json"))
         (directory / LAYOUT_FILE).write_text(json.dumps(layout, indent=1, sort_keys=True), encoding="utf-8")
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-        runtime = {"kv_cache": state.info.get("kv_cache", {"mode": "dynamic"}),
-                   "compile": bool(state.info.get("compile", False)), "dtypes": dtypes,
-                   "fused": state.info.get("fused", []),
+        runtime = {"kv_cache": state.handoff.kv_cache.as_dict(), "compile": state.handoff.compile, "dtypes": dtypes,
+                   "fused": [[parent, fused, list(parts)] for parent, fused, parts in state.handoff.fused_projections],
                    "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False))}
         (directory / RUNTIME_FILE).write_text(json.dumps(runtime, indent=1), encoding="utf-8")
         if state.tokenizer is not None:

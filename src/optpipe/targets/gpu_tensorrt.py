@@ -134,8 +134,8 @@ class GpuTensorRTTarget(TargetBase):
                 "external_data": DATA_FILE, "tensorrt": PROFILE_FILE, "trtexec": info["trtexec"], "checks": checks,
                 "optimization_profile": {k: {"batch": v["input_ids"][0], "sequence": v["input_ids"][1],
                                              "past": v["past_key_values.0.key"][2]} for k, v in shapes.items()},
-                "unquantized": state.info.get("unquantized", {}),
-                "float32_islands": state.info.get("float32_islands", []),
+                "quantized": state.handoff.quantized_summary(), "unquantized": state.handoff.unquantized,
+                "float32_islands": state.handoff.float32_islands,
                 "cpu_check_runtime": "onnxruntime CPUExecutionProvider, graph optimizations disabled",
                 "cpu_check_int8": cpu_check_int8_note()}
 
