@@ -48,17 +48,22 @@ class CheckpointLayers:
     def __init__(self, checkpoint):
         self.ck = checkpoint
         self.config = checkpoint.config
-        self.config._attn_implementation = "sdpa"
+        # SDPA cannot soft-cap attention scores (Gemma 2): eager attention there, with explicit masks
+        self.eager = bool(arch.setting(self.config, "attn_logit_softcapping"))
+        self.config._attn_implementation = "eager" if self.eager else "sdpa"
         self.num_layers = self.config.num_hidden_layers
         self.layer_cls = architecture_class(self.config, "DecoderLayer")
         self.norm_cls = architecture_class(self.config, "RMSNorm")
         self.rotary = rotary_module(self.config)
         self.desc = arch.describe(self.config)
         self.windows = self.desc.windows(self.config)
+        self.rope_per_type = not hasattr(self.rotary, "inv_freq")  # one rotary base per layer type (Gemma 3)
+        self.final_softcap = arch.setting(self.config, "final_logit_softcapping")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[1, S, hidden] fp32 hidden states for token ids [S] (only the rows used are converted)."""
-        return self.ck.get_torch(self.desc.embed + ".weight")[ids].float().unsqueeze(0)
+        h = self.ck.get_torch(self.desc.embed + ".weight")[ids].float().unsqueeze(0)
+        return h * torch.tensor(self.config.hidden_size ** 0.5) if self.desc.embed_scale else h
 
     def layer(self, i: int, effective: dict | None = None) -> torch.nn.Module:
         """Decoder layer i. `effective`: MatMul name (as the ONNX graph names it; fused q/k/v and gate/up
@@ -83,19 +88,24 @@ class CheckpointLayers:
     def run_layer(self, index: int, layer, h: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """Decoder layer `index` on hidden states at `positions`; a cache (from `new_cache`) holds every earlier
         position. A sliding-window layer gets its window as an explicit mask (the eager model builds the same)."""
+        types = arch.setting(self.config, "layer_types")
+        rope = self.rotary(h, positions, types[index]) if self.rope_per_type else self.rotary(h, positions)
         out = layer(h, attention_mask=self._mask(self.windows[index], positions), position_ids=positions,
                     **{cache_keyword(type(layer).forward): cache}, use_cache=cache is not None,
-                    position_embeddings=self.rotary(h, positions))
+                    position_embeddings=rope)
         return out[0] if isinstance(out, tuple) else out
 
-    @staticmethod
-    def _mask(window: int | None, positions: torch.Tensor) -> torch.Tensor | None:
-        """[1, 1, S, T] (True: attend) for queries at `positions` over keys 0 .. T-1, or None: plain causal."""
-        if window is None:
+    def _mask(self, window: int | None, positions: torch.Tensor) -> torch.Tensor | None:
+        """[1, 1, S, T] for queries at `positions` over keys 0 .. T-1: boolean (True: attend) for SDPA, or None for
+        plain causal; additive (0 / min float) for eager attention, which applies no causal mask of its own."""
+        if window is None and not self.eager:
             return None
         q = positions[0].unsqueeze(1)
         k = torch.arange(int(positions[0, -1]) + 1).unsqueeze(0)
-        return ((k <= q) & (q - k < window))[None, None]
+        keep = (k <= q) & (q - k < window) if window is not None else k <= q
+        if self.eager:
+            return torch.where(keep, 0.0, torch.finfo(torch.float32).min)[None, None]
+        return keep[None, None]
 
     def new_cache(self):
         """A KV cache that keeps every position of every layer (a sliding-window cache would drop the keys the
@@ -116,8 +126,11 @@ class CheckpointLayers:
     def head(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Logits for normed hidden states x [S, hidden], the head read in row chunks."""
         vocab = self.ck.shapes[self.head_name][0]
-        return torch.cat([x @ self.ck.get_torch(self.head_name, (r, min(r + chunk, vocab))).float().T
-                          for r in range(0, vocab, chunk)], dim=-1)
+        logits = torch.cat([x @ self.ck.get_torch(self.head_name, (r, min(r + chunk, vocab))).float().T
+                            for r in range(0, vocab, chunk)], dim=-1)
+        if self.final_softcap:  # Gemma 2
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
 
 @dataclass

@@ -167,9 +167,13 @@ def rotary_module(config):
 
 def architecture_class(config, suffix: str):
     """A class of the architecture's transformers modeling module by name suffix ("RotaryEmbedding",
-    "DecoderLayer", "RMSNorm"), so per-layer code works for every Llama-family model_type."""
+    "DecoderLayer", "RMSNorm"), so per-layer code works for every described family."""
     import importlib
 
+    from . import arch
+
     mt = config.model_type
+    if mt in arch.supported():
+        mt = arch.describe(mt).modeling_module or mt
     mod = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
     return next(getattr(mod, n) for n in sorted(dir(mod)) if n.endswith(suffix) and not n.startswith("_"))

@@ -30,6 +30,16 @@ FAMILIES = {
     "qwen2-window16-layer1": ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
     "qwen3": ("qwen3", {}),
     "qwen3-mha": ("qwen3", {"num_key_value_heads": 4}),
+    "gemma2-window16": ("gemma2", {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+                                   "query_pre_attn_scalar": 24, "attn_logit_softcapping": 5.0,
+                                   "final_logit_softcapping": 3.0}),
+    "gemma3-window16": ("gemma3_text", {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+                                        "query_pre_attn_scalar": 24}),
+    # transformers takes longrope's switch-over length from the top-level original_max_position_embeddings
+    "phi3-longrope-window16": ("phi3", {"sliding_window": 16, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1,
+                                        "original_max_position_embeddings": 256, "rope_scaling": {
+                                            "rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+                                            "long_factor": [2.0 + i / 4 for i in range(8)]}}),
 }
 
 
@@ -55,7 +65,8 @@ def prompt_ids() -> np.ndarray:
 def test_windows_come_from_the_config(family_model):
     name, model, _ = family_model
     windows = arch.describe(model.config).windows(model.config)
-    expected = {"mistral-window16": [16, 16], "qwen2-window16-layer1": [None, 16]}.get(name, [None, None])
+    expected = {"mistral-window16": [16, 16], "qwen2-window16-layer1": [None, 16], "gemma2-window16": [16, None],
+                "gemma3-window16": [16, None], "phi3-longrope-window16": [16, 16]}.get(name, [None, None])
     assert windows == expected
 
 
@@ -65,9 +76,10 @@ def test_onnx_static_cache_decodes_like_transformers(family_model):
     assert check_against_torch(model, proto, atol=1e-3)["max_abs_logit_diff"] < 1e-3
     state = ModelState("onnx", onnx_model=proto)
     fused = Fuse(FuseConfig()).call(state, PassContext()).changes
-    assert fused["attention_gqa"] == 2 and fused["gate_up"] == 2
-    # q/k norms sit between the projections and attention, so Qwen3's q/k/v stay three MatMuls
-    assert fused["qkv_packed"] == (0 if name.startswith("qwen3") else 2)
+    packed_in_checkpoint = arch.describe(model.config).packed
+    assert fused["attention_gqa"] == 2 and fused["gate_up"] == (0 if packed_in_checkpoint else 2)
+    # q/k norms sit between the projections and attention, so Qwen3's and Gemma 3's q/k/v stay three MatMuls
+    assert fused["qkv_packed"] == (0 if arch.describe(model.config).qk_norm else 2)
     StaticKVCache(StaticKVConfig(max_length=128)).call(state, PassContext())
     prompt = prompt_ids()
     got = OnnxDecoder.from_proto(state.onnx_model).generate(prompt, NEW).tokens
@@ -81,7 +93,8 @@ def test_torch_runner_with_fused_projections_decodes_like_transformers(family_mo
     want = hf_greedy(model, prompt)
     fused = copy.deepcopy(model)
     groups = fusable(fused)
-    assert len(groups) == 2 * fused.config.num_hidden_layers
+    packed_in_checkpoint = arch.describe(model.config).packed
+    assert len(groups) == (0 if packed_in_checkpoint else 2 * fused.config.num_hidden_layers)
     fuse_projections(fused, groups)
     assert TorchRunner(fused, 1, kv_cache).generate(prompt, NEW).tokens == want
 
@@ -119,13 +132,14 @@ def test_unknown_family_is_named_with_the_described_ones():
         arch.describe({"model_type": "gpt2"})
 
 
-ONNX_INT4 = [{"name": "smoothquant", "alpha": 0.5}, {"name": "export", "max_positions": 512}, {"name": "fuse"},
+ONNX_INT4 = [{"name": "smoothquant", "alpha": 0.5}, {"name": "export", "max_positions": 256}, {"name": "fuse"},
              {"name": "static-kv-cache", "max_length": 256},
              {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "exclude": []}]
 TORCH_INT8 = [{"name": "smoothquant", "alpha": 0.5}, {"name": "fuse"}, {"name": "quantize-int8"}]
 
 
-@pytest.mark.parametrize("name", ["mistral-window16", "qwen3"])
+@pytest.mark.parametrize("name", ["mistral-window16", "qwen3", "phi3-longrope-window16", "gemma2-window16",
+                                  "gemma3-window16"])
 def test_quantized_builds_pass_their_gates_in_memory_and_streaming(name, tmp_path):
     """The features each family adds (a sliding window shorter than the evaluation window; q/k norms) through the
     calibrated INT4 chain on cpu-onnx, in memory and streamed (same logits), and INT8 on cpu-torch."""
@@ -148,11 +162,14 @@ def test_quantized_builds_pass_their_gates_in_memory_and_streaming(name, tmp_pat
     torch_recipe["target"] = "cpu-torch"
     res = optpipe.build(torch_recipe, output=tmp_path / "torch", log=lambda m: None)
     assert res.manifest["status"] == "passed"
-    assert res.manifest["passes"][1]["changes"]["qkv_fused"] == 2
+    assert res.manifest["passes"][1]["changes"]["qkv_fused"] == (0 if name.startswith("phi3") else 2)
 
 
 EXAMPLES = {"llama3": ("OPTPIPE_LLAMA3", "llama3-rope"), "mistral": ("OPTPIPE_MISTRAL", "mistral-window16"),
-            "qwen2": ("OPTPIPE_QWEN2", "qwen2"), "qwen3": ("OPTPIPE_QWEN3", "qwen3")}
+            "qwen2": ("OPTPIPE_QWEN2", "qwen2"), "qwen3": ("OPTPIPE_QWEN3", "qwen3"),
+            "phi3": ("OPTPIPE_PHI3", "phi3-longrope-window16"), "gemma3": ("OPTPIPE_GEMMA3", "gemma3-window16")}
+# the example serves 4,096 positions: its model keeps longrope's short factors that far (Phi-3-mini-4k's length)
+EXAMPLE_SETTINGS = {"phi3": {"original_max_position_embeddings": 4096}}
 
 
 @pytest.mark.parametrize("example", list(EXAMPLES))
@@ -165,6 +182,33 @@ def test_example_recipes_validate_on_a_model_of_their_family(example, tmp_path, 
 
     variable, family = EXAMPLES[example]
     model_type, settings = FAMILIES[family]
+    settings = {**settings, **EXAMPLE_SETTINGS.get(example, {})}
     monkeypatch.setenv(variable, str(make_tiny(tmp_path / "m", model_type, **settings)))
     assert main(["validate", str(ROOT / "recipes" / "examples" / f"{example}-cpu-int4.yaml")]) == 0
-    assert f"family {model_type}" in capsys.readouterr().out
+    assert f"family {arch.describe(model_type).family}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"max_positions": 512}, "longrope switches to its long factors past 256 positions"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+    ({"hidden_act": "gelu"}, "MLP activation 'gelu'"),
+])
+def test_validate_refuses_what_export_cannot_write(change, expect, tmp_path, capsys):
+    """Refused in seconds, before any weight is read, naming the export pass and the reason."""
+    import yaml
+
+    from optpipe.cli import main
+
+    from ..conftest import tiny_recipe, write_recipe
+
+    model_type, settings = FAMILIES["phi3-longrope-window16"]
+    settings = dict(settings)
+    if "max_positions" not in change:
+        settings.update(change)
+    path = make_tiny(tmp_path / "m", model_type, **settings)
+    export = {"name": "export", "max_positions": change.get("max_positions", 256)}
+    recipe = write_recipe(tmp_path, tiny_recipe(path, [export, {"name": "fuse"}]))
+    assert yaml.safe_load(recipe.read_text())["passes"][0] == export
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "passes[0] (export)" in err and expect in err, err

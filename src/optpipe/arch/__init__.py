@@ -2,8 +2,11 @@
 Adding a family is one description here plus its tests; every pass reads it through `describe`."""
 from __future__ import annotations
 
-from .base import ArchDescription, LinearGroup, setting
-from .llama import FAMILIES
+from .base import ArchDescription, LinearGroup, activation, attention_scale, setting
+from .gemma import FAMILIES as _GEMMA
+from .llama import FAMILIES as _LLAMA
+
+FAMILIES = _LLAMA + _GEMMA
 
 BY_MODEL_TYPE: dict[str, ArchDescription] = {mt: d for d in FAMILIES for mt in d.model_types}
 
@@ -26,4 +29,5 @@ def describe(config_or_model_type) -> ArchDescription:
                                       f"{', '.join(BY_MODEL_TYPE)})") from None
 
 
-__all__ = ["ArchDescription", "LinearGroup", "UnsupportedArchitecture", "describe", "setting", "supported"]
+__all__ = ["ArchDescription", "LinearGroup", "UnsupportedArchitecture", "activation", "attention_scale", "describe",
+           "setting", "supported"]

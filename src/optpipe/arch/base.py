@@ -1,5 +1,6 @@
 """What a model family's decoder looks like, said once: module paths, which linears read the same input and which
-module produces it, what export must emit (q/k norms, activation; biases are read from the weights). Passes that need a layer's topology
+module produces it, what export must emit (q/k norms, extra norms, norm offset, embedding scale; biases, the
+activation, attention scale and soft-capping are read from the weights and config). Passes that need a layer's topology
 (export, fuse, smoothquant, awq, GPTQ in memory and streaming, the layer-by-layer walk, torch fuse) read it here
 instead of spelling out `self_attn.q_proj` each."""
 from __future__ import annotations
@@ -52,8 +53,13 @@ class ArchDescription:
     down: str = "mlp.down_proj"
     qkv_fused: str = "self_attn.qkv_proj"
     gate_up_fused: str = "mlp.gate_up_proj"
+    packed: bool = False  # the checkpoint itself holds qkv_fused and gate_up_fused (Phi-3); q..up are not modules
     qk_norm: tuple[str, str] | None = None  # per-head RMSNorm of q and k before rotary (Qwen3)
-    activation: Literal["silu"] = "silu"
+    attn_out_norm: str | None = None  # a norm of the attention output before the residual add (Gemma)
+    mlp_out_norm: str | None = None  # a norm of the MLP output before the residual add (Gemma)
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + weight): Gemma's `1 + w`
+    embed_scale: bool = False  # input embeddings times sqrt(hidden_size) (Gemma)
+    modeling_module: str | None = None  # transformers.models.<this> when it is not the model_type (gemma3_text)
     sliding_window: bool = False  # the family honours the config's sliding_window / layer_types
     notes: str = ""
 
@@ -61,6 +67,9 @@ class ArchDescription:
         """The layer's linear groups in execution order; the o_proj group only where it is valid for `config`."""
         mha = setting(config, "num_key_value_heads", setting(config, "num_attention_heads")) == \
             setting(config, "num_attention_heads")
+        if self.packed:  # v and up are row slices of a packed linear: they cannot take a scale of their own
+            return (LinearGroup("attn_qkv", (self.qkv_fused,), self.attn_norm, "norm"),
+                    LinearGroup("mlp_gate_up", (self.gate_up_fused,), self.mlp_norm, "norm"))
         groups = (LinearGroup("attn_qkv", (self.q, self.k, self.v), self.attn_norm, "norm", self.qkv_fused),
                   LinearGroup("attn_o", (self.o,), self.v, "linear", needs_mha=True),
                   LinearGroup("mlp_gate_up", (self.gate, self.up), self.mlp_norm, "norm", self.gate_up_fused),
@@ -69,11 +78,16 @@ class ArchDescription:
 
     @property
     def linears(self) -> tuple[str, ...]:
+        """The layer's linear modules as the checkpoint holds them."""
+        if self.packed:
+            return (self.qkv_fused, self.o, self.gate_up_fused, self.down)
         return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
 
     @property
     def fused(self) -> dict[str, tuple[str, ...]]:
-        """Fused linear -> the linears it stands for, in row order."""
+        """Fused linear -> the linears it stands for, in row order (none when the checkpoint is packed)."""
+        if self.packed:
+            return {}
         return {self.qkv_fused: (self.q, self.k, self.v), self.gate_up_fused: (self.gate, self.up)}
 
     def input_of(self, linear: str) -> str:
@@ -100,3 +114,43 @@ class ArchDescription:
         if types:
             return [int(window) if t == "sliding_attention" else None for t in types]
         return [int(window)] * layers
+
+    def scale_norm(self, weight, s) -> None:
+        """Divide what a norm multiplies by (`offset + weight`) by s, in place: SmoothQuant/AWQ move s into the
+        linears that read the norm."""
+        if self.norm_offset:
+            weight.add_(self.norm_offset).div_(s).sub_(self.norm_offset)
+        else:
+            weight.div_(s)
+
+    def unsupported(self, config, max_positions: int) -> str | None:
+        """Why export cannot write `config`'s decoder for `max_positions` positions, or None."""
+        if activation(config) is None:
+            act = setting(config, "hidden_activation", setting(config, "hidden_act"))
+            return f"MLP activation {act!r}: export writes SiLU- or tanh-GELU-gated MLPs"
+        if setting(config, "use_bidirectional_attention", False):
+            return "use_bidirectional_attention: export writes causal attention"
+        rope = setting(config, "rope_parameters") or setting(config, "rope_scaling") or {}
+        partial = setting(config, "partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)
+                          if isinstance(rope, dict) else 1.0)
+        if float(partial) != 1.0:
+            return (f"partial_rotary_factor {partial}: export rotates every channel of a head (partial rotary is "
+                    "not described yet)")
+        original = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "longrope" and original \
+                and max_positions > int(original):
+            return (f"longrope switches to its long factors past {original} positions, for the whole sequence; a "
+                    f"precomputed rotary table cannot: set export.max_positions to {original} or less")
+        return None
+
+
+def activation(config) -> str | None:
+    """The gated MLP's activation as export writes it: "silu", "gelu_tanh", or None when it cannot."""
+    act = setting(config, "hidden_activation", setting(config, "hidden_act", "silu"))
+    return {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+            "gelu_new": "gelu_tanh"}.get(act)
+
+
+def attention_scale(config, head_dim: int) -> float:
+    """Query scaling: 1/sqrt(query_pre_attn_scalar) where the config sets it (Gemma), else 1/sqrt(head_dim)."""
+    return float(setting(config, "query_pre_attn_scalar", head_dim)) ** -0.5

@@ -85,7 +85,7 @@ class Awq(Pass):
                 err0 = ((x @ self._quantized(w).T - ref).pow(2).mean().item())
                 _, alpha, s = best
                 if norm is not None:
-                    norm.weight.div_(s.to(norm.weight.dtype))
+                    arch.describe(model.config).scale_norm(norm.weight, s.to(norm.weight.dtype))
                 else:
                     prev.weight.div_(s.to(prev.weight.dtype)[:, None])
                 for lin in linears:

@@ -45,7 +45,7 @@ def _arch(config) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return {"model_type": config.model_type, "desc": desc, "hidden": config.hidden_size, "heads": heads,
             "kv_heads": config.num_key_value_heads, "head_dim": head_dim, "layers": config.num_hidden_layers,
-            "vocab": config.vocab_size, "eps": float(config.rms_norm_eps)}
+            "vocab": config.vocab_size, "eps": float(config.rms_norm_eps), "intermediate": config.intermediate_size}
 
 
 def _rmsnorm_function(eps: float) -> onnx.FunctionProto:
@@ -65,7 +65,8 @@ def attention_op(window: int | None) -> str:
 
 def _attention_function(a: dict, window: int | None = None) -> onnx.FunctionProto:
     """Causal GQA attention with rotary embedding and a growing KV cache, in plain ONNX ops. With a `window`, a
-    query at position i sees keys j with i - j < window (transformers' sliding-window mask).
+    query at position i sees keys j with i - j < window (transformers' sliding-window mask); with a["softcap"],
+    scores are soft-capped as Gemma 2 does.
 
     Inputs q/k/v are [B, S, heads*D]; past_* are [B, kv_heads, P, D]; positions run from P = T - S to T - 1,
     T being the attention mask's length (so a static cache can later reuse the same convention).
@@ -105,6 +106,9 @@ def _attention_function(a: dict, window: int | None = None) -> onnx.FunctionProt
         vv = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [vv, i64([2])]), expand]), i64([0, H, -1, D])])
     scores = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [kk], perm=[0, 1, 3, 2])]),
                           g.const(a["scale"], np.float32)])
+    if a["softcap"]:  # Gemma 2: cap * tanh(scores / cap), before the mask
+        cap = g.const(a["softcap"], np.float32)
+        scores = g.op("Mul", [g.op("Tanh", [g.op("Div", [scores, cap])]), cap])
     rows = g.op("Unsqueeze", [pos, i64([1])])
     cols = g.op("Range", [i64(0), T, i64(1)])
     future = g.op("Greater", [cols, rows])  # [S, T]
@@ -125,12 +129,24 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def rotary_cache(rot, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [n, D/2] from a rotary module."""
-    inv = rot.inv_freq.detach().to(torch.float64)
+def rotary_cache(rot, n: int, layer_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [n, D/2] from a rotary module (of one layer type where the module keeps one table per type)."""
+    prefix = f"{layer_type}_" if layer_type is not None else ""
+    inv = getattr(rot, prefix + "inv_freq").detach().to(torch.float64)
     freqs = torch.outer(torch.arange(n, dtype=torch.float64), inv)
-    scale = float(getattr(rot, "attention_scaling", 1.0))
+    scale = float(getattr(rot, prefix + "attention_scaling", 1.0))
     return (freqs.cos() * scale).float().numpy(), (freqs.sin() * scale).float().numpy()
+
+
+def rotary_tables(rot, config, n: int) -> tuple[dict, list[str]]:
+    """{table name: (cos, sin)} and, per decoder layer, the table it uses: one table, or one per layer type when
+    the rotary module keeps a base per type (Gemma 3). The full-attention table is `cos_cache`/`sin_cache`."""
+    layers = int(config.num_hidden_layers)
+    if hasattr(rot, "inv_freq"):
+        return {"": rotary_cache(rot, n)}, [""] * layers
+    types = list(config.layer_types)
+    names = {t: "" if t == "full_attention" else "." + t for t in sorted(set(types))}
+    return {names[t]: rotary_cache(rot, n, t) for t in names}, [names[t] for t in types]
 
 
 class _Weights:
@@ -148,13 +164,19 @@ class _Weights:
     def has(self, name: str) -> bool:
         return name in self.source if self.lazy else name in self.sd
 
-    def init(self, g: GraphBuilder, onnx_name: str, name: str, transpose: bool = False) -> str:
+    def init(self, g: GraphBuilder, onnx_name: str, name: str, transpose: bool = False, offset: float = 0.0) -> str:
+        """`offset` is added to the weight (a `1 + w` norm becomes a plain scale)."""
         if not self.lazy:
-            arr = _np(self.sd[name])
+            arr = _np(self.sd[name]) + np.float32(offset)
             return g.init(onnx_name, arr.T if transpose else arr)
         ck = self.source
         shape = ck.shapes[name][::-1] if transpose else ck.shapes[name]
-        load = (lambda: np.ascontiguousarray(ck.get(name).T)) if transpose else (lambda: ck.get(name))
+        if transpose:
+            def load():
+                return np.ascontiguousarray(ck.get(name).T)
+        else:
+            def load():
+                return ck.get(name) + np.float32(offset) if offset else ck.get(name)
         g.initializers.append(_lazy.tensor(onnx_name, shape, np.float32, load))
         return onnx_name
 
@@ -166,14 +188,20 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
     """`source`: a transformers model, or a LazyCheckpoint (streaming: no weight is read here)."""
     wts = _Weights(source)
     a = _arch(wts.config)
-    a["scale"] = 1.0 / float(np.sqrt(a["head_dim"]))
-    H, KV, D, L = a["heads"], a["kv_heads"], a["head_dim"], a["layers"]
-    g = GraphBuilder()
     d: _arch_desc.ArchDescription = a["desc"]
+    if (why := d.unsupported(wts.config, cfg.max_positions)) is not None:
+        raise BuildError(f"export: {why}")
+    H, KV, D, L = a["heads"], a["kv_heads"], a["head_dim"], a["layers"]
+    a["scale"] = _arch_desc.attention_scale(wts.config, D)
+    a["softcap"] = _arch_desc.setting(wts.config, "attn_logit_softcapping")
+    final_softcap = _arch_desc.setting(wts.config, "final_logit_softcapping")
+    windows = d.windows(wts.config)
+    g = GraphBuilder()
     embed = wts.init(g, d.embed + ".weight", d.embed + ".weight")
-    cos, sin = rotary_cache(wts.rotary(), cfg.max_positions)
-    g.init("cos_cache", cos)
-    g.init("sin_cache", sin)
+    tables, layer_table = rotary_tables(wts.rotary(), wts.config, cfg.max_positions)
+    for suffix, (cos, sin) in tables.items():
+        g.init("cos_cache" + suffix, cos)
+        g.init("sin_cache" + suffix, sin)
 
     def linear(x, module: str):
         w = wts.init(g, module + ".weight_t", module + ".weight", transpose=True)
@@ -183,40 +211,58 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
         return y
 
     def norm(x, module: str):
-        return g.op("RMSNorm", [x, wts.init(g, module + ".weight", module + ".weight")], domain=FN_DOMAIN, name=module)
-
-    h = g.op("Gather", [embed, "input_ids"], name=d.embed)
-    inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence"]),
-              helper.make_tensor_value_info("attention_mask", INT64, ["batch", "total_sequence"])]
-    outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", a["vocab"]])]
-    d: _arch_desc.ArchDescription = a["desc"]
-    windows = d.windows(wts.config)
+        weight = wts.init(g, module + ".weight", module + ".weight", offset=d.norm_offset)
+        return g.op("RMSNorm", [x, weight], domain=FN_DOMAIN, name=module)
 
     def per_head_norm(x, module: str, n: int):
-        """RMSNorm over each head's D channels (Qwen3's q/k norm), before rotary."""
+        """RMSNorm over each head's D channels (Qwen3's and Gemma 3's q/k norms), before rotary."""
         x4 = g.op("Reshape", [x, g.const([0, 0, n, D])], name=module + ".to_heads")
         return g.op("Reshape", [norm(x4, module), g.const([0, 0, n * D])], name=module + ".from_heads")
 
+    def gated(gate, up, mlp: str):
+        if _arch_desc.activation(wts.config) == "gelu_tanh":
+            act = g.op("Gelu", [gate], name=f"{mlp}.act_gelu", approximate="tanh")
+        else:
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{mlp}.act_sigmoid")], name=f"{mlp}.act_silu")
+        return g.op("Mul", [act, up], name=f"{mlp}.act_mul")
+
+    h = g.op("Gather", [embed, "input_ids"], name=d.embed)
+    if d.embed_scale:  # computed in fp32, as transformers does for fp32 weights
+        h = g.op("Mul", [h, g.const(np.float32(a["hidden"]) ** np.float32(0.5), np.float32)], name=d.embed + ".scale")
+    inputs = [helper.make_tensor_value_info("input_ids", INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", INT64, ["batch", "total_sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", "sequence", a["vocab"]])]
     for i in range(L):
         p = d.layer_prefix(i)
         x = norm(h, p + d.attn_norm)
-        q, k, v = (linear(x, p + n) for n in (d.q, d.k, d.v))
+        if d.packed:  # one linear in the checkpoint: split its output (fuse hands it to attention packed)
+            q, k, v = g.op("Split", [linear(x, p + d.qkv_fused), g.const([H * D, KV * D, KV * D])], n_out=3, axis=-1,
+                           name=p + d.qkv_fused + ".split")
+        else:
+            q, k, v = (linear(x, p + n) for n in (d.q, d.k, d.v))
         if d.qk_norm:
             q, k = per_head_norm(q, p + d.qk_norm[0], H), per_head_norm(k, p + d.qk_norm[1], KV)
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         pres_k, pres_v = f"present.{i}.key", f"present.{i}.value"
         attn_name = p + d.o.rsplit(".", 1)[0] + ".attention"
-        attn, _, _ = g.op(attention_op(windows[i]), [q, k, v, past_k, past_v, "attention_mask", "cos_cache", "sin_cache"],
-                          n_out=3, domain=FN_DOMAIN, name=attn_name,
-                          outputs=[attn_name + "/out", pres_k, pres_v])
-        h = g.op("Add", [h, linear(attn, p + d.o)], name=p + "attn_residual")
+        table = layer_table[i]
+        attn, _, _ = g.op(attention_op(windows[i]), [q, k, v, past_k, past_v, "attention_mask", "cos_cache" + table,
+                                                     "sin_cache" + table],
+                          n_out=3, domain=FN_DOMAIN, name=attn_name, outputs=[attn_name + "/out", pres_k, pres_v])
+        out = linear(attn, p + d.o)
+        if d.attn_out_norm:
+            out = norm(out, p + d.attn_out_norm)
+        h = g.op("Add", [h, out], name=p + "attn_residual")
         x = norm(h, p + d.mlp_norm)
-        gate = linear(x, p + d.gate)
-        up = linear(x, p + d.up)
-        mlp = p + d.down.rsplit(".", 1)[0]
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], name=f"{mlp}.act_sigmoid")],
-                                name=f"{mlp}.act_silu"), up], name=f"{mlp}.act_mul")
-        h = g.op("Add", [h, linear(act, p + d.down)], name=p + "mlp_residual")
+        if d.packed:
+            gate, up = g.op("Split", [linear(x, p + d.gate_up_fused), g.const([a["intermediate"]] * 2)], n_out=2,
+                            axis=-1, name=p + d.gate_up_fused + ".split")
+        else:
+            gate, up = linear(x, p + d.gate), linear(x, p + d.up)
+        out = linear(gated(gate, up, p + d.down.rsplit(".", 1)[0]), p + d.down)
+        if d.mlp_out_norm:
+            out = norm(out, p + d.mlp_out_norm)
+        h = g.op("Add", [h, out], name=p + "mlp_residual")
         for nm in (past_k, past_v):
             inputs.append(helper.make_tensor_value_info(nm, FLOAT, ["batch", KV, "past_sequence", D]))
         for nm in (pres_k, pres_v):
@@ -224,7 +270,13 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
     x = norm(h, d.final_norm)
     lm = d.lm_head + ".weight" if wts.has(d.lm_head + ".weight") else d.embed + ".weight"
     w = wts.init(g, d.lm_head + ".weight_t", lm, transpose=True)  # materialized even when tied, so it can be quantized
-    g.op("MatMul", [x, w], name=d.lm_head, outputs=["logits"])
+    if final_softcap:  # Gemma 2: cap * tanh(logits / cap)
+        cap = g.const(float(final_softcap), np.float32)
+        head = g.op("MatMul", [x, w], name=d.lm_head)
+        g.op("Mul", [g.op("Tanh", [g.op("Div", [head, cap])], name="logits_softcap"), cap], outputs=["logits"],
+             name="logits_softcap_scale")
+    else:
+        g.op("MatMul", [x, w], name=d.lm_head, outputs=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.initializers)
     model_proto = helper.make_model(
@@ -234,7 +286,8 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
     model_proto.ir_version = 10
     meta = {"optpipe.num_layers": L, "optpipe.num_heads": H, "optpipe.kv_num_heads": KV, "optpipe.head_dim": D,
             "optpipe.vocab_size": a["vocab"], "optpipe.kv_cache": "dynamic", "optpipe.max_length": cfg.max_positions,
-            "optpipe.model_type": a["model_type"], "optpipe.family": d.family, "optpipe.rms_norm_eps": repr(a["eps"])}
+            "optpipe.model_type": a["model_type"], "optpipe.family": d.family, "optpipe.rms_norm_eps": repr(a["eps"]),
+            "optpipe.attention_scale": repr(a["scale"]), "optpipe.attention_softcap": repr(float(a["softcap"] or 0))}
     for k_, v_ in meta.items():
         model_proto.metadata_props.append(onnx.StringStringEntryProto(key=k_, value=str(v_)))
     return model_proto
@@ -271,6 +324,12 @@ class Export(Pass):
     provides = frozenset({"onnx"})
     targets = frozenset({"cpu-onnx", "gpu-tensorrt"})
     once = True
+
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        if facts is not None and facts.family is not None:
+            why = _arch_desc.describe(facts.model_type).unsupported(facts.config, self.config.max_positions)
+            if why is not None:
+                raise ValueError(why)
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         streaming = state.torch_model is None and state.checkpoint is not None

@@ -123,20 +123,27 @@ class Fuse(Pass):
         g.new_inits += [numpy_helper.from_array(np.array([1], np.int64), "gqa/axes1"),
                         numpy_helper.from_array(np.array(1, np.int64), "gqa/one")]
         heads, kv_heads, head_dim = (int(meta[k]) for k in ("optpipe.num_heads", "optpipe.kv_num_heads", "optpipe.head_dim"))
+        scale = float(meta.get("optpipe.attention_scale", 1.0 / float(np.sqrt(head_dim))))
+        softcap = float(meta.get("optpipe.attention_softcap", 0.0))
         for node in attn:
             q, k, v, past_k, past_v, _mask, cos, sin = node.input
             srcs = [g.source_of(x) for x in (q, k, v)]
             packed = (self.config.qkv and all(srcs) and len({s[0].input[0] for s in srcs}) == 1
                       and len({s[1] is None for s in srcs}) == 1)
+            split = g.prod.get(q)
             if packed:
                 layer = node.name.removesuffix(desc.o.rsplit(".", 1)[0] + ".attention")
                 q, _ = g.concat_linears(srcs, layer + desc.qkv_fused)
                 k = v = ""
                 counts["qkv_packed"] += 1
+            elif self.config.qkv and split is not None and split.op_type == "Split" and list(split.output) == [q, k, v]:
+                q, k, v = split.input[0], "", ""  # packed in the checkpoint (Phi-3): attention takes it whole
+                g.remove.add(id(split))
+                counts["qkv_packed"] += 1
             g.new_nodes.append(helper.make_node(
                 "GroupQueryAttention", [q, k, v, past_k, past_v, "gqa/seqlens_k", "gqa/total_sequence_length", cos, sin],
                 list(node.output), name=node.name, domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads,
-                do_rotary=1, rotary_interleaved=0, scale=1.0 / float(np.sqrt(head_dim)),
+                do_rotary=1, rotary_interleaved=0, scale=scale, softcap=softcap,
                 local_window_size=_window(node.op_type)))
             g.remove.add(id(node))
             counts["attention_gqa"] += 1

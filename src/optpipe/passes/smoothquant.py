@@ -53,8 +53,8 @@ class SmoothQuant(Pass):
         if state.torch_model is None and state.checkpoint is not None:
             return self._streaming(state, ctx)
         model = state.torch_model
-        groups = norm_groups(model.config)
-        layers = model.get_submodule(arch.describe(model.config).layers)
+        groups, desc = norm_groups(model.config), arch.describe(model.config)
+        layers = model.get_submodule(desc.layers)
         observed = {f"{i}.{norm}": layer.get_submodule(linears[0])
                     for i, layer in enumerate(layers) for norm, linears in groups}
         amax = capture_inputs(model, observed, ctx.calibration_windows(), reduce=channel_absmax,
@@ -67,7 +67,7 @@ class SmoothQuant(Pass):
                     lins = [layer.get_submodule(n) for n in linears]
                     s = smoothing_scale(amax[f"{i}.{norm}"], [lin.weight for lin in lins], a)
                     norm_w = layer.get_submodule(norm).weight
-                    norm_w.div_(s.to(norm_w.dtype))
+                    desc.scale_norm(norm_w, s.to(norm_w.dtype))
                     for lin in lins:
                         lin.weight.mul_(s.to(lin.weight.dtype))
                     scales.append(float(s.max()))
@@ -85,7 +85,7 @@ class SmoothQuant(Pass):
             amax = step.observe({norm: layer.get_submodule(linears[0]) for norm, linears in groups}, channel_absmax)
             for norm, linears in groups:
                 s = smoothing_scale(amax[norm], [layer.get_submodule(n).weight for n in linears], a)
-                fns[prefix + norm + ".weight"] = lambda t, s=s: t / s
+                fns[prefix + norm + ".weight"] = lambda t, s=s: (t + desc.norm_offset) / s - desc.norm_offset
                 fns.update({prefix + n + ".weight": (lambda t, s=s: t * s) for n in linears})
                 scales.append(float(s.max()))
             amaxes += amax.values()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from ..errors import ArtifactError
 from .torch_modules import (
     QUANTIZED_MODULES,
@@ -29,6 +27,7 @@ def load_torch_artifact(directory: Path, threads: int) -> TorchRunner:
 
 def load_model(directory: Path):
     """(model, runtime.json) from a cpu-torch artifact directory."""
+    from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -38,7 +37,9 @@ def load_model(directory: Path):
     runtime = json.loads((directory / RUNTIME_FILE).read_text(encoding="utf-8"))
     layout = json.loads((directory / LAYOUT_FILE).read_text(encoding="utf-8"))
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    with torch.device("meta"):
+    # parameters on meta (the artifact fills them); buffers computed as usual, since the non-persistent ones
+    # (rotary frequencies, Gemma's embedding scale) are in no state dict
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     if runtime.get("fused"):
         fuse_projections(model, [(p, f, tuple(parts)) for p, f, parts in runtime["fused"]], device="meta")
@@ -53,7 +54,6 @@ def load_model(directory: Path):
     missing = [k for k in result.missing_keys if not (runtime.get("tied_embeddings") and k.startswith("lm_head."))]
     if missing:
         raise ArtifactError(f"{directory / WEIGHTS_FILE}: tensors missing: {missing[:5]}")
-    _rebuild_rotary(model, config)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ArtifactError(f"{directory}: not restored from the artifact: {left[:5]}")
@@ -64,8 +64,3 @@ def load_model(directory: Path):
     return model, runtime
 
 
-def _rebuild_rotary(model, config) -> None:
-    """Rotary inverse frequencies are a non-persistent buffer (not in any state dict): compute them again."""
-    for name, mod in list(model.named_modules()):
-        if name.endswith("rotary_emb"):
-            set_module(model, name, type(mod)(config=config))

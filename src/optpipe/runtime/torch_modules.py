@@ -220,6 +220,8 @@ def use_static_cache_attention(model) -> None:
     know gets no mask function, and a sliding-window layer then attends to every position)."""
     from transformers import AttentionInterface
 
+    if getattr(model.config, "attn_logit_softcapping", None):
+        return  # SDPA cannot soft-cap scores (Gemma 2): keep the model's own attention over the whole buffer
     AttentionInterface.register(STATIC_ATTENTION, _static_cache_sdpa)
     try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
