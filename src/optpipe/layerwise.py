@@ -57,7 +57,8 @@ class CheckpointLayers:
         self.rotary = rotary_module(self.config)
         self.desc = arch.describe(self.config)
         self.windows = self.desc.windows(self.config)
-        self.rope_per_type = not hasattr(self.rotary, "inv_freq")  # one rotary base per layer type (Gemma 3)
+        # one rotary base per layer type (Gemma 3): the layer's type picks its table
+        self.rope_types = None if hasattr(self.rotary, "inv_freq") else list(self.config.layer_types)
         self.final_softcap = arch.setting(self.config, "final_logit_softcapping")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,8 +89,7 @@ class CheckpointLayers:
     def run_layer(self, index: int, layer, h: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """Decoder layer `index` on hidden states at `positions`; a cache (from `new_cache`) holds every earlier
         position. A sliding-window layer gets its window as an explicit mask (the eager model builds the same)."""
-        types = arch.setting(self.config, "layer_types")
-        rope = self.rotary(h, positions, types[index]) if self.rope_per_type else self.rotary(h, positions)
+        rope = self.rotary(h, positions) if self.rope_types is None else self.rotary(h, positions, self.rope_types[index])
         out = layer(h, attention_mask=self._mask(self.windows[index], positions), position_ids=positions,
                     **{cache_keyword(type(layer).forward): cache}, use_cache=cache is not None,
                     position_embeddings=rope)
