@@ -86,11 +86,15 @@ def cmd_validate(a) -> int:
     from .builder import check
 
     r, passes, facts = check(a.recipe, allow_plugins=a.allow_plugins or None)
+    export = next((p for p in passes if hasattr(p, "route_for")), None)
+    route = export.route_for(facts) if export is not None else None
     if a.json:
         _emit_json({"status": "ok", "recipe": str(a.recipe), "target": r.target, "model": facts.describe(),
-                    "model_type": facts.model_type, "family": facts.family, "passes": [p.name for p in passes]})
+                    "model_type": facts.model_type, "family": facts.family, "export_route": route,
+                    "passes": [p.name for p in passes]})
         return 0
-    print(f"{a.recipe}: ok ({r.target}; model {facts.describe()}; passes: {', '.join(p.name for p in passes)})")
+    via = f"; export route: {route}" if route else ""
+    print(f"{a.recipe}: ok ({r.target}; model {facts.describe()}; passes: {', '.join(p.name for p in passes)}{via})")
     return 0
 
 

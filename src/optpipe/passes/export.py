@@ -30,6 +30,9 @@ NEG = float(np.finfo(np.float32).min)
 
 
 class ExportConfig(PassConfig):
+    method: Literal["auto", "family", "generic"] = Field(
+        "auto", description="family: written from the architecture description (fast, fusable); generic: traced "
+        "by torch.onnx (any decoder, unfused); auto: family when the model's family is described")
     opset: int = Field(OPSET, ge=21, le=23)
     max_positions: int = Field(8192, ge=64, description="rotary cache length: the longest sequence the artifact serves")
     atol: float = Field(1e-2, gt=0, description="largest allowed |logit difference| vs PyTorch")
@@ -287,7 +290,8 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
     meta = {"optpipe.num_layers": L, "optpipe.num_heads": H, "optpipe.kv_num_heads": KV, "optpipe.head_dim": D,
             "optpipe.vocab_size": a["vocab"], "optpipe.kv_cache": "dynamic", "optpipe.max_length": cfg.max_positions,
             "optpipe.model_type": a["model_type"], "optpipe.family": d.family, "optpipe.rms_norm_eps": repr(a["eps"]),
-            "optpipe.attention_scale": repr(a["scale"]), "optpipe.attention_softcap": repr(float(a["softcap"] or 0))}
+            "optpipe.attention_scale": repr(a["scale"]), "optpipe.attention_softcap": repr(float(a["softcap"] or 0)),
+            "optpipe.export_route": "family"}
     for k_, v_ in meta.items():
         model_proto.metadata_props.append(onnx.StringStringEntryProto(key=k_, value=str(v_)))
     return model_proto
@@ -313,10 +317,30 @@ def check_against_torch(model, onnx_model: onnx.ModelProto, atol: float, threads
     return {"max_abs_logit_diff": diff, "top1_agreement": top1}
 
 
+def build_generic_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
+    """The generic route (see `_generic_export`): any transformers decoder in memory."""
+    from . import _generic_export
+
+    try:
+        proto = _generic_export.trace(model, cfg.opset)
+    except Exception as e:  # the exporter's errors are many kinds; the build names the route and the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BuildError(f"export (method generic): torch.onnx could not trace {model.config.model_type}: "
+                         f"{type(e).__name__}: {first}") from e
+    _generic_export.set_metadata(proto, _generic_export.metadata(model.config, cfg.max_positions))
+    return proto
+
+
+def route(method: str, model_type: str | None) -> str:
+    """The export route a recipe's `method` takes for a model: "family" or "generic"."""
+    if method != "auto":
+        return method
+    return "family" if model_type in _arch_desc.supported() else "generic"
+
+
 @register
 class Export(Pass):
     name = "export"
-    topology = True
     streams = True
     Config = ExportConfig
     input_stage = "torch"
@@ -325,19 +349,48 @@ class Export(Pass):
     targets = frozenset({"cpu-onnx", "gpu-tensorrt"})
     once = True
 
+    @property
+    def topology(self) -> bool:  # type: ignore[override]
+        """Only the family route reads the layer topology (auto falls back to generic without one)."""
+        return self.config.method == "family"
+
+    def route_for(self, facts) -> str:
+        """Which route this export takes for the model `validate` read."""
+        return route(self.config.method, facts.model_type)
+
     def check_recipe(self, recipe, facts, earlier) -> None:
-        if facts is not None and facts.family is not None:
-            why = _arch_desc.describe(facts.model_type).unsupported(facts.config, self.config.max_positions)
-            if why is not None:
-                raise ValueError(why)
+        if facts is None:
+            return
+        if route(self.config.method, facts.model_type) == "generic":
+            if recipe.model.streaming:
+                raise ValueError(f"method generic traces the model in memory; model.streaming needs the family route "
+                                 f"(model_type {facts.model_type!r}; described: {', '.join(_arch_desc.supported())})")
+            lm = [a for a in facts.architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+            if facts.architectures and not lm:
+                raise ValueError(f"the generic route traces a causal language model; the model's config names "
+                                 f"{', '.join(facts.architectures)} (described families: "
+                                 f"{', '.join(_arch_desc.supported())})")
+            return
+        why = _arch_desc.describe(facts.model_type).unsupported(facts.config, self.config.max_positions)
+        if why is not None:
+            raise ValueError(why)
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         streaming = state.torch_model is None and state.checkpoint is not None
         source = state.checkpoint if streaming else state.torch_model
-        state.onnx_model = build_decoder_graph(source, self.config)
-        changes = {"nodes": len(state.onnx_model.graph.node), "initializers": len(state.onnx_model.graph.initializer),
-                   "layers": _arch(source.config)["layers"], "streaming": streaming}
+        how = route(self.config.method, source.config.model_type)
+        if how == "generic":
+            if streaming:
+                raise BuildError("export: method generic needs the model in memory (model.streaming is set)")
+            state.onnx_model = build_generic_graph(source, self.config)
+        else:
+            state.onnx_model = build_decoder_graph(source, self.config)
+        changes = {"route": how, "nodes": len(state.onnx_model.graph.node),
+                   "initializers": len(state.onnx_model.graph.initializer),
+                   "layers": int(source.config.num_hidden_layers), "streaming": streaming}
         notes = []
+        if how == "generic":
+            notes.append(f"generic route: {source.config.model_type} traced by torch.onnx (dynamo); unfused graph")
         if streaming:
             notes.append("streaming: weights stay in the checkpoint until the artifact is written; the PyTorch "
                          "output check is replaced by the accuracy gate against the layer-by-layer reference")

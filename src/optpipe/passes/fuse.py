@@ -15,6 +15,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from .. import arch
+from ..errors import BuildError
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ._onnx import (
     FN_DOMAIN,
@@ -85,9 +86,20 @@ class Fuse(Pass):
     provides = frozenset({"fused-attention"})
     requires = frozenset({"onnx"})
 
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        from .export import route
+
+        export = next((p for p in earlier if p.name == "export"), None)
+        if export is not None and facts is not None and route(export.config.method, facts.model_type) == "generic":
+            raise ValueError("fuses the units the family export writes; export takes the generic route here "
+                             "(a torch.onnx trace), which has none: drop `fuse` (and `static-kv-cache`) or use "
+                             "export method family")
+
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         model = state.onnx_model
         meta = metadata(model)
+        if meta.get("optpipe.export_route") == "generic":
+            raise BuildError("fuse: the graph comes from the generic export route, which has no units to fuse")
         counts = {"attention_gqa": 0, "qkv_packed": 0, "gate_up": 0, "skip_rmsnorm": 0, "rmsnorm": 0}
         g = _Graph(model)
         desc = arch.describe(meta["optpipe.model_type"])

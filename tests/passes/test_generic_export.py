@@ -1,0 +1,94 @@
+"""The generic export route (`export: {method: generic}`, and `auto` for a family without a description): a
+torch.onnx trace with the family route's interface, quantized and gated like any other graph."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ..conftest import make_tiny, tiny_recipe, write_recipe
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_forced_generic_matches_the_family_route(tmp_path):
+    """A described family (llama) through both routes: same interface, logits within 1e-3 over a prompt and
+    cached decode steps; the generic graph names its weights after the modules."""
+    from optpipe.passes.export import ExportConfig, build_decoder_graph, build_generic_graph
+    from optpipe.runtime.ort_decoder import OnnxDecoder
+
+    model = _hf(make_tiny(tmp_path / "llama", "llama"))
+    generic = build_generic_graph(model, ExportConfig(method="generic", max_positions=256))
+    family = build_decoder_graph(model, ExportConfig(max_positions=256))
+    names = {n.name for n in generic.graph.node if n.op_type == "MatMul"}
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"} <= names
+    inits = {t.name for t in generic.graph.initializer}
+    assert "lm_head.weight_t" in inits  # the tied head materialized, so it can be quantized
+    ids = np.random.default_rng(0).integers(0, 256, (1, 40))
+    got, want = OnnxDecoder.from_proto(generic), OnnxDecoder.from_proto(family)
+    a, sa = got.prefill(ids[:, :37])
+    b, sb = want.prefill(ids[:, :37])
+    assert np.abs(a - b).max() < 1e-3
+    for t in range(37, 40):
+        a, sa = got.step(ids[:, t:t + 1], sa)
+        b, sb = want.step(ids[:, t:t + 1], sb)
+        assert np.abs(a - b).max() < 1e-3
+
+
+GENERIC_INT4 = [{"name": "export", "max_positions": 256},
+                {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0}]
+
+
+@pytest.mark.parametrize("model_type", ["olmo2", "granite"])
+def test_an_undescribed_family_builds_int4_through_the_generic_route(model_type, tmp_path, capsys):
+    """No architecture description: validate names the route, the build takes it, quantizes every linear but the
+    head with GPTQ, passes its gates, and the manifest says which route was used."""
+    import optpipe
+    from optpipe import arch
+    from optpipe.cli import main
+
+    assert model_type not in arch.supported()
+    path = make_tiny(tmp_path / "m", model_type)
+    recipe = tiny_recipe(path, GENERIC_INT4)
+    assert main(["validate", str(write_recipe(tmp_path, recipe))]) == 0
+    out = capsys.readouterr().out
+    assert "no architecture description" in out and "export route: generic" in out, out
+    res = optpipe.build(recipe, output=tmp_path / "art", log=lambda m: None)
+    assert res.manifest["status"] == "passed"
+    export, quant = res.manifest["passes"][0], res.manifest["passes"][1]
+    assert export["changes"]["route"] == "generic" and export["changes"]["max_abs_logit_diff"] < 1e-3
+    assert quant["changes"]["layers_quantized"] == 2 * 7  # q, k, v, o, gate, up, down per layer
+    precisions = optpipe.load(tmp_path / "art", threads=1).runner.precisions()
+    assert sorted(k for k, v in precisions.items() if v == "int4") == sorted(
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                             "mlp.down_proj"))
+    assert precisions["lm_head"] == "float32"
+
+
+@pytest.mark.parametrize("model_type, passes, expect", [
+    ("llama", [{"name": "export", "method": "generic"}, {"name": "fuse"}],
+     "passes[1] (fuse): fuses the units the family export writes"),
+    ("olmo2", [{"name": "export"}, {"name": "fuse"}], "passes[1] (fuse): needs the layer topology of model_type 'olmo2'"),
+    ("olmo2", [{"name": "export", "method": "family"}],
+     "passes[0] (export): needs the layer topology of model_type 'olmo2'"),
+])
+def test_validate_refuses_what_the_generic_route_cannot_do(model_type, passes, expect, tmp_path, capsys):
+    from optpipe.cli import main
+
+    path = make_tiny(tmp_path / "m", model_type)
+    assert main(["validate", str(write_recipe(tmp_path, tiny_recipe(path, passes)))]) == 2
+    assert expect in capsys.readouterr().err
+
+
+def test_streaming_needs_the_family_route(tmp_path, capsys):
+    from optpipe.cli import main
+
+    path = make_tiny(tmp_path / "m", "llama")
+    recipe = tiny_recipe(path, [{"name": "export", "method": "generic"}])
+    recipe["model"] = {"source": str(path), "streaming": True}
+    assert main(["validate", str(write_recipe(tmp_path, recipe))]) == 2
+    assert "passes[0] (export): method generic traces the model in memory" in capsys.readouterr().err
