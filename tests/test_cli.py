@@ -87,6 +87,6 @@ def test_json_refusal_carries_the_gate_measurements(tiny_llama, tmp_path, capsys
 def test_build_log_has_no_carriage_returns_when_not_a_tty(tiny_llama, tmp_path):
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, FUSED_INT4 + []))
     proc = subprocess.run([sys.executable, "-m", "optpipe", "build", str(recipe), "-o", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, timeout=300)  # bytes: text mode would turn \r into \n
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "\r" not in proc.stderr and "accuracy gate:" in proc.stderr and "window in" in proc.stderr
+    assert b"\r" not in proc.stderr and b"accuracy gate:" in proc.stderr and b"window in" in proc.stderr

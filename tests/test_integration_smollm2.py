@@ -80,3 +80,16 @@ def test_streaming_build_matches_in_memory_build(tmp_path):
     head = res.manifest["passes"][-1]
     assert head["options"]["algorithm"] == "gptq" and "layer by layer" in head["notes"][0]
     assert res.metrics["gates.accuracy.ppl_delta_pct"] <= 3.0
+
+
+def test_loading_the_gguf_writes_no_carriage_returns_into_a_log():
+    """transformers' GGUF conversion bar is a plain tqdm (its progress-bar switch does not reach it): a build whose
+    output goes to a file must not fill the log with \\r updates."""
+    import subprocess
+    import sys
+
+    code = ("from optpipe.models import load; from optpipe.recipe import ModelSpec; "
+            "load(ModelSpec(source='builtin:smollm2-135m'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=600)  # bytes: text mode would
+    assert proc.returncode == 0, proc.stderr[-2000:]                                      # turn \r into \n
+    assert b"\r" not in proc.stderr, proc.stderr[-500:]

@@ -1,10 +1,13 @@
 """Resolve a recipe's `model` to an HF model + tokenizer: builtin alias, local directory, GGUF file or hub id."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from .errors import ModelLoadError
 from .runtime.torch_modules import dtype_keyword, dynamic_cache  # noqa: F401 - re-exported
@@ -101,10 +104,14 @@ def load(spec, dtype: str = "float32"):
 
     from . import progress
 
-    if not progress.interactive():  # transformers' own loading bar would write \r updates into logs
+    quiet = contextlib.nullcontext()
+    if not progress.interactive():  # transformers' own loading bars would write \r updates into logs
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        # the GGUF conversion bar is a plain tqdm that the switch above does not reach
+        quiet = mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True))
     resolved = resolve(spec.source, spec.gguf_file)
     kwargs = {"trust_remote_code": spec.trust_remote_code}
     if spec.revision:
@@ -113,8 +120,10 @@ def load(spec, dtype: str = "float32"):
         kwargs["gguf_file"] = resolved.gguf_file
     kwargs["local_files_only"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(resolved.location, **{dtype_keyword(): getattr(torch, dtype)}, **kwargs)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(resolved.location, **{dtype_keyword(): getattr(torch, dtype)},
+                                                         **kwargs)
     except OSError as e:
         raise ModelLoadError(f"model.source: cannot load {resolved.location}: {str(e).splitlines()[0]}") from None
     except ValueError as e:
