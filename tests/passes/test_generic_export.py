@@ -92,3 +92,13 @@ def test_streaming_needs_the_family_route(tmp_path, capsys):
     recipe["model"] = {"source": str(path), "streaming": True}
     assert main(["validate", str(write_recipe(tmp_path, recipe))]) == 2
     assert "passes[0] (export): method generic traces the model in memory" in capsys.readouterr().err
+
+
+def test_the_generic_example_recipe_validates_on_an_undescribed_family(tmp_path, monkeypatch, capsys):
+    from optpipe.cli import main
+
+    from ..conftest import ROOT
+
+    monkeypatch.setenv("OPTPIPE_MODEL", str(make_tiny(tmp_path / "m", "olmo2")))
+    assert main(["validate", str(ROOT / "recipes" / "examples" / "generic-cpu-int4.yaml")]) == 0
+    assert "export route: generic" in capsys.readouterr().out
