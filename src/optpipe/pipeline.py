@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import BuildError, RecipeError
 from .handoff import Handoff
@@ -24,6 +24,18 @@ from .handoff import Handoff
 
 class PassConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # old option name -> new one: an old recipe is refused with an error that names the field to write instead
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_renamed(cls, data):
+        if isinstance(data, dict):
+            for old, new in cls.renamed.items():
+                if old in data:
+                    raise ValueError(f"option `{old}` is now `{new}` (one name per idea across targets): "
+                                     f"write `{new}: {data[old]}`")
+        return data
 
 
 def _compiled(patterns: list[str]) -> list[str]:
@@ -36,6 +48,9 @@ def _compiled(patterns: list[str]) -> list[str]:
 
 
 Patterns = Annotated[list[str], AfterValidator(_compiled)]
+# GPTQ's Hessian dampening, the same option (and default, `_quant.GPTQ_DAMP`) in every GPTQ pass
+Damp = Annotated[float, Field(gt=0, lt=1, description="GPTQ Hessian dampening: fraction of the mean diagonal added "
+                                                      "(small calibration sets may need more)")]
 
 
 @dataclass

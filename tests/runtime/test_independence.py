@@ -39,7 +39,7 @@ print(m.generate(np.arange(5, 15), 4, eos_token_id=None).tokens)
 
 @pytest.mark.parametrize("target", ["cpu-onnx", "cpu-torch"])
 def test_load_works_with_the_compiler_absent(tiny_llama, tmp_path, target):
-    passes = FUSED_INT4 if target == "cpu-onnx" else [{"name": "quantize-int4", "group_size": 32}]
+    passes = FUSED_INT4 if target == "cpu-onnx" else [{"name": "quantize-int4", "block_size": 32}]
     recipe = tiny_recipe(tiny_llama, passes) | {"target": target}
     out = tmp_path / "art"
     optpipe.build(recipe, output=out, log=lambda m: None)

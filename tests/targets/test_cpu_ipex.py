@@ -57,7 +57,7 @@ def test_ipex_woq_int4_is_refused_by_speed_gate_naming_the_cause(tmp_path):
     # SmolLM2's layer shapes (4 layers, random weights): on a toy width the dequantization cost would not show
     model_dir = make_tiny(tmp_path / "m", "llama", layers=4, hidden_size=576, intermediate_size=1536,
                           num_attention_heads=9, num_key_value_heads=3)
-    passes = [{"name": "ipex-optimize", "weight_only": "int4", "group_size": 32, "lowp_mode": "bf16"}]
+    passes = [{"name": "ipex-optimize", "weight_only": "int4", "block_size": 32, "lowp_mode": "bf16"}]
     recipe = ipex_recipe(model_dir, passes, min_decode_speedup=1.0, repeats=3, new_tokens=16)
     recipe["gates"]["accuracy"] = {"max_ppl_delta_pct": 100.0}
     with pytest.raises(GateFailed) as e:

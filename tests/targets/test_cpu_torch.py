@@ -13,7 +13,7 @@ from optpipe.recipe import recipe_from_dict
 from ..conftest import DATA, tiny_recipe, write_recipe
 
 SPEED = {"min_decode_speedup": 0.05, "prompt_tokens": 16, "new_tokens": 8, "repeats": 1, "threads": 1}
-INT4_CHAIN = [{"name": "quantize-int4", "group_size": 32, "exclude": ["lm_head"]},
+INT4_CHAIN = [{"name": "quantize-int4", "block_size": 32, "exclude": ["lm_head"]},
               {"name": "quantize-int8", "include": ["^lm_head$"]},
               {"name": "static-kv-cache", "max_length": 128}]
 
@@ -57,7 +57,7 @@ def test_int4_artifact_reloads_with_same_greedy_tokens(tiny_llama, tmp_path):
 
 
 def test_gptq_and_tied_float_head(tiny_qwen2, tmp_path):
-    recipe = torch_recipe(tiny_qwen2, [{"name": "quantize-int4", "algorithm": "gptq", "group_size": 64},
+    recipe = torch_recipe(tiny_qwen2, [{"name": "quantize-int4", "algorithm": "gptq", "block_size": 64},
                                       {"name": "static-kv-cache", "max_length": 128}])
     res = optpipe.build(recipe, output=tmp_path / "art", log=lambda m: None)
     assert res.manifest["target"]["tied_embeddings"] is True  # lm_head stayed float and tied: stored once

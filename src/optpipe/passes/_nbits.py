@@ -81,7 +81,7 @@ def _packed(qw: _quant.QuantizedWeight, bits: int) -> dict[str, np.ndarray]:
 
 
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
-                     accuracy_level: int, include: list[str], exclude: list[str], damp: float = 0.01) -> tuple[dict, list]:
+                     accuracy_level: int, include: list[str], exclude: list[str], damp: float = _quant.GPTQ_DAMP) -> tuple[dict, list]:
     model = state.onnx_model
     selected, skipped = select_matmuls(model, include, exclude)
     edit = GraphEdit(model)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+GPTQ_DAMP = 0.01  # the one default for every GPTQ pass: fraction of the Hessian's mean diagonal added to it
 
 
 @dataclass
@@ -94,7 +95,7 @@ def rtn(w: np.ndarray, bits: int, block: int, scheme: str) -> QuantizedWeight:
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
-         damp: float = 0.01, cols_per_step: int = 128, act_order: bool = False) -> QuantizedWeight:
+         damp: float = GPTQ_DAMP, cols_per_step: int = 128, act_order: bool = False) -> QuantizedWeight:
     """GPTQ (Frantar et al.): quantize column by column, spreading each column's error over the columns
     not yet quantized, weighted by the inverse Hessian of the layer input. Without `act_order` group parameters
     are fitted on the error-updated weights when a group starts; with it, columns go in order of decreasing

@@ -16,8 +16,9 @@ from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, re
 
 
 class IpexConfig(PassConfig):
+    renamed = {"group_size": "block_size"}
     weight_only: Literal["none", "int8", "int4"] = Field("none", description="IPEX weight-only quantization")
-    group_size: int = Field(-1, description="WOQ group along the input axis; -1 = per channel")
+    block_size: int = Field(-1, description="WOQ group along the input axis; -1 = per channel")
     lowp_mode: Literal["none", "fp16", "bf16", "int8"] = Field("bf16", description="WOQ compute dtype")
     deployment_mode: bool = Field(True, description="trace to TorchScript at load (IPEX's fast path)")
 

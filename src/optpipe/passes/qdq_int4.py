@@ -9,6 +9,7 @@ import numpy as np
 from pydantic import Field
 
 from ..pipeline import (
+    Damp,
     ModelState,
     Pass,
     PassConfig,
@@ -38,7 +39,7 @@ class QdqInt4Config(PassConfig):
     block_size: Literal[64, 128] = 128
     include: Patterns = Field(default_factory=list)
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
-    damp: float = Field(0.1, gt=0, lt=1, description="GPTQ Hessian dampening; small calibration sets need more")
+    damp: Damp = _quant.GPTQ_DAMP
     act_order: bool = Field(True, description="GPTQ: most-activated columns first, static groups")
     sequential: bool = Field(False, description="GPTQ: layer by layer, each layer's Hessians measured with the "
                                                 "layers before it already quantized (one calibration run a layer)")

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..pipeline import (
+    Damp,
     ModelState,
     Pass,
     PassConfig,
@@ -14,6 +15,7 @@ from ..pipeline import (
     Patterns,
     register,
 )
+from . import _quant
 from ._nbits import quantize_matmuls
 
 
@@ -25,7 +27,7 @@ class Int4Config(PassConfig):
     accuracy_level: Literal[0, 1, 4] = Field(4, description="4 = int8 activations x int4 weights (VNNI); 0/1 = fp32")
     include: Patterns = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
-    damp: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of mean diagonal)")
+    damp: Damp = _quant.GPTQ_DAMP
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 
 

@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from ..pipeline import (
+    Damp,
     ModelState,
     Pass,
     PassConfig,
@@ -34,12 +35,13 @@ from ._torch_calib import capture_inputs
 
 
 class TorchInt4Config(PassConfig):
+    renamed = {"group_size": "block_size"}
     algorithm: Literal["rtn", "gptq"] = "rtn"
-    group_size: Literal[32, 64, 128] = 32
+    block_size: Literal[32, 64, 128] = 32
     zero_point: Literal["float", "symmetric"] = Field("float", description="float: exact on GGUF Q4_1-style grids")
     include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all Linear")
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
-    damp: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of mean diagonal)")
+    damp: Damp = _quant.GPTQ_DAMP
     act_order: bool = Field(False, description="GPTQ: columns by decreasing Hessian diagonal, static groups")
     max_calibration_tokens: int | None = Field(None, ge=16)
 
@@ -93,8 +95,8 @@ class TorchQuantizeInt4(Pass):
         model = state.torch_model
         chosen, skipped = _select(model, c.include, c.exclude)
         for name, lin in list(chosen.items()):
-            if lin.in_features % c.group_size:
-                skipped[name] = f"in_features={lin.in_features} is not a multiple of group_size {c.group_size}"
+            if lin.in_features % c.block_size:
+                skipped[name] = f"in_features={lin.in_features} is not a multiple of block_size {c.block_size}"
                 del chosen[name]
             elif lin.out_features % 16:
                 skipped[name] = f"out_features={lin.out_features} is not a multiple of 16 (the CPU int4 kernel's packing)"
@@ -109,15 +111,15 @@ class TorchQuantizeInt4(Pass):
         for name, lin in track(chosen.items(), desc=f"quantize int4 ({c.algorithm})", unit="layer"):
             w = lin.weight.detach().float().numpy()
             if c.algorithm == "gptq":
-                qw = _quant.gptq(w, hessians[name], 4, c.group_size, scheme, damp=c.damp, act_order=c.act_order)
+                qw = _quant.gptq(w, hessians[name], 4, c.block_size, scheme, damp=c.damp, act_order=c.act_order)
             else:
-                qw = _quant.rtn(w, 4, c.group_size, scheme)
+                qw = _quant.rtn(w, 4, c.block_size, scheme)
             residual = qw.residual if qw.residual is not None else 0.0
             minimum = residual - qw.scale * qw.zero.astype(np.float32)  # w = q*scale + minimum per group
             mod = Int4WeightOnlyLinear.from_codes(qw.q.reshape(w.shape), qw.scale, minimum, lin.bias)
             rel.append(_rel_error(mod.dequantize(), lin.weight.detach().float()))
             set_module(model, name, mod)
-            done[name] = f"int4 {c.algorithm} group{c.group_size} {scheme} (bf16 compute)"
+            done[name] = f"int4 {c.algorithm} group{c.block_size} {scheme} (bf16 compute)"
         return PassResult(bool(done), _record(state, done, skipped, rel),
                           ["scales and zero points are stored in bf16 (what the CPU int4 kernel takes)"])
 

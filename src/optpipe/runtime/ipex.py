@@ -102,7 +102,7 @@ def load_ipex_artifact(directory: Path, threads: int) -> IpexRunner:
 
         qconfig = get_weight_only_quant_qconfig_mapping(
             weight_dtype=getattr(WoqWeightDtype, s["weight_only"].upper()),
-            lowp_mode=getattr(WoqLowpMode, s["lowp_mode"].upper()), group_size=s["group_size"])
+            lowp_mode=getattr(WoqLowpMode, s["lowp_mode"].upper()), group_size=s.get("block_size", s.get("group_size")))
     torch.set_num_threads(threads)
     model = ipex.llm.optimize(model, dtype=dtype, inplace=True, quantization_config=qconfig,
                               deployment_mode=s["deployment_mode"])
