@@ -95,3 +95,22 @@ def test_int8_input_rounding_imitates_matmulnbits_accuracy_level_4():
     y_int8 = lin(torch.from_numpy(x)).detach().numpy()
     err_fp32, err_int8 = np.abs(y_fp32 - y_ort).max(), np.abs(y_int8 - y_ort).max()
     assert err_int8 < 0.01 * err_fp32, (err_int8, err_fp32)  # measured: 4e-5 vs 0.84
+
+
+def test_relative_error_and_its_summary_by_hand():
+    """The one weight-error formula every quantize pass reports: ||approx - exact|| / ||exact||."""
+    exact = np.array([[3.0, 4.0]])  # norm 5
+    assert _quant.relative_error(exact + [[0.0, 1.0]], exact) == pytest.approx(0.2)
+    assert _quant.relative_error(exact, exact) == 0.0
+    assert _quant.error_summary([0.1, 0.3]) == {"weight_rel_error_mean": 0.2, "weight_rel_error_max": 0.3}
+    assert _quant.error_summary([]) == {"weight_rel_error_mean": None, "weight_rel_error_max": None}
+
+
+def test_every_gptq_pass_shares_one_damp_default():
+    from optpipe.passes.qdq_int4 import QdqInt4Config
+    from optpipe.passes.quantize_int4 import Int4Config
+    from optpipe.passes.torch_quantize import TorchInt4Config
+
+    assert QdqInt4Config().damp == Int4Config().damp == TorchInt4Config().damp == _quant.GPTQ_DAMP
+    with pytest.raises(ValueError, match="option `group_size` is now `block_size`"):
+        TorchInt4Config(group_size=64)

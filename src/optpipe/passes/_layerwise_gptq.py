@@ -19,6 +19,7 @@ from .. import lazy as _lazy
 from ..errors import BuildError
 from ..layerwise import LayerStep, hessian_sum, walk
 from ..progress import bar
+from . import _quant
 
 
 def input_site(name: str, config) -> tuple[int, str]:
@@ -73,7 +74,7 @@ def _fit_layer(sites, sums, tokens, weight, quantize, spill, errors, b) -> None:
         for node in site_nodes:
             w = weight(node)
             qw = quantize(w, h)
-            errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
+            errors.append(_quant.relative_error(qw.dequantize(), w))
             spill.put(node.name, qw.arrays())
             b.update(1)
             del w, qw

@@ -135,7 +135,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                 qw = _quant.gptq(w, hessians[node.input[0]], bits, block, scheme, damp=damp)
             else:
                 qw = _quant.rtn(w, bits, block, scheme)
-            rel_errors.append(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12)))
+            rel_errors.append(_quant.relative_error(qw.dequantize(), w))
             packed = _packed(qw, bits)
             new_inits += [numpy_helper.from_array(packed[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
         out = node.output[0]
@@ -160,9 +160,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     ensure_opset(model, MS_DOMAIN, 1)
     state.handoff.quantized.update({n.name: f"int{bits} {algorithm} block{block} {scheme}" for n in usable})
     changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),
-               "weight_rel_error_mean": round(float(np.mean(rel_errors)), 5) if rel_errors else None,
-               "weight_rel_error_max": round(float(np.max(rel_errors)), 5) if rel_errors else None,
-               "skipped": skipped}
+               **_quant.error_summary(rel_errors), "skipped": skipped}
     notes = []
     if streamed and spill is not None:
         notes.append(f"{streamed} weights GPTQ-quantized layer by layer (streaming build: Hessians from the model "

@@ -18,6 +18,18 @@ CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 GPTQ_DAMP = 0.01  # the one default for every GPTQ pass: fraction of the Hessian's mean diagonal added to it
 
 
+def relative_error(approx, exact) -> float:
+    """||approx - exact|| / ||exact||: the weight error every quantize pass reports (0 on an exact grid)."""
+    approx, exact = np.asarray(approx, np.float32), np.asarray(exact, np.float32)
+    return float(np.linalg.norm(approx - exact) / max(float(np.linalg.norm(exact)), 1e-12))
+
+
+def error_summary(errors: list[float]) -> dict:
+    """The manifest's weight-error figures of a quantize pass (None when it quantized nothing)."""
+    return {"weight_rel_error_mean": round(float(np.mean(errors)), 5) if errors else None,
+            "weight_rel_error_max": round(float(np.max(errors)), 5) if errors else None}
+
+
 @dataclass
 class QuantizedWeight:
     q: np.ndarray  # uint8 codes [N, nb, block]

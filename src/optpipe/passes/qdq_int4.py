@@ -80,7 +80,7 @@ class QdqInt4(Pass):
         signed = (qw.q.astype(np.int8) - 8).reshape(w.shape).T  # [K, N] in [-7, 7]
         replace_weight(edit, node, int4_tensor(node.name + ".weight_q4", signed), qw.scale.T, axis=0,
                        block_size=c.block_size)
-        return float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-12))
+        return _quant.relative_error(qw.dequantize(), w)
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config
@@ -106,5 +106,4 @@ class QdqInt4(Pass):
             {n.name: f"int4 weight-only qdq block{c.block_size} {c.algorithm}" for n in usable})
         state.handoff.unquantized.update(skipped)
         return PassResult(bool(usable), {"layers_quantized": len(usable), "layers_skipped": len(skipped),
-                                         "weight_rel_error_mean": round(float(np.mean(errors)), 5) if errors else None,
-                                         "skipped": skipped}, [])
+                                         **_quant.error_summary(errors), "skipped": skipped}, [])

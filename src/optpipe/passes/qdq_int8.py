@@ -17,6 +17,7 @@ from ..pipeline import (
     Patterns,
     register,
 )
+from . import _quant
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
 from ._qdq import quantize_activation, replace_weight
@@ -49,7 +50,7 @@ class QdqInt8(Pass):
             scale = np.abs(w).max(axis=0) / 127.0
             scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
             q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-            errors.append(float(np.linalg.norm(q * scale - w) / max(np.linalg.norm(w), 1e-12)))
+            errors.append(_quant.relative_error(q * scale, w))
             replace_weight(edit, node, numpy_helper.from_array(q, node.name + ".weight_q"), scale, axis=1)
             quantize_activation(edit, node, float(absmax[node.input[0]]) * self.config.activation_margin)
         edit.commit()
@@ -57,5 +58,4 @@ class QdqInt8(Pass):
         state.handoff.quantized.update({n.name: "int8 W8A8 qdq" for n in selected})
         state.handoff.unquantized.update(skipped)
         return PassResult(bool(selected), {"layers_quantized": len(selected), "layers_skipped": len(skipped),
-                                           "weight_rel_error_mean": round(float(np.mean(errors)), 5) if errors else None,
-                                           "skipped": skipped}, [])
+                                           **_quant.error_summary(errors), "skipped": skipped}, [])

@@ -68,13 +68,8 @@ def _hessian(prev, x: torch.Tensor) -> tuple:
 
 def _record(state: ModelState, quantized: dict[str, str], skipped: dict[str, str], rel: list[float]) -> dict:
     state.handoff.quantized.update(quantized)
-    return {"layers_quantized": len(quantized), "layers_skipped": len(skipped),
-            "weight_rel_error_mean": round(float(np.mean(rel)), 5) if rel else None,
-            "weight_rel_error_max": round(float(np.max(rel)), 5) if rel else None, "skipped": skipped}
-
-
-def _rel_error(new: torch.Tensor, old: torch.Tensor) -> float:
-    return float(torch.linalg.norm(new - old) / torch.linalg.norm(old).clamp(min=1e-12))
+    return {"layers_quantized": len(quantized), "layers_skipped": len(skipped), **_quant.error_summary(rel),
+            "skipped": skipped}
 
 
 @register
@@ -117,7 +112,7 @@ class TorchQuantizeInt4(Pass):
             residual = qw.residual if qw.residual is not None else 0.0
             minimum = residual - qw.scale * qw.zero.astype(np.float32)  # w = q*scale + minimum per group
             mod = Int4WeightOnlyLinear.from_codes(qw.q.reshape(w.shape), qw.scale, minimum, lin.bias)
-            rel.append(_rel_error(mod.dequantize(), lin.weight.detach().float()))
+            rel.append(_quant.relative_error(mod.dequantize(), lin.weight.detach().float()))
             set_module(model, name, mod)
             done[name] = f"int4 {c.algorithm} group{c.block_size} {scheme} (bf16 compute)"
         return PassResult(bool(done), _record(state, done, skipped, rel),
@@ -141,7 +136,7 @@ class TorchQuantizeInt8(Pass):
         dynamic = c.mode == "dynamic"
         for name, lin in track(chosen.items(), desc=f"quantize int8 ({c.mode})", unit="layer"):
             mod = Int8Linear.from_float(lin.weight, lin.bias, dynamic)
-            rel.append(_rel_error(mod.dequantize(), lin.weight.detach().float()))
+            rel.append(_quant.relative_error(mod.dequantize(), lin.weight.detach().float()))
             set_module(model, name, mod)
             done[name] = f"int8 per-channel symmetric, {c.mode}"
         return PassResult(bool(done), _record(state, done, skipped, rel))
