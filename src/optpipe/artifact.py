@@ -78,6 +78,32 @@ class Staging:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+# The flat figures a manifest's `summary` (and `build`/`gate --json`) carries, per gate.
+SUMMARY_KEYS = {
+    "accuracy": ("ppl_delta_pct", "ppl_delta_pct_ci95", "decided_on", "mean_kl", "kl_p99", "top1_agreement",
+                 "ppl_reference", "ppl_candidate"),
+    "speed": ("decode_speedup", "decode_speedup_ci95", "prefill_speedup", "candidate_decode_tok_s",
+              "reference_decode_tok_s", "rounds", "rounds_busy"),
+    "coverage": ("linears", "quantized", "quantized_fraction"),
+    "generation": ("mean_first_divergence", "teacher_forced_agreement", "repetition_candidate", "repetition_reference"),
+}
+
+
+def gate_record(gates: dict, evaluation: dict | None = None) -> dict:
+    """What a run of the gates records, the same for `build`'s manifest and `optpipe gate`: the verdict, every
+    gate's figures and thresholds, the flat summary, the failures (and the evaluation data, when given)."""
+    out = {"status": "passed" if all(g.passed is not False for g in gates.values()) else "rejected",
+           "gates": {k: g.to_json() for k, g in gates.items()}}
+    summary = {f"gates.{g}.status": out["gates"][g]["status"] for g in SUMMARY_KEYS if g in gates}
+    summary.update({f"gates.{g}.{k}": gates[g].metrics.get(k) for g in SUMMARY_KEYS if g in gates
+                    for k in SUMMARY_KEYS[g]})
+    out["summary"] = summary
+    out["failures"] = [f"{name}: {f}" for name, g in gates.items() for f in g.failures]
+    if evaluation is not None:
+        out["evaluation"] = evaluation
+    return out
+
+
 def write_manifest(directory: Path, manifest: dict) -> dict:
     manifest = {"schema_version": SCHEMA_VERSION, **manifest, "files": file_table(directory)}
     manifest["artifact_bytes"] = sum(f["bytes"] for f in manifest["files"].values())

@@ -125,19 +125,6 @@ def reference_runner(checkpoint, model, threads: int):
     return TorchEagerRunner(model, threads)
 
 
-def _summary(gates: dict[str, GateResult]) -> dict:
-    keys = {"accuracy": ("ppl_delta_pct", "ppl_delta_pct_ci95", "decided_on", "mean_kl", "kl_p99", "top1_agreement",
-                         "ppl_reference", "ppl_candidate"),
-            "speed": ("decode_speedup", "decode_speedup_ci95", "prefill_speedup", "candidate_decode_tok_s",
-                      "reference_decode_tok_s", "rounds", "rounds_busy"),
-            "coverage": ("linears", "quantized", "quantized_fraction"),
-            "generation": ("mean_first_divergence", "teacher_forced_agreement", "repetition_candidate",
-                           "repetition_reference")}
-    out = {f"gates.{g}.status": gates[g].to_json()["status"] for g in keys if g in gates}
-    out.update({f"gates.{g}.{k}": gates[g].metrics.get(k) for g in keys if g in gates for k in keys[g]})
-    return out
-
-
 def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,
           threads: int | None = None, allow_plugins: bool | None = None, log=print) -> BuildResult:
     """Build, gate, and emit an artifact. Raises GateFailed (nothing at `output`) when a gate fails.
@@ -201,9 +188,9 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
                           quantize_intent([r.to_json() for r in records]))
         stages["gates"] = round(time.perf_counter() - t, 1)
         del candidate
-        passed = all(g.passed is not False for g in gates.values())
+        verdict = artifact.gate_record(gates)
         manifest = {
-            "status": "passed" if passed else "rejected",
+            "status": verdict["status"],
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t_start, 1),
             "stage_seconds": stages,
@@ -218,18 +205,17 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
             "passes": [r.to_json() for r in records],
             "data": {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
                      "evaluation": eval_windows.describe()},
-            "gates": {k: g.to_json() for k, g in gates.items()},
-            "summary": _summary(gates),
+            "gates": verdict["gates"],
+            "summary": verdict["summary"],
             "environment": hw.environment(),
         }
         manifest["report"] = artifact.REPORT
         report = artifact.render_report(manifest)
         (staging.path / artifact.REPORT).write_text(report, encoding="utf-8")
         manifest = artifact.write_manifest(staging.path, manifest)
-        if not passed:
+        if verdict["status"] != "passed":
             kept = staging.reject(keep_rejected)
-            failures = [f"{name}: {f}" for name, g in gates.items() for f in g.failures]
-            msg = "artifact refused, nothing written to {}:\n  - {}".format(out, "\n  - ".join(failures))
+            msg = "artifact refused, nothing written to {}:\n  - {}".format(out, "\n  - ".join(verdict["failures"]))
             if kept:
                 msg += f"\nrejected candidate kept at {kept}"
             raise GateFailed(msg, report={"manifest": manifest, "rejected_path": str(kept) if kept else None})
@@ -265,10 +251,8 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
     candidate = target.load(artifact_dir, threads)
     gates = run_gates(recipe, target, reference, candidate, windows, threads, log, manifest.get("target"),
                       quantize_intent(manifest.get("passes") or []))
-    passed = all(g.passed is not False for g in gates.values())
-    result = {"status": "passed" if passed else "rejected", "gates": {k: g.to_json() for k, g in gates.items()},
-              "evaluation": windows.describe()}
-    if not passed:
-        failures = [f"{name}: {f}" for name, g in gates.items() for f in g.failures]
-        raise GateFailed("gate failed for {}:\n  - {}".format(artifact_dir, "\n  - ".join(failures)), report=result)
-    return BuildResult(True, _summary(gates), artifact_dir, result)
+    result = artifact.gate_record(gates, windows.describe())
+    if result["status"] != "passed":
+        raise GateFailed("gate failed for {}:\n  - {}".format(artifact_dir, "\n  - ".join(result["failures"])),
+                         report=result)
+    return BuildResult(True, result["summary"], artifact_dir, result)
