@@ -35,14 +35,16 @@ class EmbeddingFp16(Pass):
             return PassResult(False, {}, [f"{self.config.initializer} is {table.dtype}, not float32"])
         half = table.astype(np.float16)
         graph.initializer[idx].CopyFrom(numpy_helper.from_array(half, self.config.initializer))
-        gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == self.config.initializer]
-        for n in gathers:
-            out = n.output[0]
-            n.output[0] = out + "/fp16"
-            graph.node.append(helper.make_node("Cast", [out + "/fp16"], [out], name=n.name + "/to_fp32",
-                                               to=TensorProto.FLOAT))
-        from optpipe.passes._onnx import toposort
-
-        toposort(model)
-        return PassResult(True, {"gathers_rewritten": len(gathers), "bytes_saved": int(table.nbytes - half.nbytes),
+        nodes, gathers = [], 0
+        for n in graph.node:  # each Cast right after its Gather keeps the node list topologically sorted
+            nodes.append(n)
+            if n.op_type == "Gather" and n.input[0] == self.config.initializer:
+                out = n.output[0]
+                n.output[0] = out + "/fp16"
+                nodes.append(helper.make_node("Cast", [out + "/fp16"], [out], name=n.name + "/to_fp32",
+                                              to=TensorProto.FLOAT))
+                gathers += 1
+        del graph.node[:]
+        graph.node.extend(nodes)
+        return PassResult(True, {"gathers_rewritten": gathers, "bytes_saved": int(table.nbytes - half.nbytes),
                                  "max_abs_rounding": float(np.abs(half.astype(np.float32) - table).max())})
