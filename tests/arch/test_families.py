@@ -212,3 +212,30 @@ def test_validate_refuses_what_export_cannot_write(change, expect, tmp_path, cap
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "passes[0] (export)" in err and expect in err, err
+
+
+TRT_INT8 = [{"name": "smoothquant"}, {"name": "export", "max_positions": 256},
+            {"name": "qdq-int8", "exclude": ["lm_head"]}, {"name": "fp16"}]
+
+
+@pytest.mark.parametrize("name", ["mistral-window16", "qwen2-window16-layer1", "qwen3", "phi3-longrope-window16",
+                                  "gemma2-window16", "gemma3-window16"])
+def test_tensorrt_ready_onnx_for_each_family(name, tmp_path):
+    """gpu-tensorrt beyond llama: the family's unfused graph (windows, soft-caps, q/k norms, packed projections)
+    through SmoothQuant + INT8 QDQ + fp16 is lint-clean for TensorRT and passes the accuracy gate, run on CPU."""
+    import onnx
+
+    import optpipe
+    from optpipe.targets.trt_lint import lint
+
+    from ..conftest import tiny_recipe
+
+    model_type, settings = FAMILIES[name]
+    path = make_tiny(tmp_path / "model", model_type, **settings)
+    recipe = tiny_recipe(path, TRT_INT8)
+    recipe["target"] = "gpu-tensorrt"
+    recipe["gates"]["speed"] = {"unmeasured": "allow"}
+    res = optpipe.build(recipe, output=tmp_path / "trt", log=lambda m: None)
+    assert res.manifest["status"] == "passed" and res.manifest["gates"]["accuracy"]["status"] == "passed"
+    model = onnx.load(str(tmp_path / "trt" / "model.onnx"))
+    assert lint(model) == [] and not model.functions
