@@ -48,7 +48,7 @@ def test_export_check_fails_the_build_on_a_wrong_graph(tiny_llama):
         check_against_torch(model, onnx_model, atol=1e-3)
 
 
-def test_static_cache_decodes_like_dynamic_and_int4_float_zp_is_exact(tiny_llama):
+def test_static_cache_decodes_like_dynamic(tiny_llama):
     model = load(tiny_llama)
     state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
     Fuse(FuseConfig()).call(state, PassContext())
@@ -61,12 +61,31 @@ def test_static_cache_decodes_like_dynamic_and_int4_float_zp_is_exact(tiny_llama
     assert static.generate(prompt, 12).tokens == want
     with pytest.raises(ValueError, match="exceeds the static cache"):
         static.generate(np.arange(60), 10)
-    # weights put on a 4-bit float-zero-point grid survive quantize-int4 exactly (accuracy_level 0: fp32 compute)
+
+
+def test_int4_float_zero_point_is_exact_on_grid_weights(tiny_llama):
+    """Weights put on a block-32 4-bit grid with float scale and minimum (GGUF Q4_1's) survive `quantize-int4`
+    exactly (accuracy_level 0: fp32 compute), so the artifact's logits equal the float graph's."""
+    import torch
+
+    from optpipe.passes import _quant
+
+    model = load(tiny_llama)
+    with torch.no_grad():
+        for name, lin in model.named_modules():
+            if isinstance(lin, torch.nn.Linear) and name.startswith("model.layers."):
+                w = lin.weight.numpy()
+                lin.weight.copy_(torch.from_numpy(_quant.rtn(w, 4, 32, "float").dequantize()))
+    state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+    Fuse(FuseConfig()).call(state, PassContext())
+    prompt = np.arange(10, 30)
+    want = OnnxDecoder.from_proto(state.onnx_model).logits(prompt)
     res = QuantizeInt4(Int4Config(accuracy_level=0, exclude=["lm_head"])).call(state, PassContext())
     assert res.changes["layers_quantized"] == 8 and "lm_head" in res.changes["skipped"]
+    assert res.changes["weight_rel_error_max"] < 1e-5
     assert any(n.op_type == "MatMulNBits" for n in state.onnx_model.graph.node)
-    logits = OnnxDecoder.from_proto(state.onnx_model).logits(prompt)
-    assert np.isfinite(logits).all()
+    got = OnnxDecoder.from_proto(state.onnx_model).logits(prompt)
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_gptq_needs_and_uses_calibration(tiny_llama):
