@@ -42,10 +42,18 @@ GENERIC_INT4 = [{"name": "export", "max_positions": 256},
                 {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0}]
 
 
-@pytest.mark.parametrize("model_type", ["olmo2", "granite"])
-def test_an_undescribed_family_builds_int4_through_the_generic_route(model_type, tmp_path, capsys):
+LLAMA_LIKE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")
+GPT2 = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D modules, traced as Gemm
+
+
+@pytest.mark.parametrize("model_type, prefix, linears", [("olmo2", "model.layers", LLAMA_LIKE),
+                                                         ("granite", "model.layers", LLAMA_LIKE),
+                                                         ("gpt2", "transformer.h", GPT2)])
+def test_an_undescribed_family_builds_int4_through_the_generic_route(model_type, prefix, linears, tmp_path, capsys):
     """No architecture description: validate names the route, the build takes it, quantizes every linear but the
-    head with GPTQ, passes its gates, and the manifest says which route was used."""
+    head with GPTQ, passes its gates, and the manifest says which route was used. (The tiny GPT-2 config also
+    carries a num_key_value_heads GPT-2 does not use: the cache layout is read from the model, not the config.)"""
     import optpipe
     from optpipe import arch
     from optpipe.cli import main
@@ -60,12 +68,10 @@ def test_an_undescribed_family_builds_int4_through_the_generic_route(model_type,
     assert res.manifest["status"] == "passed"
     export, quant = res.manifest["passes"][0], res.manifest["passes"][1]
     assert export["changes"]["route"] == "generic" and export["changes"]["max_abs_logit_diff"] < 1e-3
-    assert quant["changes"]["layers_quantized"] == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert quant["changes"]["layers_quantized"] == 2 * len(linears)
     precisions = optpipe.load(tmp_path / "art", threads=1).runner.precisions()
     assert sorted(k for k, v in precisions.items() if v == "int4") == sorted(
-        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                             "mlp.down_proj"))
+        f"{prefix}.{i}.{m}" for i in range(2) for m in linears)
     assert precisions["lm_head"] == "float32"
 
 

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 _WRAPPER = "model"  # the wrapper's attribute holding the HF model: the first scope of every module path
 
@@ -30,7 +30,7 @@ class _FlatCache(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.layers = int(model.config.num_hidden_layers)
+        self.layers = cache_shape(model)[0]
 
     def forward(self, input_ids, attention_mask, *past):
         from transformers import DynamicCache
@@ -59,17 +59,23 @@ def _quiet():
         logger.setLevel(level)
 
 
-def cache_shape(config) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a decoder config."""
-    heads = int(config.num_attention_heads)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return int(config.num_hidden_layers), kv, head_dim
+def cache_shape(model) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim), read from the cache of a one-token forward rather than from config names
+    (families spell them differently). The runtime keeps one [1, heads, length, dim] buffer per key and value:
+    a model whose layers or keys and values differ in shape is refused."""
+    with torch.no_grad():
+        cache = model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=True).past_key_values
+    shapes = {tuple(t.shape) for layer in cache.layers for t in (layer.keys, layer.values)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise ValueError(f"its KV cache is not one [1, heads, length, dim] shape for every layer, key and value "
+                         f"(found {sorted(shapes)}); the runtime cannot hold it")
+    _, kv, _, head_dim = next(iter(shapes))
+    return len(cache.layers), int(kv), int(head_dim)
 
 
 def trace(model, opset: int) -> onnx.ModelProto:
     """Dynamo-export `model` with a KV cache; dynamic sequence, past and total lengths (batch 1)."""
-    layers, kv, head_dim = cache_shape(model.config)
+    layers, kv, head_dim = cache_shape(model)
     names = [f"past_key_values.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
     outputs = ["logits"] + [f"present.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
     ids = torch.zeros((1, 4), dtype=torch.long)
@@ -87,17 +93,44 @@ def trace(model, opset: int) -> onnx.ModelProto:
     return proto
 
 
+LINEAR_CLASSES = (".Linear", ".Conv1D")  # torch's, and GPT-2's transposed linear (transformers.pytorch_utils)
+
+
 def _module_of(node: onnx.NodeProto) -> str | None:
-    """The `nn.Linear` a node was traced from (its module path in the HF model), from the exporter's metadata."""
+    """The linear module a node was traced from (its module path in the HF model), from the exporter's metadata."""
     meta = {p.key: p.value for p in node.metadata_props}
     try:
         scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
         classes = ast.literal_eval(meta["pkg.torch.onnx.class_hierarchy"])
     except (KeyError, ValueError, SyntaxError):
         return None
-    if len(scopes) < 2 or len(classes) < 2 or not str(classes[-2]).endswith(".Linear"):
+    if len(scopes) < 2 or len(classes) < 2 or not str(classes[-2]).endswith(LINEAR_CLASSES):
         return None
     return str(scopes[-2]).removeprefix(_WRAPPER + ".")
+
+
+def _split_gemms(graph: onnx.GraphProto, inits: dict) -> None:
+    """A plain Gemm of a linear module (GPT-2's Conv1D traces to one: A @ B + C, B a stored [in, out] weight)
+    becomes MatMul + Add, the form the quantize passes rewrite."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        plain = (attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+                 and not attrs.get("transB", 0))
+        if not (node.op_type == "Gemm" and plain and node.input[1] in inits and _module_of(node) is not None):
+            continue
+        out, bias = node.output[0], node.input[2] if len(node.input) > 2 else ""
+        node.op_type = "MatMul"
+        del node.attribute[:]
+        del node.input[2:]
+        if bias:
+            node.output[0] = out + "/matmul"
+            add = helper.make_node("Add", [out + "/matmul", bias], [out])
+            add.metadata_props.extend(node.metadata_props)  # the same module: named `<module>.bias_add` below
+            nodes.append(add)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _name_weights(model: onnx.ModelProto) -> None:
@@ -106,6 +139,7 @@ def _name_weights(model: onnx.ModelProto) -> None:
     Drops the exporter's per-node metadata (stack traces of the machine that built it)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    _split_gemms(graph, inits)
     producer = {o: n for n in graph.node for o in n.output}
     uses: dict[str, int] = {}
     for n in graph.node:
@@ -152,9 +186,10 @@ def _name_weights(model: onnx.ModelProto) -> None:
     graph.initializer.extend(keep_inits)
 
 
-def metadata(config, max_positions: int) -> dict[str, str]:
+def metadata(model, max_positions: int) -> dict[str, str]:
     """What the runtime and later passes read from a generic graph (no family, no rotary table)."""
-    layers, kv, head_dim = cache_shape(config)
+    layers, kv, head_dim = cache_shape(model)
+    config = model.config
     return {"optpipe.num_layers": str(layers), "optpipe.num_heads": str(int(config.num_attention_heads)),
             "optpipe.kv_num_heads": str(kv), "optpipe.head_dim": str(head_dim),
             "optpipe.vocab_size": str(int(config.vocab_size)), "optpipe.kv_cache": "dynamic",

@@ -93,6 +93,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             skipped[node.name] = f"K={k} is not a multiple of block_size {block}"
         else:
             usable.append(node)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(model.graph.value_info) + list(model.graph.input)
+             if v.type.tensor_type.HasField("shape")}
     hessians, spill, rel_errors = {}, None, []
     lazy = any(_lazy.is_lazy(inits[n.input[1]]) for n in usable)
     if algorithm == "gptq" and lazy:  # streaming: Hessians layer by layer, results parked on disk until written
@@ -144,7 +146,9 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             "MatMulNBits", [node.input[0], base + ".qweight", base + ".scales", base + ".zero_points"], [mm_out],
             name=base, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
         if float_zp:
-            new_inits += [numpy_helper.from_array(np.array([0, 0, nb, block], np.int64), base + ".block_shape"),
+            # [..., K] -> [..., nb, block]: the family export's inputs are [B, S, K]; a traced graph says its ranks
+            lead = ranks.get(node.input[0], 3) - 1
+            new_inits += [numpy_helper.from_array(np.array([0] * lead + [nb, block], np.int64), base + ".block_shape"),
                           numpy_helper.from_array(np.array([-1], np.int64), base + ".last_axis")]
             new_nodes += [
                 helper.make_node("Reshape", [node.input[0], base + ".block_shape"], [base + "/blocks"], name=base + "/blocks"),

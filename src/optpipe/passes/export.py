@@ -322,12 +322,16 @@ def build_generic_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
     from . import _generic_export
 
     try:
+        _generic_export.cache_shape(model)
+    except ValueError as e:
+        raise BuildError(f"export (method generic): {model.config.model_type}: {e}") from None
+    try:
         proto = _generic_export.trace(model, cfg.opset)
     except Exception as e:  # the exporter's errors are many kinds; the build names the route and the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BuildError(f"export (method generic): torch.onnx could not trace {model.config.model_type}: "
                          f"{type(e).__name__}: {first}") from e
-    _generic_export.set_metadata(proto, _generic_export.metadata(model.config, cfg.max_positions))
+    _generic_export.set_metadata(proto, _generic_export.metadata(model, cfg.max_positions))
     return proto
 
 
