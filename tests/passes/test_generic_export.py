@@ -108,3 +108,16 @@ def test_the_generic_example_recipe_validates_on_an_undescribed_family(tmp_path,
     monkeypatch.setenv("OPTPIPE_MODEL", str(make_tiny(tmp_path / "m", "olmo2")))
     assert main(["validate", str(ROOT / "recipes" / "examples" / "generic-cpu-int4.yaml")]) == 0
     assert "export route: generic" in capsys.readouterr().out
+
+
+def test_a_cache_the_runtime_cannot_hold_is_refused_with_its_shapes(tmp_path):
+    """DeepSeek-V3's multi-head latent attention keeps keys and values of different widths: one buffer shape per
+    layer cannot hold them, and the build says so instead of writing a graph the runtime would misfeed."""
+    from optpipe.errors import BuildError
+    from optpipe.passes.export import ExportConfig, build_generic_graph
+
+    path = make_tiny(tmp_path / "ds", "deepseek_v3", num_key_value_heads=4, head_dim=8, kv_lora_rank=16,
+                     q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)
+    with pytest.raises(BuildError, match=r"deepseek_v3: its KV cache is not one \[1, heads, length, dim\] shape"):
+        build_generic_graph(_hf(path), ExportConfig(method="generic"))

@@ -325,6 +325,9 @@ def build_generic_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
         _generic_export.cache_shape(model)
     except ValueError as e:
         raise BuildError(f"export (method generic): {model.config.model_type}: {e}") from None
+    except Exception as e:  # the model's own forward failed: not something a trace would fix
+        raise BuildError(f"export (method generic): a one-token forward of {model.config.model_type} with a cache "
+                         f"failed: {type(e).__name__}: {e}") from e
     try:
         proto = _generic_export.trace(model, cfg.opset)
     except Exception as e:  # the exporter's errors are many kinds; the build names the route and the cause
