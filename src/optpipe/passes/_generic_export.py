@@ -27,10 +27,10 @@ _WRAPPER = "model"  # the wrapper's attribute holding the HF model: the first sc
 class _FlatCache(torch.nn.Module):
     """The HF model with its KV cache as flat tensors (what ONNX inputs and outputs can be)."""
 
-    def __init__(self, model):
+    def __init__(self, model, layers: int):
         super().__init__()
         self.model = model
-        self.layers = cache_shape(model)[0]
+        self.layers = layers
 
     def forward(self, input_ids, attention_mask, *past):
         from transformers import DynamicCache
@@ -73,9 +73,10 @@ def cache_shape(model) -> tuple[int, int, int]:
     return len(cache.layers), int(kv), int(head_dim)
 
 
-def trace(model, opset: int) -> onnx.ModelProto:
-    """Dynamo-export `model` with a KV cache; dynamic sequence, past and total lengths (batch 1)."""
-    layers, kv, head_dim = cache_shape(model)
+def trace(model, opset: int, shape: tuple[int, int, int]) -> onnx.ModelProto:
+    """Dynamo-export `model` with a KV cache of `shape` (`cache_shape`); dynamic sequence, past and total lengths
+    (batch 1)."""
+    layers, kv, head_dim = shape
     names = [f"past_key_values.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
     outputs = ["logits"] + [f"present.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
     ids = torch.zeros((1, 4), dtype=torch.long)
@@ -85,7 +86,7 @@ def trace(model, opset: int) -> onnx.ModelProto:
         "total_sequence")
     dynamic = {"input_ids": {1: seq}, "attention_mask": {1: total}, "past": tuple({2: past_len} for _ in names)}
     with torch.no_grad(), _quiet():
-        program = torch.onnx.export(_FlatCache(model).eval(), (ids, mask, *past), dynamo=True, opset_version=opset,
+        program = torch.onnx.export(_FlatCache(model, layers).eval(), (ids, mask, *past), dynamo=True, opset_version=opset,
                                     input_names=["input_ids", "attention_mask", *names], output_names=outputs,
                                     dynamic_shapes=dynamic, optimize=True, verbose=False)
     proto = program.model_proto
@@ -186,19 +187,11 @@ def _name_weights(model: onnx.ModelProto) -> None:
     graph.initializer.extend(keep_inits)
 
 
-def metadata(model, max_positions: int) -> dict[str, str]:
+def metadata(config, shape: tuple[int, int, int], max_positions: int) -> dict[str, str]:
     """What the runtime and later passes read from a generic graph (no family, no rotary table)."""
-    layers, kv, head_dim = cache_shape(model)
-    config = model.config
+    layers, kv, head_dim = shape
     return {"optpipe.num_layers": str(layers), "optpipe.num_heads": str(int(config.num_attention_heads)),
             "optpipe.kv_num_heads": str(kv), "optpipe.head_dim": str(head_dim),
             "optpipe.vocab_size": str(int(config.vocab_size)), "optpipe.kv_cache": "dynamic",
             "optpipe.max_length": str(max_positions), "optpipe.model_type": str(config.model_type),
             "optpipe.family": "", "optpipe.export_route": "generic"}
-
-
-def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    model.producer_name = "optpipe"

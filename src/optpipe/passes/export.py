@@ -24,7 +24,7 @@ from .. import lazy as _lazy
 from ..errors import BuildError
 from ..models import rotary_module
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
-from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder
+from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder, set_metadata
 
 NEG = float(np.finfo(np.float32).min)
 
@@ -322,19 +322,20 @@ def build_generic_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
     from . import _generic_export
 
     try:
-        _generic_export.cache_shape(model)
+        shape = _generic_export.cache_shape(model)
     except ValueError as e:
         raise BuildError(f"export (method generic): {model.config.model_type}: {e}") from None
     except Exception as e:  # the model's own forward failed: not something a trace would fix
         raise BuildError(f"export (method generic): a one-token forward of {model.config.model_type} with a cache "
                          f"failed: {type(e).__name__}: {e}") from e
     try:
-        proto = _generic_export.trace(model, cfg.opset)
+        proto = _generic_export.trace(model, cfg.opset, shape)
     except Exception as e:  # the exporter's errors are many kinds; the build names the route and the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BuildError(f"export (method generic): torch.onnx could not trace {model.config.model_type}: "
                          f"{type(e).__name__}: {first}") from e
-    _generic_export.set_metadata(proto, _generic_export.metadata(model, cfg.max_positions))
+    set_metadata(proto, **_generic_export.metadata(model.config, shape, cfg.max_positions))
+    proto.producer_name = "optpipe"
     return proto
 
 
