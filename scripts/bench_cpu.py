@@ -30,7 +30,7 @@ from _doc import write_section  # noqa: E402 - scripts/_doc.py
 
 from optpipe import data, hw, models  # noqa: E402
 from optpipe.gates.accuracy import log_softmax  # noqa: E402
-from optpipe.recipe import DataSpec, ModelSpec  # noqa: E402
+from optpipe.recipe import EVALUATION_TOKENS, DataSpec, ModelSpec  # noqa: E402
 from optpipe.targets.base import Generation  # noqa: E402
 
 
@@ -136,7 +136,7 @@ def main() -> int:
     a = ap.parse_args()
 
     model, tok, _ = models.load(ModelSpec(source="builtin:smollm2-135m"))
-    ev = data.token_windows(DataSpec(source="builtin:evaluation", window=512), tok, None, "evaluation")
+    ev = data.token_windows(DataSpec(source="builtin:evaluation", window=512, max_tokens=EVALUATION_TOKENS), tok, None, "evaluation")
     prompt = np.concatenate(ev.windows)[: a.prompt_tokens]
     engines = [("PyTorch eager fp32", "torch", "", None)]
     for label, kind, path in ([("optpipe cpu-onnx INT8", "onnx", a.int8), ("optpipe cpu-onnx INT4", "onnx", a.int4)]
