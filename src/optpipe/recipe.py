@@ -56,12 +56,22 @@ class ModelSpec(Strict):
         return expand_env(v)
 
 
+# Default token budgets. Evaluation: SmolLM2-135M's accuracy gate (fp32 reference + candidate, 12 windows of 512)
+# takes about a minute on 2 cores, and the ΔPPL interval is about +-0.5 points wide there (docs/benchmarks.md);
+# raise it for a release gate (the built-in text has 12.5k tokens). Calibration: GPTQ's Hessian of a 1,536-wide
+# down_proj needs several times its width in tokens (1,100 overfit).
+EVALUATION_TOKENS = 6144
+CALIBRATION_TOKENS = 8192
+
+
 class DataSpec(Strict):
     source: str = Field(description="builtin:calibration | builtin:evaluation | a local .txt/.jsonl/.parquet | a hub dataset")
     split: str = "train"
     text_field: str = "text"
     config_name: Optional[str] = None
-    max_tokens: int = Field(4096, ge=16, le=10_000_000, description="tokens taken from the source")
+    max_tokens: Optional[int] = Field(
+        None, ge=16, le=10_000_000, description=f"tokens taken from the source (default: {EVALUATION_TOKENS} for "
+                                                f"evaluation, {CALIBRATION_TOKENS} for calibration)")
     window: int = Field(512, ge=16, le=32768, description="tokens per sequence (perplexity window / calibration sample)")
 
     @field_validator("source")
@@ -70,7 +80,26 @@ class DataSpec(Strict):
         return expand_env(v)
 
 
+BUILTIN_REFERENCES = ("fp32-eager", "fp32-onnx")
+REFERENCE_HELP = ("fp32-eager (the model in PyTorch), fp32-onnx (its plain export on ONNX Runtime: what the graph "
+                  "passes changed, without the exporter's own difference) or the path of an emitted artifact (a "
+                  "regression gate: the thresholds then bound the change against what is deployed)")
+
+
+def _reference(v: str) -> str:
+    v = expand_env(v.strip())
+    if not v:
+        raise ValueError(f"must be {' | '.join(BUILTIN_REFERENCES)} | the path of an artifact directory")
+    return v
+
+
+def is_artifact_reference(v: str) -> bool:
+    return v not in BUILTIN_REFERENCES
+
+
 class AccuracyGate(Strict):
+    reference: str = Field("fp32-eager", description="what the candidate's next-token distributions are compared "
+                                                     "with: " + REFERENCE_HELP)
     max_ppl_delta_pct: float = Field(3.0, ge=0, le=1000,
                                      description="relative perplexity increase vs the fp32 reference, percent")
     decide_on: Literal["upper_95", "point"] = Field(
@@ -80,9 +109,15 @@ class AccuracyGate(Strict):
     max_kl_p99: Optional[float] = Field(None, ge=0, description="99th percentile of the per-token KL")
     min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
 
+    @field_validator("reference")
+    @classmethod
+    def _check_reference(cls, v: str) -> str:
+        return _reference(v)
+
 
 class SpeedGate(Strict):
-    min_decode_speedup: Optional[float] = Field(1.0, gt=0, le=1000, description="candidate decode tok/s / fp32 eager tok/s")
+    baseline: str = Field("fp32-eager", description="what the candidate's speed is divided by: " + REFERENCE_HELP)
+    min_decode_speedup: Optional[float] = Field(1.0, gt=0, le=1000, description="candidate decode tok/s / baseline tok/s")
     min_prefill_speedup: Optional[float] = Field(None, gt=0, le=1000)
     prompt_tokens: int = Field(64, ge=1, le=32768)
     new_tokens: int = Field(64, ge=2, le=4096)
@@ -100,6 +135,11 @@ class SpeedGate(Strict):
     unmeasured: Literal["fail", "allow"] = Field(
         "fail", description="when the target's speed cannot be measured here (no GPU): fail the build, or allow it "
                             "and record the speed gate as not measured")
+
+    @field_validator("baseline")
+    @classmethod
+    def _check_baseline(cls, v: str) -> str:
+        return _reference(v)
 
     @model_validator(mode="after")
     def _bound(self):
@@ -134,11 +174,22 @@ class GenerationGate(Strict):
                                "reference's")
 
 
+class RegressionGate(Strict):
+    """Tolerances of `optpipe gate NEW --against DEPLOYED`: the new artifact against the one it replaces."""
+    max_ppl_delta_pct: float = Field(
+        1.0, ge=0, le=1000, description="perplexity increase against the deployed artifact, percent (decided on the "
+                                        "accuracy gate's statistic, upper_95 by default)")
+    max_decode_slowdown_pct: float = Field(
+        5.0, ge=0, lt=100, description="decode slowdown against the deployed artifact, percent (decided on the speed "
+                                       "gate's statistic, lower_95 by default)")
+
+
 class Gates(Strict):
     accuracy: AccuracyGate = AccuracyGate()
     speed: SpeedGate = SpeedGate()
     coverage: CoverageGate = CoverageGate()
     generation: GenerationGate = GenerationGate()
+    regression: RegressionGate = RegressionGate()
 
 
 class PassSpec(BaseModel):
@@ -159,7 +210,7 @@ class Recipe(Strict):
     model: ModelSpec
     target: Literal["cpu-onnx", "cpu-torch", "cpu-ipex", "gpu-tensorrt"]
     passes: list[PassSpec]
-    calibration: DataSpec = DataSpec(source="builtin:calibration", max_tokens=2048, window=256)
+    calibration: DataSpec = DataSpec(source="builtin:calibration", window=256)
     evaluation: DataSpec = DataSpec(source="builtin:evaluation")
     gates: Gates = Gates()
     output: Optional[str] = None
@@ -168,6 +219,13 @@ class Recipe(Strict):
     # Where the recipe came from; relative paths (plugins, data files) resolve against it.
     source_path: Optional[str] = Field(None, exclude=True)
     _passes: Optional[list] = PrivateAttr(None)  # the validated pass chain (pipeline.validate_pass_chain)
+
+    @model_validator(mode="after")
+    def _token_budgets(self):
+        for spec, default in ((self.calibration, CALIBRATION_TOKENS), (self.evaluation, EVALUATION_TOKENS)):
+            if spec.max_tokens is None:
+                spec.max_tokens = default
+        return self
 
     @field_validator("model", mode="before")
     @classmethod
