@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifact, data, hw, models, preflight
+from . import artifact, data, hw, models, preflight, references
 from .errors import GateFailed, RecipeError
 from .gates import GateResult, accuracy, coverage, generation, speed
 from .pipeline import (
@@ -20,9 +20,8 @@ from .pipeline import (
     run_passes,
     validate_pass_chain,
 )
-from .recipe import DataSpec, Recipe, load_recipe, recipe_from_dict
+from .recipe import AccuracyGate, DataSpec, Recipe, load_recipe, recipe_from_dict
 from .targets import get_target
-from .targets.torch_eager import TorchEagerRunner
 
 
 @dataclass
@@ -62,6 +61,7 @@ def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, pref
     target = get_target(recipe.target)
     target.preflight()  # e.g. cpu-ipex without IPEX installed
     facts = preflight.check(recipe, source, passes)
+    references.check(recipe, source, facts.config.get("vocab_size"))
     return recipe, passes, facts
 
 
@@ -89,11 +89,14 @@ def quantize_intent(pass_records: list[dict]) -> list[tuple[str, int | None]]:
             if "layers_quantized" in r["changes"]]
 
 
-def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, threads: int,
+def run_gates(recipe: Recipe, target, refs: references.References, candidate, eval_windows, threads: int,
               log=print, saved: dict | None = None, intent: list | None = None) -> dict[str, GateResult]:
+    """Every gate, candidate against `refs` (accuracy and generation against refs.accuracy, speed against
+    refs.speed)."""
+    reference = refs.accuracy
     log("coverage gate: the precision every linear of the artifact runs in")
     cov = coverage.check(coverage.measure(candidate.precisions()), recipe.gates.coverage, intent or [])
-    log("accuracy gate: candidate vs fp32 reference on the evaluation text")
+    log(f"accuracy gate: candidate vs {refs.labels['accuracy']} on the evaluation text")
     acc = accuracy.check(accuracy.compare(reference, candidate, eval_windows.windows), recipe.gates.accuracy)
     gen_gate = recipe.gates.generation
     log(f"generation gate: {gen_gate.prompts} prompts, {gen_gate.new_tokens} greedy tokens each")
@@ -108,21 +111,12 @@ def run_gates(recipe: Recipe, target, reference, candidate, eval_windows, thread
                 "coverage": cov, "generation": gen}
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats}-{g.max_repeats} paired "
         f"rounds (until the {g.decide_on} speedup decides), {threads} thread(s)")
-    spd = speed.check(speed.measure(reference, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
+    spd = speed.check(speed.measure(refs.speed, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
                                     g.new_tokens, g, threads, hw.usable_cpus()), g, threads)
     hint = target.speed_failure_hint(saved) if spd.failures else None
     if hint:
         spd.failures.append(hint)
     return {"accuracy": acc, "speed": spd, "coverage": cov, "generation": gen}
-
-
-def reference_runner(checkpoint, model, threads: int):
-    """The fp32 reference the gates compare against: the model in memory, or layer by layer when streaming."""
-    if checkpoint is not None:
-        from .targets.torch_layerwise import LayerwiseReference
-
-        return LayerwiseReference(checkpoint, threads)
-    return TorchEagerRunner(model, threads)
 
 
 def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,
@@ -183,9 +177,13 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         del state
         t = time.perf_counter()
         candidate = target.load(staging.path, threads)
-        reference = reference_runner(checkpoint, None if streaming else reference_model, threads)
-        gates = run_gates(recipe, target, reference, candidate, eval_windows, threads, log, saved,
-                          quantize_intent([r.to_json() for r in records]))
+        refs = references.open_references(recipe, model=None if streaming else reference_model, checkpoint=checkpoint,
+                                          tokenizer=tokenizer, threads=threads, workdir=staging.path.parent, log=log)
+        try:
+            gates = run_gates(recipe, target, refs, candidate, eval_windows, threads, log, saved,
+                              quantize_intent([r.to_json() for r in records]))
+        finally:
+            refs.close()
         stages["gates"] = round(time.perf_counter() - t, 1)
         del candidate
         verdict = artifact.gate_record(gates)
@@ -200,7 +198,8 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
             "model": {**resolved.describe(), "model_type": facts.model_type,
                       "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
                       "architectures": list(config.architectures or []), "streaming": streaming},
-            "reference": getattr(reference, "kind", "fp32 eager PyTorch, whole model in memory"),
+            "reference": refs.labels["accuracy"],
+            "speed_baseline": refs.labels["speed"],
             "target": {"name": recipe.target, **saved},
             "passes": [r.to_json() for r in records],
             "data": {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
@@ -229,30 +228,77 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | None = None, log=print) -> BuildResult:
-    """Re-run both gates on an existing artifact (optionally on other evaluation text); never modifies it."""
+def regression_gates(recipe: Recipe, against: str, max_ppl_delta_pct: float | None = None,
+                     max_decode_slowdown_pct: float | None = None) -> Recipe:
+    """The recipe's gates turned into a regression check against the deployed artifact `against`: the accuracy gate's
+    ΔPPL and the speed gate's decode ratio are taken against it, bounded by `gates.regression` (or the overrides),
+    decided on the same statistics. KL and top-1 limits describe distance from fp32 and are not applied."""
+    reg = recipe.gates.regression.model_copy(update={k: v for k, v in (
+        ("max_ppl_delta_pct", max_ppl_delta_pct), ("max_decode_slowdown_pct", max_decode_slowdown_pct)) if v is not None})
+    reg = type(reg).model_validate(reg.model_dump())  # the overrides obey the same bounds as the recipe field
+    out = recipe.model_copy(deep=True)
+    out.gates.regression = reg
+    out.gates.accuracy = AccuracyGate(reference=against, max_ppl_delta_pct=reg.max_ppl_delta_pct,
+                                      decide_on=recipe.gates.accuracy.decide_on)
+    out.gates.speed = recipe.gates.speed.model_copy(update={
+        "baseline": against, "min_decode_speedup": round(1 - reg.max_decode_slowdown_pct / 100, 6),
+        "min_prefill_speedup": None})
+    return out
+
+
+def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | None = None, *,
+         against: str | Path | None = None, max_ppl_delta_pct: float | None = None,
+         max_decode_slowdown_pct: float | None = None, log=print) -> BuildResult:
+    """Re-run the gates on an existing artifact (optionally on other evaluation text); never modifies it.
+    With `against` (a deployed artifact), a regression check: not less accurate nor slower than it beyond
+    `gates.regression` (or the given tolerances)."""
     artifact_dir = Path(artifact_dir)
+    where = str(artifact_dir / artifact.MANIFEST)
     manifest = artifact.read_manifest(artifact_dir)
     recipe = Recipe.model_validate({**manifest["recipe"], "source_path": manifest.get("recipe_file")})
     if eval_data:
         recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
-    threads = _threads(threads, recipe, str(artifact_dir / artifact.MANIFEST))
+    if against is not None:
+        against = str(Path(against).expanduser().resolve())
+        try:
+            recipe = regression_gates(recipe, against, max_ppl_delta_pct, max_decode_slowdown_pct)
+        except ValueError as e:  # pydantic: a tolerance out of bounds
+            raise RecipeError(f"--against: {e}") from None
+        references.check_artifact(Path(against), "--against", (manifest.get("model") or {}).get("vocab_size"))
+    threads = _threads(threads, recipe, where)
     target = get_target(recipe.target)
     target.preflight()
-    check_speed_measurable(recipe, target, str(artifact_dir / artifact.MANIFEST))
-    log(f"loading reference model {recipe.model.source}")
-    if recipe.model.streaming:
-        checkpoint, tokenizer, _ = models.open_streaming(recipe.model)
-        reference = reference_runner(checkpoint, None, threads)
+    check_speed_measurable(recipe, target, where)
+    needs_model = any(not references.is_artifact_reference(v)
+                      for v in (recipe.gates.accuracy.reference, recipe.gates.speed.baseline))
+    model = checkpoint = None
+    if needs_model:
+        log(f"loading reference model {recipe.model.source}")
+        if recipe.model.streaming:
+            checkpoint, tokenizer, _ = models.open_streaming(recipe.model)
+        else:
+            model, tokenizer, _ = models.load(recipe.model)
     else:
-        model, tokenizer, _ = models.load(recipe.model)
-        reference = reference_runner(None, model, threads)
+        from .runtime.loaded import load_tokenizer
+
+        tokenizer = load_tokenizer(artifact_dir, manifest)
+        if tokenizer is None:
+            _, tokenizer, _ = models.load(recipe.model)
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
     candidate = target.load(artifact_dir, threads)
-    gates = run_gates(recipe, target, reference, candidate, windows, threads, log, manifest.get("target"),
-                      quantize_intent(manifest.get("passes") or []))
+    refs = references.open_references(recipe, model=model, checkpoint=checkpoint, tokenizer=tokenizer, threads=threads,
+                                      workdir=artifact_dir.parent, log=log)
+    try:
+        gates = run_gates(recipe, target, refs, candidate, windows, threads, log, manifest.get("target"),
+                          quantize_intent(manifest.get("passes") or []))
+    finally:
+        refs.close()
     result = artifact.gate_record(gates, windows.describe())
+    result["reference"], result["speed_baseline"] = refs.labels["accuracy"], refs.labels["speed"]
+    if against is not None:
+        result["against"] = {"artifact": against, **recipe.gates.regression.model_dump()}
     if result["status"] != "passed":
-        raise GateFailed("gate failed for {}:\n  - {}".format(artifact_dir, "\n  - ".join(result["failures"])),
+        what = f"regression check against {against}" if against is not None else "gate"
+        raise GateFailed("{} failed for {}:\n  - {}".format(what, artifact_dir, "\n  - ".join(result["failures"])),
                          report=result)
     return BuildResult(True, result["summary"], artifact_dir, result)

@@ -73,12 +73,16 @@ def cmd_build(a) -> int:
 def cmd_gate(a) -> int:
     from .builder import gate
 
-    res = gate(a.artifact, eval_data=a.eval_data, threads=a.threads, log=_Out.log)
+    if a.against is None and (a.max_ppl_increase is not None or a.max_slowdown is not None):
+        print("optpipe gate: --max-ppl-increase and --max-slowdown are tolerances of --against", file=sys.stderr)
+        return 2
+    res = gate(a.artifact, eval_data=a.eval_data, threads=a.threads, against=a.against,
+               max_ppl_delta_pct=a.max_ppl_increase, max_decode_slowdown_pct=a.max_slowdown, log=_Out.log)
     if a.json:
         _emit_json({"status": "passed", "artifact": str(a.artifact), "summary": res.metrics, **res.manifest})
         return 0
     _print_gates(res.manifest["gates"])
-    print("gates passed")
+    print(f"no regression against {a.against}" if a.against else "gates passed")
     return 0
 
 
@@ -238,9 +242,17 @@ def parser() -> argparse.ArgumentParser:
                    help="run plugin passes named by `path:` in the recipe (or set OPTPIPE_ALLOW_PLUGINS=1)")
     b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     g = add("gate", cmd_gate, "re-run the accuracy and speed gates on an artifact (pre-deploy check)",
-            "example:\n  optpipe gate artifacts/smollm2-int4 --eval-data my.txt\n\n")
+            "examples:\n  optpipe gate artifacts/smollm2-int4 --eval-data my.txt\n"
+            "  optpipe gate artifacts/new --against /srv/deployed   # regression check against what is deployed\n\n")
     g.add_argument("artifact", help="artifact directory")
     g.add_argument("--eval-data", help="evaluation text (.txt/.jsonl/.parquet or a dataset name)")
+    g.add_argument("--against", metavar="DEPLOYED",
+                   help="compare with this artifact instead of fp32: refuse if less accurate or slower than it beyond "
+                        "the recipe's gates.regression tolerances")
+    g.add_argument("--max-ppl-increase", type=float, metavar="PCT",
+                   help="with --against: perplexity increase allowed, percent (default gates.regression.max_ppl_delta_pct)")
+    g.add_argument("--max-slowdown", type=float, metavar="PCT",
+                   help="with --against: decode slowdown allowed, percent (default gates.regression.max_decode_slowdown_pct)")
     g.add_argument("--threads", type=int, help="threads (default: the recipe's, else physical cores)")
     g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     v = add("validate", cmd_validate, "check a recipe without building (no weights are loaded)",
