@@ -71,11 +71,23 @@ def test_gate_against_a_deployed_artifact_refuses_less_accurate_and_slower_build
     assert "speed: decode speedup" in err and "below min_decode_speedup 0.95" in err and "accuracy:" not in err
 
 
-def test_destructive_recipe_is_refused_by_both_gates(tmp_path, capsys):
+def test_destructive_recipe_is_refused_by_every_gate(tmp_path, capsys):
+    """2-bit SmolLM2 with a 1000x speed demand and an lm-eval task (sentence endings, sensible against absurd; the
+    fp32 model gets most right): perplexity, speed and the task's accuracy drop all refuse it."""
+    import yaml
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "optpipe_facts.yaml").write_text((DATA / "lm_eval" / "optpipe_facts.yaml").read_text().replace(
+        "FACTS_JSONL", str(DATA / "lm_eval" / "facts.jsonl")))
+    recipe = yaml.safe_load((DATA / "smollm2-2bit-impossible.yaml").read_text())
+    recipe["gates"]["accuracy"].update(task_paths=[str(tasks)], tasks=[{"name": "optpipe_facts", "max_drop": 0.05}])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "bad"
-    assert main(["build", str(DATA / "smollm2-2bit-impossible.yaml"), "-o", str(out)]) == 3
+    assert main(["build", str(tmp_path / "r.yaml"), "-o", str(out)]) == 3
     err = capsys.readouterr().err
     assert "accuracy: perplexity delta" in err and "speed: decode speedup" in err
+    assert "tasks: task optpipe_facts: acc drop" in err and "exceeds max_drop 0.05" in err
     assert not out.exists()
 
 

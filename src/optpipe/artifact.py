@@ -86,6 +86,7 @@ SUMMARY_KEYS = {
               "reference_decode_tok_s", "rounds", "rounds_busy"),
     "coverage": ("linears", "quantized", "quantized_fraction"),
     "generation": ("mean_first_divergence", "teacher_forced_agreement", "repetition_candidate", "repetition_reference"),
+    "tasks": ("tasks",),
 }
 
 
@@ -204,12 +205,14 @@ def render_report(m: dict) -> str:
     lines = [f"# optpipe artifact: {m['recipe']['name']}", "",
              f"- status: **{m['status']}**", f"- target: `{m['recipe']['target']}`",
              f"- model: `{m['recipe']['model']['source']}`", f"- built: {m['created_utc']} in {m['build_seconds']} s",
-             f"- CPU: {m['environment']['cpu']} ({', '.join(k for k, v in m['environment']['isa'].items() if v)})", "",
+             f"- CPU: {m['environment']['cpu']} ({', '.join(k for k, v in m['environment']['isa'].items() if v)})",
+             f"- compared with: {m.get('reference', 'fp32 eager PyTorch')}; speed baseline: "
+             f"{m.get('speed_baseline', m.get('reference', 'fp32 eager PyTorch'))}", "",
              "## Passes", "", "| # | pass | seconds | changes |", "|---|---|---|---|"]
     for i, p in enumerate(m["passes"], 1):
         ch = ", ".join(f"{k}={v}" for k, v in p["changes"].items() if not isinstance(v, (dict, list)))
         lines.append(f"| {i} | {p['name']} | {p['seconds']} | {ch} |")
-    for gname in ("accuracy", "speed", "coverage"):
+    for gname in ("accuracy", "speed", "coverage", "generation", "tasks"):
         g = m["gates"].get(gname)
         if not g:
             continue

@@ -13,6 +13,7 @@ import numpy as np
 from . import artifact, data, hw, models, preflight, references
 from .errors import GateFailed, RecipeError
 from .gates import GateResult, accuracy, coverage, generation, speed
+from .gates import tasks as task_gate
 from .pipeline import (
     ModelState,
     PassContext,
@@ -62,7 +63,33 @@ def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, pref
     target.preflight()  # e.g. cpu-ipex without IPEX installed
     facts = preflight.check(recipe, source, passes)
     references.check(recipe, source, facts.config.get("vocab_size"))
+    check_tasks(recipe, source)
     return recipe, passes, facts
+
+
+def task_paths(recipe: Recipe, source: str = "<recipe>") -> list[str]:
+    paths = []
+    for i, p in enumerate(recipe.gates.accuracy.task_paths):
+        path = recipe.resolve_path(p)
+        if not path.is_dir():
+            raise RecipeError(f"{source}: gates.accuracy.task_paths[{i}]: {path} is not a directory")
+        paths.append(str(path))
+    return paths
+
+
+def check_tasks(recipe: Recipe, source: str) -> None:
+    """lm-eval is installed and knows every task the recipe gates on (before any weight is loaded)."""
+    gate = recipe.gates.accuracy
+    if not gate.tasks:
+        return
+    if not task_gate.available():
+        raise RecipeError(f"{source}: gates.accuracy.tasks: needs lm-eval ({task_gate.INSTALL_HINT})")
+    paths = task_paths(recipe, source)
+    known = set(task_gate.task_manager(paths).all_tasks)
+    for i, t in enumerate(gate.tasks):
+        if t.name not in known:
+            hint = f" (tasks in task_paths: {', '.join(sorted(known)) or 'none'})" if paths else ""
+            raise RecipeError(f"{source}: gates.accuracy.tasks[{i}].name: unknown lm-eval task {t.name!r}{hint}")
 
 
 def speed_prompt(windows: list[np.ndarray], n: int) -> np.ndarray:
@@ -90,7 +117,8 @@ def quantize_intent(pass_records: list[dict]) -> list[tuple[str, int | None]]:
 
 
 def run_gates(recipe: Recipe, target, refs: references.References, candidate, eval_windows, threads: int,
-              log=print, saved: dict | None = None, intent: list | None = None) -> dict[str, GateResult]:
+              log=print, saved: dict | None = None, intent: list | None = None,
+              tokenizer=None) -> dict[str, GateResult]:
     """Every gate, candidate against `refs` (accuracy and generation against refs.accuracy, speed against
     refs.speed)."""
     reference = refs.accuracy
@@ -103,12 +131,22 @@ def run_gates(recipe: Recipe, target, refs: references.References, candidate, ev
     gen = generation.check(generation.measure(
         reference, candidate, generation.prompts(eval_windows.windows, gen_gate.prompts, gen_gate.prompt_tokens),
         gen_gate.new_tokens, eval_windows.eos_token_id), gen_gate)
+    extra = {}
+    acc_gate = recipe.gates.accuracy
+    if acc_gate.tasks:
+        log(f"task gate: {', '.join(t.name for t in acc_gate.tasks)} (lm-eval) on the reference and the candidate")
+        try:
+            measured = task_gate.measure(reference, candidate, tokenizer, acc_gate.tasks, task_paths(recipe),
+                                         recipe.evaluation.window)
+        except ValueError as e:  # a metric the task does not report
+            raise RecipeError(f"gates.accuracy.tasks: {e}") from None
+        extra["tasks"] = task_gate.check(measured, acc_gate.tasks, acc_gate.decide_on)
     g = recipe.gates.speed
     why = speed_unmeasurable_reason(target)
     if why:  # check_speed_measurable already refused this unless the recipe allows it
         log(f"speed gate: not measured ({why})")
         return {"accuracy": acc, "speed": GateResult("speed", None, {"reason": why}, g.model_dump(), []),
-                "coverage": cov, "generation": gen}
+                "coverage": cov, "generation": gen, **extra}
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats}-{g.max_repeats} paired "
         f"rounds (until the {g.decide_on} speedup decides), {threads} thread(s)")
     spd = speed.check(speed.measure(refs.speed, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
@@ -116,7 +154,7 @@ def run_gates(recipe: Recipe, target, refs: references.References, candidate, ev
     hint = target.speed_failure_hint(saved) if spd.failures else None
     if hint:
         spd.failures.append(hint)
-    return {"accuracy": acc, "speed": spd, "coverage": cov, "generation": gen}
+    return {"accuracy": acc, "speed": spd, "coverage": cov, "generation": gen, **extra}
 
 
 def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,
@@ -181,7 +219,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
                                           tokenizer=tokenizer, threads=threads, workdir=staging.path.parent, log=log)
         try:
             gates = run_gates(recipe, target, refs, candidate, eval_windows, threads, log, saved,
-                              quantize_intent([r.to_json() for r in records]))
+                              quantize_intent([r.to_json() for r in records]), tokenizer)
         finally:
             refs.close()
         stages["gates"] = round(time.perf_counter() - t, 1)
@@ -290,7 +328,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
                                       workdir=artifact_dir.parent, log=log)
     try:
         gates = run_gates(recipe, target, refs, candidate, windows, threads, log, manifest.get("target"),
-                          quantize_intent(manifest.get("passes") or []))
+                          quantize_intent(manifest.get("passes") or []), tokenizer)
     finally:
         refs.close()
     result = artifact.gate_record(gates, windows.describe())

@@ -97,6 +97,16 @@ def is_artifact_reference(v: str) -> bool:
     return v not in BUILTIN_REFERENCES
 
 
+class TaskGate(Strict):
+    """One lm-evaluation-harness task the candidate must not do worse on than the reference (gates/tasks.py)."""
+    name: str = Field(description="an lm-eval task name (lm-eval's own, or one defined in gates.accuracy.task_paths)")
+    max_drop: float = Field(ge=0, description="largest allowed drop of the metric (reference - candidate, in the "
+                                              "metric's units: 0.02 = 2 points of accuracy), on the accuracy gate's "
+                                              "decide_on statistic")
+    metric: Optional[str] = Field(None, description="the task's metric to gate on (default: its first)")
+    limit: Optional[int] = Field(None, ge=2, description="documents scored (default: all)")
+
+
 class AccuracyGate(Strict):
     reference: str = Field("fp32-eager", description="what the candidate's next-token distributions are compared "
                                                      "with: " + REFERENCE_HELP)
@@ -108,6 +118,10 @@ class AccuracyGate(Strict):
     max_mean_kl: Optional[float] = Field(None, ge=0, description="mean KL(ref || candidate) of next-token distributions")
     max_kl_p99: Optional[float] = Field(None, ge=0, description="99th percentile of the per-token KL")
     min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
+    tasks: list[TaskGate] = Field(default_factory=list, description="lm-evaluation-harness tasks gated on their "
+                                                                    "paired drop (needs optpipe[lmeval])")
+    task_paths: list[str] = Field(default_factory=list, description="directories of task YAML files (relative: "
+                                                                    "beside the recipe); only these are indexed")
 
     @field_validator("reference")
     @classmethod
