@@ -4,12 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import optpipe
-from optpipe.checkpoint import LazyCheckpoint
-from optpipe.targets.torch_eager import TorchEagerRunner
-from optpipe.targets.torch_layerwise import LayerwiseReference
 
 from .conftest import tiny_recipe
 
@@ -18,16 +14,9 @@ CHAIN = [{"name": "export"}, {"name": "fuse"}, {"name": "static-kv-cache", "max_
          {"name": "quantize-int8", "include": ["lm_head"], "accuracy_level": 0}]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_layerwise_reference_matches_eager(arch, tiny_llama, tiny_qwen2):
-    from transformers import AutoModelForCausalLM
-
-    path = tiny_llama if arch == "llama" else tiny_qwen2
-    eager = TorchEagerRunner(AutoModelForCausalLM.from_pretrained(path).eval(), 1)
-    layerwise = LayerwiseReference(LazyCheckpoint.open(path), 1)
-    ids = np.arange(3, 40)
-    assert np.abs(layerwise.logits(ids) - eager.logits(ids)).max() < 1e-4
-    assert layerwise.generate(ids, 6).tokens == eager.generate(ids, 6).tokens
+CALIBRATED = [{"name": "smoothquant", "alpha": 0.5}, {"name": "export"}, {"name": "fuse"},
+              {"name": "static-kv-cache", "max_length": 256},
+              {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "exclude": []}]
 
 
 def test_streaming_build_equals_in_memory_build(tiny_qwen2, tmp_path):
@@ -57,11 +46,6 @@ def test_streaming_refuses_whole_model_passes(tiny_llama, tmp_path):
     with pytest.raises(optpipe.BuildError, match="use mode: weight-only or dynamic"):
         optpipe.build(dynamic, output=tmp_path / "y", log=lambda m: None)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
-CALIBRATED = [{"name": "smoothquant", "alpha": 0.5}, {"name": "export"}, {"name": "fuse"},
-              {"name": "static-kv-cache", "max_length": 256},
-              {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "exclude": []}]
 
 
 def test_streaming_smoothquant_and_gptq_equal_in_memory(tiny_llama, tmp_path):
@@ -102,60 +86,6 @@ def test_streaming_gptq_sees_earlier_quantization(tiny_llama, tmp_path):
     a = optpipe.load(tmp_path / "mem", threads=1).logits(ids)
     b = optpipe.load(tmp_path / "st", threads=1).logits(ids)
     assert np.abs(a - b).max() < 1e-3
-
-
-def test_streaming_gptq_rejects_unknown_matmul_names():
-    from transformers import LlamaConfig
-
-    from optpipe.errors import BuildError
-    from optpipe.passes._layerwise_gptq import input_site
-
-    config = LlamaConfig(num_hidden_layers=8)
-    assert input_site("model.layers.3.self_attn.qkv_proj", config) == (3, "self_attn.q_proj")
-    assert input_site("model.layers.3.self_attn.v_proj", config) == (3, "self_attn.q_proj")
-    assert input_site("model.layers.0.mlp.gate_up_proj", config) == (0, "mlp.gate_proj")
-    assert input_site("model.layers.7.mlp.down_proj", config) == (7, "mlp.down_proj")
-    assert input_site("lm_head", config) == (8, "lm_head")
-    for bad in ("model.layers.0.custom_proj", "model.layers.8.mlp.down_proj", "decoder.layers.0.mlp.down_proj"):
-        with pytest.raises(BuildError, match="cannot tell which"):
-            input_site(bad, config)
-
-
-def test_checkpoint_view_rewrites_tensors_as_read(tiny_llama):
-    ck = LazyCheckpoint.open(tiny_llama)
-    name = "model.layers.0.mlp.up_proj.weight"
-    view = ck.transformed({name: lambda t: t * 2}).transformed({name: lambda t: t + 1})
-    raw = ck.get_torch(name)
-    assert torch.equal(view.get_torch(name), raw * 2 + 1)
-    assert torch.equal(view.get_torch(name, (3, 7)), (raw * 2 + 1)[3:7])
-    assert torch.equal(ck.get_torch(name), raw)  # the original is untouched
-    with pytest.raises(optpipe.errors.ModelLoadError, match="not in the checkpoint"):
-        ck.transformed({"nope": lambda t: t})
-
-
-def test_lazy_checkpoint_reads_bf16_shards(tmp_path):
-    from safetensors.torch import save_file
-
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1,
-                                                      "num_attention_heads": 2, "intermediate_size": 16,
-                                                      "vocab_size": 10}))
-    t = torch.randn(4, 8).to(torch.bfloat16)
-    save_file({"a": t}, str(tmp_path / "model.safetensors"))
-    ck = LazyCheckpoint.open(tmp_path)
-    assert ck.shapes["a"] == (4, 8) and ck.dtypes["a"] == "BF16"
-    assert np.array_equal(ck.get("a"), t.float().numpy())
-
-
-def test_layerwise_reference_on_bf16_checkpoint_is_the_fp32_model(tiny_llama, tmp_path):
-    """Weights stored in bf16 are upcast per matmul: the same function as the fp32 model loaded from them."""
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    ck = LazyCheckpoint.open(tmp_path / "bf16")
-    assert set(ck.dtypes.values()) == {"BF16"}
-    eager = TorchEagerRunner(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval(), 1)
-    ids = np.arange(7, 40)
-    assert np.abs(LayerwiseReference(ck, 1).logits(ids) - eager.logits(ids)).max() < 1e-4
 
 
 def test_streaming_smoothquant_w8a8_dynamic_matches_in_memory(tiny_qwen2, tmp_path):

@@ -222,12 +222,6 @@ def walk(checkpoint, windows, *, last_layer: int | None = None, head: bool = Fal
         step.module = step.hidden = step.outputs = None  # the caller may still hold the step: free the layer now
 
 
-def hessian_sum(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """Running sum of X^T X in fp32, accumulated in place (no temporary: a 13B MLP-down input gives a 13824^2
-    matrix): GPTQ's Hessian up to the 2/n factor."""
-    return x.T @ x if prev is None else prev.addmm_(x.T, x)
-
-
 def channel_absmax(prev: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     m = x.abs().amax(0)
     return m if prev is None else torch.maximum(prev, m)

@@ -145,6 +145,13 @@ class Pass:
 _REGISTRY: dict[str, list[type[Pass]]] = {}
 
 
+def calibrated_when(**options) -> property:
+    """`needs = calibrated_when(algorithm="gptq")`: the pass needs calibration data when its options say so."""
+    def needs(self) -> frozenset[str]:
+        return frozenset({"calibration"}) if all(getattr(self.config, k) == v for k, v in options.items()) else frozenset()
+    return property(needs)
+
+
 def register(cls: type[Pass]) -> type[Pass]:
     """One name may have one implementation per target (e.g. `quantize-int4` for cpu-onnx and cpu-torch)."""
     _REGISTRY.setdefault(cls.name, []).append(cls)

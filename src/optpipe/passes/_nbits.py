@@ -8,10 +8,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import lazy as _lazy
+from .. import quant as _quant
 from ..layerwise import EffectiveWeight
 from ..pipeline import ModelState, PassContext
 from ..progress import track
-from . import _quant
 from ._onnx import (
     FLOAT,
     MS_DOMAIN,
@@ -58,17 +58,17 @@ def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads:
         probe.graph.output.append(onnx.ValueInfoProto(name=n))
     sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads, optimize=False),
                                 providers=["CPUExecutionProvider"])
-    acc: dict[str, np.ndarray | None] = {n: None for n in names}
-    count = 0
+    acc: dict = {n: _quant.HessianSum() if kind == "hessian" else None for n in names}
     for ids in track(windows, desc=f"calibration ({kind})", unit="window"):
         outs = sess.run(names, prefill_feeds(model, ids))
         for n, x in zip(names, outs):
-            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            v = x.T @ x if kind == "hessian" else np.abs(x).max()
-            acc[n] = v if acc[n] is None else (acc[n] + v if kind == "hessian" else np.maximum(acc[n], v))
-        count += ids.size
+            if kind == "hessian":
+                acc[n].add(x)
+            else:
+                v = np.abs(x).max()
+                acc[n] = v if acc[n] is None else np.maximum(acc[n], v)
     if kind == "hessian":
-        return {n: (2.0 / count) * h for n, h in acc.items()}
+        return {n: h.hessian() for n, h in acc.items()}
     return dict(acc)
 
 

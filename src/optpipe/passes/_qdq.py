@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import quant
 from ._onnx import GraphEdit
 
 
@@ -13,8 +14,7 @@ def int4_tensor(name: str, values: np.ndarray) -> onnx.TensorProto:
     flat = values.astype(np.int8).reshape(-1)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.int8)])
-    nib = (flat & 0x0F).astype(np.uint8)
-    raw = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    raw = quant.pack_bits(flat, 4).tobytes()
     t = onnx.TensorProto(name=name, data_type=TensorProto.INT4, dims=list(values.shape))
     t.raw_data = raw
     return t

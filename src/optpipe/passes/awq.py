@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 
 from .. import arch
+from .. import quant as _quant
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
 from ..progress import track
-from . import _quant
 from ._torch_calib import capture_inputs
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from .. import quant as _quant
 from ..pipeline import (
     Damp,
     ModelState,
@@ -16,10 +17,10 @@ from ..pipeline import (
     PassContext,
     PassResult,
     Patterns,
+    calibrated_when,
     register,
 )
 from ..progress import bar
-from . import _quant
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
 from ._qdq import int4_tensor, replace_weight
@@ -53,9 +54,7 @@ class QdqInt4(Pass):
     requires = frozenset({"onnx"})
     provides = frozenset({"quantized"})
 
-    @property
-    def needs(self):  # type: ignore[override]
-        return frozenset({"calibration"}) if self.config.algorithm == "gptq" else frozenset()
+    needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]
 
     def _quantize_group(self, model, names, c, ctx, errors, b) -> None:
         edit = GraphEdit(model)

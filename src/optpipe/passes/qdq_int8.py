@@ -4,10 +4,10 @@ bias and outputs left in float. Pair with `smoothquant` for models with activati
 `exclude` stay in float (listed in the manifest)."""
 from __future__ import annotations
 
-import numpy as np
 from onnx import numpy_helper
 from pydantic import Field
 
+from .. import quant as _quant
 from ..pipeline import (
     ModelState,
     Pass,
@@ -17,7 +17,6 @@ from ..pipeline import (
     Patterns,
     register,
 )
-from . import _quant
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
 from ._qdq import quantize_activation, replace_weight
@@ -47,9 +46,7 @@ class QdqInt8(Pass):
         errors = []
         for node in selected:
             w = edit.array(node.input[1])  # [K, N]
-            scale = np.abs(w).max(axis=0) / 127.0
-            scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            q, scale = _quant.symmetric_int8(w, axis=1)  # one scale per output column N
             errors.append(_quant.relative_error(q * scale, w))
             replace_weight(edit, node, numpy_helper.from_array(q, node.name + ".weight_q"), scale, axis=1)
             quantize_activation(edit, node, float(absmax[node.input[0]]) * self.config.activation_margin)

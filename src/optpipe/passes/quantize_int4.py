@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from .. import quant as _quant
 from ..pipeline import (
     Damp,
     ModelState,
@@ -13,9 +14,9 @@ from ..pipeline import (
     PassContext,
     PassResult,
     Patterns,
+    calibrated_when,
     register,
 )
-from . import _quant
 from ._nbits import quantize_matmuls
 
 
@@ -40,9 +41,7 @@ class QuantizeInt4(Pass):
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-onnx"})
 
-    @property
-    def needs(self):  # type: ignore[override]
-        return frozenset({"calibration"}) if self.config.algorithm == "gptq" else frozenset()
+    needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config

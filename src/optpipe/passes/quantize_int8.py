@@ -31,6 +31,7 @@ from ..pipeline import (
     PassContext,
     PassResult,
     Patterns,
+    calibrated_when,
     register,
 )
 from ._nbits import quantize_matmuls, select_matmuls
@@ -63,9 +64,7 @@ class QuantizeInt8(Pass):
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-onnx"})
 
-    @property
-    def needs(self):  # type: ignore[override]
-        return frozenset({"calibration"}) if self.config.mode == "static" else frozenset()
+    needs = calibrated_when(mode="static")  # type: ignore[assignment]
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config

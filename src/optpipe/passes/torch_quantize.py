@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
+from .. import quant as _quant
 from ..pipeline import (
     Damp,
     ModelState,
@@ -20,6 +20,7 @@ from ..pipeline import (
     PassContext,
     PassResult,
     Patterns,
+    calibrated_when,
     register,
 )
 from ..progress import track
@@ -30,7 +31,6 @@ from ..runtime.torch_modules import (
     set_module,
     untie_lm_head,
 )
-from . import _quant
 from ._torch_calib import capture_inputs
 
 
@@ -60,12 +60,6 @@ def _select(model, include: list[str], exclude: list[str]):
     return chosen, skipped
 
 
-def _hessian(prev, x: torch.Tensor) -> tuple:
-    h, n = prev if prev is not None else (0, 0)
-    x = x.double()
-    return h + x.T @ x, n + x.shape[0]
-
-
 def _record(state: ModelState, quantized: dict[str, str], skipped: dict[str, str], rel: list[float]) -> dict:
     state.handoff.quantized.update(quantized)
     return {"layers_quantized": len(quantized), "layers_skipped": len(skipped), **_quant.error_summary(rel),
@@ -81,9 +75,7 @@ class TorchQuantizeInt4(Pass):
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-torch"})
 
-    @property
-    def needs(self):  # type: ignore[override]
-        return frozenset({"calibration"}) if self.config.algorithm == "gptq" else frozenset()
+    needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config
@@ -98,9 +90,9 @@ class TorchQuantizeInt4(Pass):
                 del chosen[name]
         hessians = {}
         if c.algorithm == "gptq" and chosen:
-            stats = capture_inputs(model, chosen, ctx.calibration_windows(), reduce=_hessian,
+            stats = capture_inputs(model, chosen, ctx.calibration_windows(), reduce=_quant.HessianSum.reducer(),
                                    max_tokens=c.max_calibration_tokens, desc="gptq calibration")
-            hessians = {name: ((2.0 / n) * h).numpy() for name, (h, n) in stats.items()}
+            hessians = {name: s.hessian() for name, s in stats.items()}
         scheme = c.zero_point
         rel, done = [], {}
         for name, lin in track(chosen.items(), desc=f"quantize int4 ({c.algorithm})", unit="layer"):

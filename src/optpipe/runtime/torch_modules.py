@@ -14,15 +14,15 @@ import re
 import numpy as np
 import torch
 
+from .. import quant
 from .generation import Generation, OnToken, Pick, decode
 
 INT4_GROUPS = (32, 64, 128)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes 0..15 -> [N, K/2] uint8, even column in the low nibble."""
-    c = codes.to(torch.uint8)
-    return c[:, 0::2] | (c[:, 1::2] << 4)
+    """[N, K] codes 0..15 -> [N, K/2] uint8, even column in the low nibble (quant.pack_bits' layout)."""
+    return torch.from_numpy(quant.pack_bits(codes.to(torch.uint8).numpy(), 4))
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -105,10 +105,10 @@ class Int8Linear(torch.nn.Module):
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias, dynamic: bool) -> Int8Linear:
         w = weight.detach().float()
-        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        q, scale = quant.symmetric_int8(w.numpy(), axis=0)  # one scale per output row
         mod = cls(w.shape[1], w.shape[0], dynamic, bias is not None)
-        mod.qweight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        mod.scales.copy_(scale)
+        mod.qweight.copy_(torch.from_numpy(q))
+        mod.scales.copy_(torch.from_numpy(scale))
         if bias is not None:
             mod.bias.copy_(bias.detach().float())
         mod.prepare()

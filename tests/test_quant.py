@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from optpipe.passes import _quant
+from optpipe import quant as _quant
 
 
 def grid_weights(n=16, k=64, block=32, seed=0):
@@ -114,3 +114,37 @@ def test_every_gptq_pass_shares_one_damp_default():
     assert QdqInt4Config().damp == Int4Config().damp == TorchInt4Config().damp == _quant.GPTQ_DAMP
     with pytest.raises(ValueError, match="option `group_size` is now `block_size`"):
         TorchInt4Config(group_size=64)
+
+
+def test_hessian_sum_is_2_over_n_xtx_whatever_the_batching():
+    import torch
+
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(size=(n, 6)).astype(np.float32) for n in (5, 9, 1)]
+    x = np.concatenate(parts).astype(np.float64)
+    expect = 2.0 / x.shape[0] * x.T @ x
+    reduce = _quant.HessianSum.reducer()
+    acc = None
+    for p in parts:  # numpy rows (ONNX Runtime outputs) and torch rows (forward hooks) alike
+        acc = reduce(acc, p if acc is None else torch.from_numpy(p))
+    assert acc.tokens == 15 and np.allclose(acc.hessian(), expect, rtol=1e-12)
+    f32 = _quant.HessianSum(torch.float32)
+    for p in parts:
+        f32.add(p.reshape(1, -1, 6))  # [batch, tokens, features] rows are flattened
+    h = f32.hessian()
+    assert h.dtype == np.float32 and np.allclose(h, expect, rtol=1e-5)
+    with pytest.raises(ValueError, match="no calibration tokens"):
+        _quant.HessianSum().hessian()
+
+
+def test_one_packing_and_one_int8_rounding_for_every_format():
+    codes = np.array([[1, 2, 15, 0], [7, 8, 3, 4]])
+    assert _quant.pack_bits(codes, 4).tolist() == [[0x21, 0x0F], [0x87, 0x43]]  # first code in the low nibble
+    signed = np.array([-8, 7, -1, 0], np.int8)  # ONNX INT4: two's-complement nibbles
+    assert _quant.pack_bits(signed, 4).tolist() == [0x78, 0x0F]
+    w = np.array([[0.5, -1.0], [0.0, 0.0], [2.54, 0.01]], np.float32)  # rows: a channel each (axis 0)
+    q, scale = _quant.symmetric_int8(w, axis=0)
+    assert scale.tolist() == pytest.approx([1 / 127, 1.0, 2.54 / 127])
+    assert q[0].tolist() == [64, -127] and q[1].tolist() == [0, 0] and q[2].tolist() == [127, 0]
+    qt, st = _quant.symmetric_int8(w.T, axis=1)  # the same channels laid out as columns
+    assert (qt.T == q).all() and (st == scale).all()

@@ -13,9 +13,53 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 GPTQ_DAMP = 0.01  # the one default for every GPTQ pass: fraction of the Hessian's mean diagonal added to it
+
+
+class HessianSum:
+    """GPTQ's Hessian of one linear's input, H = 2/n * sum over calibration tokens of x^T x: the one accumulation
+    every GPTQ path uses (ONNX graph activations, PyTorch forward hooks, the layer-by-layer streaming walk).
+
+    float64 by default (in-memory models: the sum of thousands of outer products); the streaming walk asks for
+    float32, accumulated in place — a 13B down_proj's is 13824^2, and a float64 copy would add 1.5 GB."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype, self.sum, self.tokens = dtype, None, 0
+
+    def add(self, x) -> HessianSum:
+        """Add rows x [tokens, features] (a torch tensor or numpy array)."""
+        x = torch.as_tensor(x).reshape(-1, x.shape[-1]).to(self.dtype)
+        self.sum = x.T @ x if self.sum is None else self.sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+        return self
+
+    @classmethod
+    def reducer(cls, dtype: torch.dtype = torch.float64):
+        """`reduce(previous, rows)` for the calibration hooks: starts a sum on the first rows."""
+        return lambda prev, x: (prev if prev is not None else cls(dtype)).add(x)
+
+    def hessian(self) -> np.ndarray:
+        """2/n * sum, scaled in place (the running sum is not kept)."""
+        if self.sum is None or not self.tokens:
+            raise ValueError("no calibration tokens reached this layer")
+        h = self.sum.numpy()
+        h *= 2.0 / self.tokens
+        self.sum = None
+        return h
+
+
+def symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel symmetric INT8 of `w`, one scale per index of `axis` (max |w| / 127 over the others; codes in
+    ±127; an all-zero channel gets scale 1): the one rounding of the int8 weight formats (TensorRT Q/DQ per output
+    column, cpu-torch Int8Linear per row). Returns (codes int8, scales float32)."""
+    other = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    scale = np.abs(w).max(axis=other, keepdims=True) / 127.0
+    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale.reshape(-1)
 
 
 def relative_error(approx, exact) -> float:
@@ -180,10 +224,13 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
     return _finish(t(q.T).reshape(n, nb, block), t(scale.T), t(zero.T), None if minimum is None else t(minimum.T))
 
 
-def _pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack the last axis, `8 // bits` codes a byte, first code in the lowest bits."""
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis, `8 // bits` codes a byte, first code in the lowest bits: the layout of MatMulNBits,
+    ONNX INT4 tensors and the cpu-torch int4 modules alike (codes are taken modulo 2**bits, so signed INT4 values
+    pack as two's-complement nibbles)."""
     per = 8 // bits
-    grouped = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per, per).astype(np.uint16)
+    grouped = (codes.astype(np.int16) & ((1 << bits) - 1)).reshape(*codes.shape[:-1], codes.shape[-1] // per, per)
+    grouped = grouped.astype(np.uint16)
     out = np.zeros(grouped.shape[:-1], np.uint16)
     for j in range(per):
         out |= grouped[..., j] << (bits * j)
@@ -197,4 +244,4 @@ def pack_matmulnbits(qw: QuantizedWeight, bits: int) -> tuple[np.ndarray, np.nda
     z = qw.zero
     if nb % per:
         z = np.concatenate([z, np.zeros((n, per - nb % per), np.uint8)], axis=1)
-    return _pack_bits(qw.q, bits), qw.scale.reshape(-1).astype(np.float32), _pack_bits(z, bits).reshape(-1)
+    return pack_bits(qw.q, bits), qw.scale.reshape(-1).astype(np.float32), pack_bits(z, bits).reshape(-1)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from optpipe.passes import _quant
+from optpipe import quant as _quant
 from optpipe.runtime.torch_modules import Int4WeightOnlyLinear, Int8Linear, TorchRunner, _pack_nibbles, _unpack_nibbles
 
 

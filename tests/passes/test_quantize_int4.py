@@ -1,0 +1,55 @@
+"""MatMulNBits INT4: the float zero point is exact on grid weights; GPTQ needs and uses calibration."""
+import copy
+
+import numpy as np
+import pytest
+
+from optpipe import models
+from optpipe.errors import BuildError
+from optpipe.passes.export import ExportConfig, build_decoder_graph
+from optpipe.passes.fuse import Fuse, FuseConfig
+from optpipe.passes.quantize_int4 import Int4Config, QuantizeInt4
+from optpipe.pipeline import ModelState, PassContext
+from optpipe.recipe import ModelSpec
+from optpipe.runtime.ort_decoder import OnnxDecoder
+
+
+def load(path):
+    model, tok, _ = models.load(ModelSpec(source=str(path)))
+    return model
+
+
+def test_int4_float_zero_point_is_exact_on_grid_weights(tiny_llama):
+    """Weights put on a block-32 4-bit grid with float scale and minimum (GGUF Q4_1's) survive `quantize-int4`
+    exactly (accuracy_level 0: fp32 compute), so the artifact's logits equal the float graph's."""
+    import torch
+
+    from optpipe import quant as _quant
+
+    model = load(tiny_llama)
+    with torch.no_grad():
+        for name, lin in model.named_modules():
+            if isinstance(lin, torch.nn.Linear) and name.startswith("model.layers."):
+                w = lin.weight.numpy()
+                lin.weight.copy_(torch.from_numpy(_quant.rtn(w, 4, 32, "float").dequantize()))
+    state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+    Fuse(FuseConfig()).call(state, PassContext())
+    prompt = np.arange(10, 30)
+    want = OnnxDecoder.from_proto(state.onnx_model).logits(prompt)
+    res = QuantizeInt4(Int4Config(accuracy_level=0, exclude=["lm_head"])).call(state, PassContext())
+    assert res.changes["layers_quantized"] == 8 and "lm_head" in res.changes["skipped"]
+    assert res.changes["weight_rel_error_max"] < 1e-5
+    assert any(n.op_type == "MatMulNBits" for n in state.onnx_model.graph.node)
+    got = OnnxDecoder.from_proto(state.onnx_model).logits(prompt)
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_gptq_needs_and_uses_calibration(tiny_llama):
+    model = load(tiny_llama)
+    state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+    Fuse(FuseConfig()).call(state, PassContext())
+    with pytest.raises(BuildError, match="calibration"):
+        QuantizeInt4(Int4Config(algorithm="gptq")).call(copy.deepcopy(state), PassContext())
+    windows = [np.random.default_rng(i).integers(0, 256, 64) for i in range(3)]
+    res = QuantizeInt4(Int4Config(algorithm="gptq", zero_point="int")).call(state, PassContext(calibration=lambda: windows))
+    assert res.changes["layers_quantized"] == 8
