@@ -21,7 +21,7 @@ from .pipeline import (
     run_passes,
     validate_pass_chain,
 )
-from .recipe import AccuracyGate, DataSpec, Recipe, load_recipe, recipe_from_dict
+from .recipe import AccuracyGate, DataSpec, Recipe, RegressionGate, load_recipe, recipe_from_dict
 from .targets import get_target
 
 
@@ -271,9 +271,9 @@ def regression_gates(recipe: Recipe, against: str, max_ppl_delta_pct: float | No
     """The recipe's gates turned into a regression check against the deployed artifact `against`: the accuracy gate's
     ΔPPL and the speed gate's decode ratio are taken against it, bounded by `gates.regression` (or the overrides),
     decided on the same statistics. KL and top-1 limits describe distance from fp32 and are not applied."""
-    reg = recipe.gates.regression.model_copy(update={k: v for k, v in (
-        ("max_ppl_delta_pct", max_ppl_delta_pct), ("max_decode_slowdown_pct", max_decode_slowdown_pct)) if v is not None})
-    reg = type(reg).model_validate(reg.model_dump())  # the overrides obey the same bounds as the recipe field
+    overrides = {"max_ppl_delta_pct": max_ppl_delta_pct, "max_decode_slowdown_pct": max_decode_slowdown_pct}
+    reg = RegressionGate.model_validate({**recipe.gates.regression.model_dump(),  # same bounds as the recipe field
+                                         **{k: v for k, v in overrides.items() if v is not None}})
     out = recipe.model_copy(deep=True)
     out.gates.regression = reg
     out.gates.accuracy = AccuracyGate(reference=against, max_ppl_delta_pct=reg.max_ppl_delta_pct,
@@ -302,7 +302,6 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
             recipe = regression_gates(recipe, against, max_ppl_delta_pct, max_decode_slowdown_pct)
         except ValueError as e:  # pydantic: a tolerance out of bounds
             raise RecipeError(f"--against: {e}") from None
-        references.check_artifact(Path(against), "--against", (manifest.get("model") or {}).get("vocab_size"))
     threads = _threads(threads, recipe, where)
     target = get_target(recipe.target)
     target.preflight()
@@ -325,7 +324,9 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
     candidate = target.load(artifact_dir, threads)
     refs = references.open_references(recipe, model=model, checkpoint=checkpoint, tokenizer=tokenizer, threads=threads,
-                                      workdir=artifact_dir.parent, log=log)
+                                      workdir=artifact_dir.parent, log=log,
+                                      vocab_size=(manifest.get("model") or {}).get("vocab_size"),
+                                      where="--against" if against is not None else None)
     try:
         gates = run_gates(recipe, target, refs, candidate, windows, threads, log, manifest.get("target"),
                           quantize_intent(manifest.get("passes") or []), tokenizer)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import artifact
-from .errors import RecipeError
+from .errors import ArtifactError, RecipeError
 from .recipe import Recipe, is_artifact_reference, recipe_from_dict
 from .runtime.loaded import runner_for
 
@@ -38,7 +38,7 @@ def check_artifact(path: Path, where: str, vocab_size: int | None = None) -> dic
         raise RecipeError(f"{where}: {path} is not a directory (give fp32-eager, fp32-onnx or an artifact directory)")
     try:
         problems = artifact.verify(path)
-    except Exception as e:  # noqa: BLE001 - ArtifactError: no or malformed manifest
+    except ArtifactError as e:  # no or malformed manifest
         raise RecipeError(f"{where}: {path}: {e}") from None
     if problems:
         raise RecipeError(f"{where}: {path} cannot be trusted as a baseline: {'; '.join(problems[:3])}")
@@ -111,9 +111,10 @@ def fp32_onnx(recipe: Recipe, model, tokenizer, threads: int, workdir: Path, log
         raise
 
 
-def open_references(recipe: Recipe, *, model, checkpoint, tokenizer, threads: int, workdir: Path,
-                    log=print) -> References:
-    """Runners for `gates.accuracy.reference` and `gates.speed.baseline` (one runner when both name the same)."""
+def open_references(recipe: Recipe, *, model, checkpoint, tokenizer, threads: int, workdir: Path, log=print,
+                    vocab_size: int | None = None, where: str | None = None) -> References:
+    """Runners for `gates.accuracy.reference` and `gates.speed.baseline` (one runner when both name the same).
+    An artifact is verified here, once; `where` names it in errors instead of the recipe field (`--against`)."""
     made: dict[str, tuple[object, str]] = {}
     cleanup: list[Path] = []
     try:
@@ -132,7 +133,7 @@ def open_references(recipe: Recipe, *, model, checkpoint, tokenizer, threads: in
                 made[value] = (runner, "fp32 ONNX export (the recipe's export pass alone) on ONNX Runtime")
             else:
                 path = artifact_path(recipe, value)
-                manifest = check_artifact(path, f"gates.{gate}.{key}")
+                manifest = check_artifact(path, where or f"gates.{gate}.{key}", vocab_size)
                 saved = manifest.get("target") or {}
                 runner = runner_for(manifest["recipe"]["target"], path, saved, threads)
                 made[value] = (runner, f"artifact {path} (recipe {manifest['recipe'].get('name')!r}, "

@@ -19,6 +19,7 @@ from unittest import mock
 import numpy as np
 
 from . import GateResult
+from .accuracy import log_softmax
 
 INSTALL_HINT = "pip install 'optpipe[lmeval]' (lm-eval)"
 
@@ -29,12 +30,6 @@ def available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 @lru_cache(maxsize=1)
@@ -71,7 +66,7 @@ def runner_lm_class():
             whole = (context or [self.prefix]) + continuation
             inp = np.asarray(whole[-(self.max_length + 1):-1], dtype=np.int64)
             n = min(len(continuation), inp.size)
-            lp = _log_softmax(self.runner.logits(inp)[-n:])
+            lp = log_softmax(self.runner.logits(inp)[-n:])
             target = np.asarray(continuation[-n:])
             return float(lp[np.arange(n), target].sum()), bool((lp.argmax(-1) == target).all())
 
