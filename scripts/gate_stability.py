@@ -49,7 +49,8 @@ def gate_once(artifact: Path, hogs: int) -> dict:
             "generation": {k: gates.get("generation", {}).get(k) for k in ("mean_first_divergence",
                            "teacher_forced_agreement", "repetition_reference", "repetition_candidate")},
             "decode_speedup": spd.get("decode_speedup"), "decode_speedup_ci95": spd.get("decode_speedup_ci95"),
-            "rounds": spd.get("rounds"), "rounds_busy": spd.get("rounds_busy"),
+            "rounds": spd.get("rounds"), "rounds_busy": spd.get("rounds_busy"), "threads": spd.get("threads"),
+            "background_cpus_at_start": spd.get("background_cpus_at_start"),
             "ppl_delta_pct": gates.get("accuracy", {}).get("ppl_delta_pct")}
 
 
@@ -58,25 +59,27 @@ def table(results: dict, isa: str) -> str:
     lines = [f"Gate stability on {env['cpu']} ({isa}; {env['physical_cores']} cores), "
              f"{datetime.date.today().isoformat()}: `python scripts/gate_stability.py ARTIFACTS --runs N --loaded K`. "
              "Each run re-gates the artifact in its own process; loaded runs have a CPU-bound process (one per two CPUs) "
-             "beside it.", "",
-             "| artifact | run | beside it | exit | accuracy | speed | coverage | generation | decode speedup [95%] | "
-             "rounds (busy) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "beside it; threads: what the gates ran at.", "",
+             "| artifact | run | beside it | threads | exit | accuracy | speed | coverage | generation | "
+             "decode speedup [95%] | rounds (busy) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
         for i, r in enumerate(runs, 1):
             v = r.get("verdicts", {})
             ci = r.get("decode_speedup_ci95") or [None, None]
             sp = (f"{r['decode_speedup']:.2f}× [{ci[0]}, {ci[1]}]" if r.get("decode_speedup") is not None else "–")
-            lines.append(f"| {name} | {i} | {r['hogs']} CPU hog(s) | {r['exit_code']} | {v.get('accuracy', '–')} | "
+            lines.append(f"| {name} | {i} | {r['hogs']} CPU hog(s) | {r.get('threads', '–')} | {r['exit_code']} | "
+                         f"{v.get('accuracy', '–')} | "
                          f"{v.get('speed', '–')} | {v.get('coverage', '–')} | {v.get('generation', '–')} | {sp} | {r.get('rounds')} "
                          f"({r.get('rounds_busy')}) |")
-        said = []
+        every = {json.dumps(r.get("verdicts"), sort_keys=True) for r in runs}
+        said = [f"{'identical' if len(every) == 1 else 'DIFFERENT'} verdicts over all {len(runs)} runs"]
         for label, group in (("quiet", [r for r in runs if not r["hogs"]]), ("loaded", [r for r in runs if r["hogs"]])):
             verdicts = {json.dumps(r.get("verdicts"), sort_keys=True) for r in group}
             if group:
                 speed = sorted({(r.get("verdicts") or {}).get("speed", "error") for r in group})
                 said.append(f"{label}: {'identical' if len(verdicts) == 1 else 'DIFFERENT'} verdicts "
                             f"(speed {', '.join(speed)}) over {len(group)} run(s)")
-        lines.append(f"| {name} | **{'; '.join(said)}** | | | | | | | | |")
+        lines.append(f"| {name} | **{'; '.join(said)}** | | | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -71,6 +71,25 @@ def test_speed_gate_rejects_impossible_speedup_and_keeps_candidate_on_request(ti
     assert json.loads((kept / "manifest.json").read_text())["status"] == "rejected"
 
 
+def test_gates_beside_a_busy_machine_measure_at_the_threads_left_free(tiny_llama, tmp_path, monkeypatch):
+    from optpipe import hw
+
+    out = tmp_path / "art"
+    speed = {"min_decode_speedup": 0.01, "prompt_tokens": 16, "new_tokens": 8, "repeats": 2, "max_background_cpus": 8}
+    optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4, speed=speed), output=out, log=lambda m: None)
+    monkeypatch.setattr(hw, "physical_cores", lambda: 2)
+    monkeypatch.setattr(hw, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(hw, "probe_load", lambda *a, **k: 1.0)  # another process keeps one of two CPUs busy
+    said = []
+    speed_record = optpipe.gate(out, log=said.append).manifest["gates"]["speed"]
+    assert speed_record["threads"] == 1 and speed_record["thresholds"]["threads"] == 1
+    assert speed_record["threads_default"] == 2 and speed_record["background_cpus_at_start"] == 1.0
+    assert any("measuring at 1 thread(s), not 2" in m for m in said)
+    # a thread count the user fixed is kept (a busy machine then costs rounds, not threads)
+    speed_record = optpipe.gate(out, threads=2, log=lambda m: None).manifest["gates"]["speed"]
+    assert speed_record["threads"] == 2 and "threads_default" not in speed_record
+
+
 def test_existing_output_is_not_overwritten_without_flag(tiny_llama, tmp_path):
     out = tmp_path / "art"
     out.mkdir()

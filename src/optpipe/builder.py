@@ -53,6 +53,26 @@ def _threads(given: int | None, recipe: Recipe, source: str) -> int:
         raise RecipeError(f"{source}: {e}") from None
 
 
+def _threads_fixed(given: int | None, recipe: Recipe) -> bool:
+    return given is not None or recipe.gates.speed.threads is not None
+
+
+def gate_threads(threads: int, fixed: bool, log=print) -> tuple[int, dict]:
+    """The gates' thread count and what to record about it. A count the user fixed (--threads,
+    gates.speed.threads) is kept: on a loaded machine the speed gate then discards busy rounds and may say
+    inconclusive. The default (physical cores) shrinks to the CPUs other processes leave free, so a build beside
+    another job measures the artifact at fewer threads instead of measuring the contention."""
+    if fixed:
+        return threads, {}
+    others = hw.probe_load()
+    use = hw.threads_beside_load(threads, others)
+    if use == threads:
+        return threads, {}
+    log(f"gates: other processes keep {others:.1f} CPU(s) busy: measuring at {use} thread(s), not {threads} "
+        "(set gates.speed.threads or --threads to insist)")
+    return use, {"threads_default": threads, "background_cpus_at_start": round(others, 2)}
+
+
 def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, preflight.ModelFacts]:
     """Everything checked before a build loads weights (what `optpipe validate` runs): the recipe's schema and
     pass order, this CPU, the model's config/header, data files, pass options against the model and recipe."""
@@ -172,6 +192,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     out = Path(out)
     if out.exists() and not overwrite:
         raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
+    fixed_threads = _threads_fixed(threads, recipe)
     threads = _threads(threads, recipe, source)
 
     streaming = recipe.model.streaming
@@ -214,14 +235,16 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         build_peak = hw.peak_rss_mib()  # load + passes + save, before the artifact is run
         del state
         t = time.perf_counter()
-        candidate = target.load(staging.path, threads)
+        gthreads, load_note = gate_threads(threads, fixed_threads, log)
+        candidate = target.load(staging.path, gthreads)
         refs = references.open_references(recipe, model=None if streaming else reference_model, checkpoint=checkpoint,
-                                          tokenizer=tokenizer, threads=threads, workdir=staging.path.parent, log=log)
+                                          tokenizer=tokenizer, threads=gthreads, workdir=staging.path.parent, log=log)
         try:
-            gates = run_gates(recipe, target, refs, candidate, eval_windows, threads, log, saved,
+            gates = run_gates(recipe, target, refs, candidate, eval_windows, gthreads, log, saved,
                               quantize_intent([r.to_json() for r in records]), tokenizer)
         finally:
             refs.close()
+        gates["speed"].metrics.update(load_note)
         stages["gates"] = round(time.perf_counter() - t, 1)
         del candidate
         verdict = artifact.gate_record(gates)
@@ -302,6 +325,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
             recipe = regression_gates(recipe, against, max_ppl_delta_pct, max_decode_slowdown_pct)
         except ValueError as e:  # pydantic: a tolerance out of bounds
             raise RecipeError(f"--against: {e}") from None
+    fixed_threads = _threads_fixed(threads, recipe)
     threads = _threads(threads, recipe, where)
     target = get_target(recipe.target)
     target.preflight()
@@ -322,6 +346,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
         if tokenizer is None:
             _, tokenizer, _ = models.load(recipe.model)
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
+    threads, load_note = gate_threads(threads, fixed_threads, log)
     candidate = target.load(artifact_dir, threads)
     refs = references.open_references(recipe, model=model, checkpoint=checkpoint, tokenizer=tokenizer, threads=threads,
                                       workdir=artifact_dir.parent, log=log,
@@ -332,6 +357,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
                           quantize_intent(manifest.get("passes") or []), tokenizer)
     finally:
         refs.close()
+    gates["speed"].metrics.update(load_note)
     result = artifact.gate_record(gates, windows.describe())
     result["reference"], result["speed_baseline"] = refs.labels["accuracy"], refs.labels["speed"]
     if against is not None:

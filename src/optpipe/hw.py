@@ -112,6 +112,26 @@ def threads(requested: int | None, field: str = "threads") -> int:
     return requested
 
 
+def threads_beside_load(threads: int, others: float | None, cpus: int | None = None) -> int:
+    """The thread count that fits beside `others` CPUs kept busy by other processes: a default thread count
+    that oversubscribes a loaded machine measures its barriers (threads spin while a sibling is descheduled),
+    not the artifact. At least 1; unchanged when the load is unknown or leaves room."""
+    cpus = usable_cpus() if cpus is None else cpus
+    if others is None:
+        return threads
+    free = int(cpus - others + 0.25)  # a quarter CPU of background noise does not cost a thread
+    return max(1, min(threads, free))
+
+
+def probe_load(seconds: float = 0.5, sleep=None) -> float | None:
+    """CPUs other processes keep busy, sampled over `seconds` (None where it cannot be measured)."""
+    import time
+
+    load = BackgroundLoad()
+    (sleep or time.sleep)(seconds)
+    return load.cpus()
+
+
 def library_versions() -> dict[str, str]:
     from importlib import metadata
 

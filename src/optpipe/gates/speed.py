@@ -9,7 +9,8 @@ same threads. A verdict is a statistic, so:
   discarded and recorded (`rounds_busy`); the load is also sampled for half a second before each round, so a
   machine busy throughout is declared inconclusive in seconds. CPU time is recorded beside wall time, but it does not remove load:
   OpenMP/ORT threads spin at barriers while a sibling is descheduled, so under a CPU hog the CPU-time ratio
-  fell (1.27x to 0.84x for cpu-torch INT8 on an AVX2 EPYC) as much as the wall ratio (1.44x to 0.89x).
+  fell (1.27x to 0.84x for cpu-torch INT8 on an AVX2 EPYC) as much as the wall ratio (1.44x to 0.89x). What
+  makes a verdict beside another job possible is fewer threads (the builder's `gate_threads`), not CPU time.
 """
 from __future__ import annotations
 
