@@ -148,3 +148,13 @@ def test_one_packing_and_one_int8_rounding_for_every_format():
     assert q[0].tolist() == [64, -127] and q[1].tolist() == [0, 0] and q[2].tolist() == [127, 0]
     qt, st = _quant.symmetric_int8(w.T, axis=1)  # the same channels laid out as columns
     assert (qt.T == q).all() and (st == scale).all()
+
+
+def test_one_selector_names_why_each_weight_was_left_out():
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
+             "lm_head"]
+    chosen, skipped = _quant.select(names, include=[r"layers\.0\.", "lm_head"], exclude=["down_proj$"])
+    assert chosen == ["model.layers.0.self_attn.q_proj", "lm_head"]
+    assert skipped == {"model.layers.0.mlp.down_proj": "excluded by pattern 'down_proj$'",
+                       "model.layers.1.mlp.down_proj": "not matched by include"}
+    assert _quant.select(names, [], [])[0] == names  # empty include: everything

@@ -6,7 +6,9 @@ Weights are W[N, K] (output, input); blocks of `block` run along K, as MatMulNBi
   remainder r = m + d*z per (block, column) is added back by a small correction: blocksum(x) @ R.
 - `int` zero point: asymmetric with an integer zero point (what ONNX Runtime's own quantizer writes).
 - `symmetric`: w ≈ d*(q - 2^(bits-1)) (Q4_0 / Q8_0 style; for 4 bits d may be negative to use level -8).
-- `symmetric-positive`: the same with d > 0 and codes within ±(2^(bits-1) - 1), as TensorRT's INT4 expects.
+- `symmetric-positive`: the same with d > 0 and no zero point, as TensorRT's INT4 expects: d is set from
+  ±(2^(bits-1) - 1) (clipped for least error), codes in TensorRT's range [-2^(bits-1), 2^(bits-1) - 1], so only
+  a clipped negative value takes the lowest code.
 """
 from __future__ import annotations
 
@@ -49,6 +51,25 @@ class HessianSum:
         h *= 2.0 / self.tokens
         self.sum = None
         return h
+
+
+def select(names, include: list[str], exclude: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The one weight selector of every quantize pass (ONNX MatMuls, torch Linears): a name is chosen when an
+    `include` regex matches it (or include is empty) and no `exclude` regex does (`re.search`, so `lm_head`
+    also matches `model.lm_head`). Returns (chosen in order, skipped name -> why)."""
+    import re
+
+    chosen, skipped = [], {}
+    for name in names:
+        if include and not any(re.search(p, name) for p in include):
+            skipped[name] = "not matched by include"
+            continue
+        hit = next((p for p in exclude if re.search(p, name)), None)
+        if hit:
+            skipped[name] = f"excluded by pattern {hit!r}"
+            continue
+        chosen.append(name)
+    return chosen, skipped
 
 
 def symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

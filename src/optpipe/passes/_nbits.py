@@ -1,8 +1,6 @@
 """Shared by `quantize-int4` and `quantize-int8` (weight-only): select MatMuls, quantize, rewrite to MatMulNBits."""
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -26,23 +24,17 @@ def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str
     """MatMul nodes with a 2-D float initializer as B, filtered by regex on the node name.
     Returns (selected, skipped: {name: reason})."""
     inits = initializer_map(model)
-    selected, skipped = [], {}
+    weights, skipped = {}, {}
     for node in model.graph.node:
         if node.op_type != "MatMul":
             continue
         init = inits.get(node.input[1])
         if init is None or len(init.dims) != 2 or init.data_type != FLOAT:
             skipped[node.name] = "B is not a constant 2-D float weight"
-            continue
-        if include and not any(re.search(p, node.name) for p in include):
-            skipped[node.name] = "not matched by include"
-            continue
-        hit = next((p for p in exclude if re.search(p, node.name)), None)
-        if hit:
-            skipped[node.name] = f"excluded by pattern {hit!r}"
-            continue
-        selected.append(node)
-    return selected, skipped
+        else:
+            weights[node.name] = node
+    chosen, unselected = _quant.select(list(weights), include, exclude)
+    return [weights[n] for n in chosen], {**skipped, **unselected}
 
 
 def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads: int, kind: str) -> dict[str, np.ndarray]:

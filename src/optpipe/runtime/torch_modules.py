@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import re
 
 import numpy as np
 import torch
@@ -144,18 +143,9 @@ QUANTIZED_MODULES = (Int4WeightOnlyLinear, Int8Linear)
 
 def select_linears(model, include: list[str], exclude: list[str]) -> tuple[dict[str, torch.nn.Linear], dict[str, str]]:
     """Plain nn.Linear modules by qualified name, filtered by regexes; returns (chosen, skipped name -> why)."""
-    chosen, skipped = {}, {}
-    for name, mod in model.named_modules():
-        if type(mod) is not torch.nn.Linear:
-            continue
-        if include and not any(re.search(p, name) for p in include):
-            continue
-        hit = next((p for p in exclude if re.search(p, name)), None)
-        if hit:
-            skipped[name] = f"excluded by pattern {hit!r}"
-            continue
-        chosen[name] = mod
-    return chosen, skipped
+    linears = {name: mod for name, mod in model.named_modules() if type(mod) is torch.nn.Linear}
+    chosen, skipped = quant.select(list(linears), include, exclude)
+    return {name: linears[name] for name in chosen}, skipped
 
 
 def set_module(model, name: str, module: torch.nn.Module) -> None:
