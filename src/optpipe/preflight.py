@@ -45,12 +45,20 @@ class ModelFacts:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
+def _read(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError(f"truncated GGUF header: {n} bytes expected at offset {f.tell() - len(data)}, "
+                         f"{len(data)} left")
+    return data
+
+
 def _gguf_value(f, vtype: int):
     if vtype == 8:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return f.read(n).decode("utf-8", "replace")
+        (n,) = struct.unpack("<Q", _read(f, 8))
+        return _read(f, n).decode("utf-8", "replace")
     if vtype == 9:
-        itype, count = struct.unpack("<IQ", f.read(12))
+        itype, count = struct.unpack("<IQ", _read(f, 12))
         if itype in _GGUF_SCALARS:  # skip without decoding (token scores can be large)
             f.seek(count * struct.calcsize(_GGUF_SCALARS[itype]), 1)
             return None
@@ -60,7 +68,7 @@ def _gguf_value(f, vtype: int):
     fmt = _GGUF_SCALARS.get(vtype)
     if fmt is None:
         raise ValueError(f"unknown GGUF value type {vtype}")
-    return struct.unpack("<" + fmt, f.read(struct.calcsize(fmt)))[0]
+    return struct.unpack("<" + fmt, _read(f, struct.calcsize(fmt)))[0]
 
 
 def gguf_header(path: Path) -> dict:
@@ -68,14 +76,14 @@ def gguf_header(path: Path) -> dict:
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ValueError("not a GGUF file (no GGUF magic bytes)")
-        version, _tensors, kv_count = struct.unpack("<IQQ", f.read(20))
+        version, _tensors, kv_count = struct.unpack("<IQQ", _read(f, 20))
         if version < 2:
             raise ValueError(f"GGUF version {version} is too old (2 or later)")
         out = {}
         for _ in range(kv_count):
-            (n,) = struct.unpack("<Q", f.read(8))
-            key = f.read(n).decode("utf-8", "replace")
-            (vtype,) = struct.unpack("<I", f.read(4))
+            (n,) = struct.unpack("<Q", _read(f, 8))
+            key = _read(f, n).decode("utf-8", "replace")
+            (vtype,) = struct.unpack("<I", _read(f, 4))
             out[key] = _gguf_value(f, vtype)
         return out
 

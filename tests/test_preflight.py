@@ -1,0 +1,64 @@
+"""Reading a model's shape without its weights: the GGUF header parser against bytes written by hand, and the
+real SmolLM2 header."""
+import struct
+
+import pytest
+
+from optpipe import preflight
+from optpipe.errors import ModelLoadError
+from optpipe.recipe import ModelSpec
+
+
+def _string(s: str) -> bytes:
+    return struct.pack("<Q", len(s)) + s.encode()
+
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return _string(key) + struct.pack("<I", vtype) + payload
+
+
+def _gguf(*kvs: bytes, version: int = 3) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", version, 0, len(kvs)) + b"".join(kvs)
+
+
+def test_header_values_are_decoded_and_arrays_skipped(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf(
+        _kv("general.architecture", 8, _string("qwen2")),
+        _kv("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, 3) + struct.pack("<3f", 0.1, 0.2, 0.3)),  # f32 x3
+        _kv("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + _string("a") + _string("bc")),
+        _kv("qwen2.context_length", 4, struct.pack("<I", 32768)),
+        _kv("qwen2.attention.head_count", 4, struct.pack("<I", 14)),
+        _kv("qwen2.attention.head_count_kv", 4, struct.pack("<I", 2)),
+        _kv("qwen2.rope.freq_base", 6, struct.pack("<f", 1e6)),
+        _kv("general.quantized", 7, struct.pack("<?", True)),
+    ))
+    header = preflight.gguf_header(path)
+    assert header["general.architecture"] == "qwen2" and header["qwen2.context_length"] == 32768
+    assert header["tokenizer.ggml.scores"] is None and header["tokenizer.ggml.tokens"] is None
+    assert header["qwen2.rope.freq_base"] == 1e6 and header["general.quantized"] is True
+    facts = preflight._gguf_facts(path)
+    assert (facts.model_type, facts.max_positions, facts.source_kind) == ("qwen2", 32768, "gguf")
+    assert facts.config["num_attention_heads"] == 14 and facts.config["num_key_value_heads"] == 2
+
+
+@pytest.mark.parametrize("data, said", [
+    (b"GGML" + bytes(20), "not a GGUF file"),
+    (_gguf(version=1), "GGUF version 1 is too old"),
+    (_gguf(_kv("general.architecture", 8, _string("llama")))[:-3], "truncated GGUF header: 5 bytes expected"),
+    (_gguf(_kv("general.architecture", 8, _string("llama")), _kv("llama.context_length", 4, b"")), "4 bytes"),
+    (_gguf(_kv("general.name", 8, _string("x"))), "names no general.architecture"),
+    (_gguf(_kv("general.architecture", 99, b"")), "unknown GGUF value type 99"),
+])
+def test_a_broken_header_is_named_under_model_source(tmp_path, data, said):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(data)
+    with pytest.raises(ModelLoadError, match=rf"model.source: .*broken.gguf: .*{said}"):
+        preflight._gguf_facts(path)
+
+
+def test_smollm2_gguf_header():
+    facts = preflight.model_facts(ModelSpec(source="builtin:smollm2-135m"))
+    assert (facts.model_type, facts.source_kind, facts.family) == ("llama", "gguf", "llama")
+    assert facts.max_positions == 8192
+    assert facts.config["num_attention_heads"] == 9 and facts.config["num_key_value_heads"] == 3
