@@ -76,7 +76,7 @@ class QdqInt4(Pass):
             qw = _quant.gptq(w, hessian, 4, c.block_size, "symmetric-positive", damp=c.damp, act_order=c.act_order)
         else:
             qw = _quant.rtn(w, 4, c.block_size, "symmetric-positive")
-        signed = (qw.q.astype(np.int8) - 8).reshape(w.shape).T  # [K, N] in [-7, 7]
+        signed = (qw.q.astype(np.int8) - 8).reshape(w.shape).T  # [K, N] in [-8, 7]
         replace_weight(edit, node, int4_tensor(node.name + ".weight_q4", signed), qw.scale.T, axis=0,
                        block_size=c.block_size)
         return _quant.relative_error(qw.dequantize(), w)
