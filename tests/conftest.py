@@ -74,3 +74,22 @@ def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Pat
 
 FUSED_INT4 = [{"name": "export"}, {"name": "fuse"}, {"name": "static-kv-cache", "max_length": 256},
               {"name": "quantize-int4", "block_size": 32, "accuracy_level": 0}]
+
+# cpu-torch: INT4 linears, INT8 lm_head, static KV cache
+TORCH_INT4 = [{"name": "quantize-int4", "block_size": 32, "exclude": ["lm_head"]},
+              {"name": "quantize-int8", "include": ["^lm_head$"]},
+              {"name": "static-kv-cache", "max_length": 128}]
+
+
+def torch_recipe(model_dir: Path, passes: list, **gates) -> dict:
+    return {**tiny_recipe(model_dir, passes, **gates), "target": "cpu-torch"}
+
+
+AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512_vnni", "avx512_bf16"}
+
+
+def fake_cpu(monkeypatch, flags: frozenset) -> None:
+    from optpipe import hw
+
+    monkeypatch.setattr(hw, "cpu_flags", lambda: flags)

@@ -1,0 +1,133 @@
+"""The pass manager: registration, chain checks, running passes and recording what each did."""
+import pytest
+from pydantic import ValidationError
+
+import optpipe
+from optpipe.errors import BuildError, RecipeError
+from optpipe.pipeline import (
+    ModelState,
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    Patterns,
+    calibrated_when,
+    registered_passes,
+    run_passes,
+    validate_pass_chain,
+)
+from optpipe.recipe import recipe_from_dict
+
+from .conftest import AVX2_ONLY, AVX512_BF16, TORCH_INT4, fake_cpu, tiny_recipe, torch_recipe
+
+
+def base(**over):
+    r = {"name": "t", "model": "builtin:smollm2-135m", "target": "cpu-onnx",
+         "passes": [{"name": "export"}, {"name": "fuse"}, {"name": "quantize-int4", "block_size": 32}]}
+    r.update(over)
+    return r
+
+
+def test_unknown_pass_and_target():
+    with pytest.raises(RecipeError, match=r"passes\[0\].name: unknown pass 'exprot'"):
+        recipe_from_dict(base(passes=[{"name": "exprot"}]))
+    with pytest.raises(RecipeError, match=r"target: must be"):
+        recipe_from_dict(base(target="cpu-magic"))
+
+
+def test_pass_order_is_checked():
+    with pytest.raises(RecipeError, match=r"passes\[0\] \(quantize-int4\).*add `export` before it"):
+        recipe_from_dict(base(passes=[{"name": "quantize-int4"}]))
+    with pytest.raises(RecipeError, match=r"static-kv-cache.*fused-attention"):
+        recipe_from_dict(base(passes=[{"name": "export"}, {"name": "static-kv-cache"}]))
+    with pytest.raises(RecipeError, match=r"at least one pass"):
+        recipe_from_dict(base(passes=[]))
+
+
+def test_every_pass_module_is_registered_by_the_package():
+    """A pass module the package does not import is only registered when something else imports it first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import optpipe.passes as pkg
+
+    modules = sorted(p.stem for p in Path(pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    code = ("import optpipe.pipeline as p; r = p.registered_passes(); "
+            "print(sorted({c.__module__.rsplit('.', 1)[1] for impls in r.values() for c in impls}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(out) == modules
+
+
+class _Cfg(PassConfig):
+    renamed = {"group_size": "block_size"}
+    block_size: int = 32
+    algorithm: str = "rtn"
+    include: Patterns = []
+
+
+class _Adds(Pass):
+    name = "adds"
+    Config = _Cfg
+    provides = frozenset({"added"})
+    needs = calibrated_when(algorithm="gptq")
+
+    def call(self, state, ctx):
+        return PassResult(True, {"block_size": self.config.block_size, "per_layer": {"l0": 1}}, ["a note"])
+
+
+class _Crashes(Pass):
+    name = "crashes"
+    Config = _Cfg
+
+    def call(self, state, ctx):
+        return {}["missing"]
+
+
+def test_run_passes_records_each_pass_and_names_the_one_that_crashed():
+    state, said = ModelState("onnx"), []
+    records = run_passes([_Adds(_Cfg(block_size=64))], state, PassContext(), log=said.append)
+    assert [r.to_json()["options"] for r in records] == [{"block_size": 64, "algorithm": "rtn", "include": []}]
+    assert records[0].changes["per_layer"] == {"l0": 1} and records[0].notes == ["a note"]
+    assert state.features == {"added"} and said[0] == "[1/1] adds ..." and said[1].endswith(": block_size=64")
+    with pytest.raises(BuildError, match=r"pass crashes \(passes\[1\]\) failed: KeyError: 'missing'") as e:
+        run_passes([_Adds(_Cfg()), _Crashes(_Cfg())], ModelState("onnx"), PassContext(), log=lambda m: None)
+    assert isinstance(e.value.__cause__, KeyError)  # the traceback stays chained
+
+
+def test_options_say_when_calibration_is_needed_and_refuse_old_names_and_bad_regexes():
+    assert _Adds(_Cfg()).needs == frozenset() and _Adds(_Cfg(algorithm="gptq")).needs == {"calibration"}
+    with pytest.raises(ValidationError, match=r"option `group_size` is now `block_size`.*write `block_size: 64`"):
+        _Cfg(group_size=64)
+    with pytest.raises(ValidationError, match=r"invalid regex '\(q_proj'"):
+        _Cfg(include=["(q_proj"])
+    with pytest.raises(BuildError, match="needs calibration data, but none is configured"):
+        PassContext().calibration_windows()
+
+
+def test_same_pass_name_resolves_per_target(tiny_llama):
+    impls = {c.__module__.rsplit(".", 1)[1] for c in registered_passes()["quantize-int4"]}
+    assert impls == {"quantize_int4", "torch_quantize"}
+    onnx_chain = validate_pass_chain(recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "quantize-int4"}])), "r")
+    torch_chain = validate_pass_chain(recipe_from_dict(torch_recipe(tiny_llama, TORCH_INT4)), "r")
+    assert onnx_chain[1].input_stage == "onnx" and torch_chain[0].input_stage == "torch"
+
+
+@pytest.mark.parametrize("flags,refused", [(AVX2_ONLY, {"smollm2-135m-cpu-torch-bf16", "smollm2-135m-cpu-ipex-bf16",
+                                                        "smollm2-135m-cpu-ipex-int4"}),
+                                           (AVX512_BF16, set())])
+def test_shipped_recipes_this_cpu_can_build(flags, refused, monkeypatch):
+    """Only recipes that truly need bf16 are refused on an AVX2-only CPU; the INT4/INT8 ones fall back to fp32."""
+    from optpipe.pipeline import cpu_refusal
+    from optpipe.recipe import load_recipe
+
+    from .conftest import ROOT
+
+    fake_cpu(monkeypatch, flags)
+    got = {p.stem for p in (ROOT / "recipes").glob("*.yaml") if cpu_refusal(load_recipe(p))}
+    assert got == refused
+
+
+def test_torch_pass_is_refused_for_onnx_target(tiny_llama):
+    with pytest.raises(optpipe.RecipeError, match=r"passes\[0\] \(bf16-autocast\): not available for target cpu-onnx"):
+        recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "bf16-autocast"}, {"name": "export"}]))
