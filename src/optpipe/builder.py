@@ -44,17 +44,14 @@ def _as_recipe(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, str]:
     return load_recipe(recipe, allow_plugins=allow_plugins), str(recipe)
 
 
-def _threads(given: int | None, recipe: Recipe, source: str) -> int:
+def _threads(given: int | None, recipe: Recipe, source: str) -> tuple[int, bool]:
+    """The thread count, and whether the user fixed it (--threads, gates.speed.threads) or it is the default."""
     try:
         if given is not None:
-            return hw.threads(given, "--threads")
-        return hw.threads(recipe.gates.speed.threads, "gates.speed.threads")
+            return hw.threads(given, "--threads"), True
+        return hw.threads(recipe.gates.speed.threads, "gates.speed.threads"), recipe.gates.speed.threads is not None
     except ValueError as e:
         raise RecipeError(f"{source}: {e}") from None
-
-
-def _threads_fixed(given: int | None, recipe: Recipe) -> bool:
-    return given is not None or recipe.gates.speed.threads is not None
 
 
 def gate_threads(threads: int, fixed: bool, log=print) -> tuple[int, dict]:
@@ -192,8 +189,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     out = Path(out)
     if out.exists() and not overwrite:
         raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
-    fixed_threads = _threads_fixed(threads, recipe)
-    threads = _threads(threads, recipe, source)
+    threads, fixed_threads = _threads(threads, recipe, source)
 
     streaming = recipe.model.streaming
     if streaming:
@@ -325,8 +321,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
             recipe = regression_gates(recipe, against, max_ppl_delta_pct, max_decode_slowdown_pct)
         except ValueError as e:  # pydantic: a tolerance out of bounds
             raise RecipeError(f"--against: {e}") from None
-    fixed_threads = _threads_fixed(threads, recipe)
-    threads = _threads(threads, recipe, where)
+    threads, fixed_threads = _threads(threads, recipe, where)
     target = get_target(recipe.target)
     target.preflight()
     check_speed_measurable(recipe, target, where)

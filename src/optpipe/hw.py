@@ -123,12 +123,12 @@ def threads_beside_load(threads: int, others: float | None, cpus: int | None = N
     return max(1, min(threads, free))
 
 
-def probe_load(seconds: float = 0.5, sleep=None) -> float | None:
+def probe_load(seconds: float = 0.5) -> float | None:
     """CPUs other processes keep busy, sampled over `seconds` (None where it cannot be measured)."""
     import time
 
     load = BackgroundLoad()
-    (sleep or time.sleep)(seconds)
+    time.sleep(seconds)
     return load.cpus()
 
 
