@@ -114,14 +114,21 @@ def test_layer_by_layer_reference_decodes_like_transformers(family_model):
 
 
 def test_groups_follow_the_description():
-    """o_proj is scaled through v_proj only where no k/v head is shared (AWQ)."""
+    """o_proj reads v_proj's rows per query head: under grouped-query attention several o columns read one v row
+    (`source_index`); the head is a group of its own only when it is not tied to the embedding."""
     from transformers import AutoConfig
 
     desc = arch.describe("qwen3")
-    gqa = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=2)
-    mha = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=4)
-    assert [g.name for g in desc.groups(gqa)] == ["attn_qkv", "mlp_gate_up", "mlp_down"]
-    assert [g.name for g in desc.groups(mha)] == ["attn_qkv", "attn_o", "mlp_gate_up", "mlp_down"]
+    gqa = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=3,
+                               tie_word_embeddings=False)
+    mha = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    for config in (gqa, mha):
+        assert [g.name for g in desc.groups(config)] == ["attn_qkv", "attn_o", "mlp_gate_up", "mlp_down"]
+    attn_o = desc.groups(gqa)[1]
+    assert desc.source_index(attn_o, gqa).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert desc.source_index(attn_o, mha) is None and desc.source_index(desc.groups(gqa)[0], gqa) is None
+    assert desc.head_group(gqa).members == ("lm_head",) and desc.head_group(gqa).source == "model.norm"
+    assert desc.head_group(mha) is None
     assert desc.input_of("self_attn.qkv_proj") == desc.input_of("self_attn.v_proj") == "self_attn.q_proj"
     with pytest.raises(KeyError):
         desc.input_of("self_attn.q_norm")

@@ -21,15 +21,16 @@ class LinearGroup:
 
     `source` is the module whose output that input is, and `source_kind` says how a per-input-channel scale can be
     moved into it: a norm's weight is divided by s, a linear's output rows are (SmoothQuant/AWQ). `fused` names the
-    one linear the members become when fused. `needs_mha`: valid only when every query head has its own k/v head
-    (o_proj reads v_proj's output head by head; with grouped-query sharing a v row feeds several heads)."""
+    one linear the members become when fused. `per_query_head`: the members' input columns are the source's rows
+    repeated per query head (o_proj reads v_proj's output head by head; with grouped-query attention one v row feeds
+    every query head of its group), so one scale per source row serves several columns (`source_index`)."""
 
     name: str
     members: tuple[str, ...]
     source: str
     source_kind: Literal["norm", "linear"]
     fused: str | None = None
-    needs_mha: bool = False
+    per_query_head: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,17 +65,35 @@ class ArchDescription:
     notes: str = ""
 
     def groups(self, config) -> tuple[LinearGroup, ...]:
-        """The layer's linear groups in execution order; the o_proj group only where it is valid for `config`."""
-        mha = setting(config, "num_key_value_heads", setting(config, "num_attention_heads")) == \
-            setting(config, "num_attention_heads")
+        """The layer's linear groups in execution order."""
         if self.packed:  # v and up are row slices of a packed linear: they cannot take a scale of their own
             return (LinearGroup("attn_qkv", (self.qkv_fused,), self.attn_norm, "norm"),
                     LinearGroup("mlp_gate_up", (self.gate_up_fused,), self.mlp_norm, "norm"))
         groups = (LinearGroup("attn_qkv", (self.q, self.k, self.v), self.attn_norm, "norm", self.qkv_fused),
-                  LinearGroup("attn_o", (self.o,), self.v, "linear", needs_mha=True),
+                  LinearGroup("attn_o", (self.o,), self.v, "linear", per_query_head=True),
                   LinearGroup("mlp_gate_up", (self.gate, self.up), self.mlp_norm, "norm", self.gate_up_fused),
                   LinearGroup("mlp_down", (self.down,), self.up, "linear"))
-        return tuple(g for g in groups if mha or not g.needs_mha)
+        return groups
+
+    def head_group(self, config) -> LinearGroup | None:
+        """The final norm feeding lm_head (paths from the model's root), or None when the head is tied to the input
+        embedding: a scale in its columns would scale the embedding too."""
+        if setting(config, "tie_word_embeddings", True):
+            return None
+        return LinearGroup("lm_head", (self.lm_head,), self.final_norm, "norm")
+
+    def source_index(self, group: LinearGroup, config):
+        """For each input column of the group's members, the source channel it reads: None when column i reads
+        channel i; for `per_query_head` groups under grouped-query attention, a LongTensor of kv-row indices."""
+        heads = int(setting(config, "num_attention_heads"))
+        kv_heads = int(setting(config, "num_key_value_heads", heads))
+        if not group.per_query_head or kv_heads == heads:
+            return None
+        import torch
+
+        head_dim = int(setting(config, "head_dim", 0) or setting(config, "hidden_size") // heads)
+        kv_of_head = torch.arange(heads) // (heads // kv_heads)
+        return (kv_of_head[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
     @property
     def linears(self) -> tuple[str, ...]:
