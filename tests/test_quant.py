@@ -64,6 +64,21 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         assert err_gptq < 0.9 * err_rtn, scheme
 
 
+def test_act_order_helps_when_a_few_input_channels_dominate():
+    """Off-grid checkpoints: a few correlated input channels carry most of the activation energy. Quantizing those
+    columns first (act-order, static groups) leaves the error where the remaining columns can still absorb it
+    (ratio 0.73-0.84 over seeds 0-4)."""
+    rng = np.random.default_rng(0)
+    k, n = 128, 48
+    mix = np.eye(k) + rng.normal(size=(k, k)) / np.sqrt(k)
+    x = (rng.normal(size=(4096, k)) @ mix) * np.exp(rng.normal(size=k) * 1.2)  # log-normal channel magnitudes
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    h = 2 * x.T @ x / len(x)
+    err = {order: np.linalg.norm(x @ (_quant.gptq(w, h, 4, 32, "float", act_order=order).dequantize() - w).T)
+           for order in (False, True)}
+    assert err[True] < 0.9 * err[False], err
+
+
 def test_int8_input_rounding_imitates_matmulnbits_accuracy_level_4():
     """The layer-by-layer calibration walk imitates MatMulNBits accuracy_level 4 (inputs rounded to int8 per block):
     its output matches ONNX Runtime's to rounding, the plain fp32 product does not."""

@@ -51,5 +51,11 @@ def test_gptq_needs_and_uses_calibration(tiny_llama):
     with pytest.raises(BuildError, match="calibration"):
         QuantizeInt4(Int4Config(algorithm="gptq")).call(copy.deepcopy(state), PassContext())
     windows = [np.random.default_rng(i).integers(0, 256, 64) for i in range(3)]
-    res = QuantizeInt4(Int4Config(algorithm="gptq", zero_point="int")).call(state, PassContext(calibration=lambda: windows))
+    plain = copy.deepcopy(state)
+    res = QuantizeInt4(Int4Config(algorithm="gptq", zero_point="int")).call(plain, PassContext(calibration=lambda: windows))
     assert res.changes["layers_quantized"] == 8
+    assert set(plain.handoff.quantized.values()) == {"int4 gptq block32 int"}
+    res = QuantizeInt4(Int4Config(algorithm="gptq", zero_point="int", act_order=True)).call(
+        state, PassContext(calibration=lambda: windows))
+    assert res.changes["layers_quantized"] == 8
+    assert set(state.handoff.quantized.values()) == {"int4 gptq act-order block32 int"}

@@ -73,7 +73,8 @@ def _packed(qw: _quant.QuantizedWeight, bits: int) -> dict[str, np.ndarray]:
 
 
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
-                     accuracy_level: int, include: list[str], exclude: list[str], damp: float = _quant.GPTQ_DAMP) -> tuple[dict, list]:
+                     accuracy_level: int, include: list[str], exclude: list[str], damp: float = _quant.GPTQ_DAMP,
+                     act_order: bool = False) -> tuple[dict, list]:
     model = state.onnx_model
     selected, skipped = select_matmuls(model, include, exclude)
     edit = GraphEdit(model)
@@ -95,7 +96,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         spill = _lazy.Spill(ctx.scratch_dir("gptq"))
         rel_errors = gptq_by_layer(
             state.checkpoint, usable, lambda node: _lazy.array(inits[node.input[1]]).T,
-            lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp), ctx.calibration_windows(), spill,
+            lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp, act_order=act_order), ctx.calibration_windows(), spill,
             state.effective_weights)
     elif algorithm == "gptq" and usable:
         hessians = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
@@ -126,7 +127,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         else:
             w = numpy_helper.to_array(src).T  # [N, K]
             if algorithm == "gptq":
-                qw = _quant.gptq(w, hessians[node.input[0]], bits, block, scheme, damp=damp)
+                qw = _quant.gptq(w, hessians[node.input[0]], bits, block, scheme, damp=damp, act_order=act_order)
             else:
                 qw = _quant.rtn(w, bits, block, scheme)
             rel_errors.append(_quant.relative_error(qw.dequantize(), w))
@@ -154,7 +155,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         edit.drop_inits.add(node.input[1])
     edit.commit()
     ensure_opset(model, MS_DOMAIN, 1)
-    state.handoff.quantized.update({n.name: f"int{bits} {algorithm} block{block} {scheme}" for n in usable})
+    how = f"{algorithm} act-order" if algorithm == "gptq" and act_order else algorithm
+    state.handoff.quantized.update({n.name: f"int{bits} {how} block{block} {scheme}" for n in usable})
     changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),
                **_quant.error_summary(rel_errors), "skipped": skipped}
     notes = []

@@ -29,6 +29,7 @@ class Int4Config(PassConfig):
     include: Patterns = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     damp: Damp = _quant.GPTQ_DAMP
+    act_order: bool = Field(False, description="GPTQ: columns in order of decreasing activation (static groups)")
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 
 
@@ -47,5 +48,6 @@ class QuantizeInt4(Pass):
         c = self.config
         changes, notes = quantize_matmuls(state, ctx, bits=c.bits, block=c.block_size, scheme=c.zero_point,
                                           algorithm=c.algorithm, accuracy_level=c.accuracy_level,
-                                          include=c.include, exclude=c.exclude, damp=c.damp)
+                                          include=c.include, exclude=c.exclude, damp=c.damp,
+                                          act_order=c.act_order)
         return PassResult(changes["layers_quantized"] > 0, changes, notes)
