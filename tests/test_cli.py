@@ -90,3 +90,17 @@ def test_build_log_has_no_carriage_returns_when_not_a_tty(tiny_llama, tmp_path):
                           capture_output=True, timeout=300)  # bytes: text mode would turn \r into \n
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert b"\r" not in proc.stderr and b"accuracy gate:" in proc.stderr and b"window in" in proc.stderr
+
+
+def test_model_option_points_a_recipe_at_another_model(tiny_llama, tiny_qwen2, tmp_path, capsys):
+    """`--model` swaps the recipe's model and keeps its passes and gates: a shipped recipe pointed at your weights."""
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama, FUSED_INT4))
+    assert main(["validate", str(recipe), "--model", str(tiny_qwen2), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_type"] == "qwen2"
+    assert main(["validate", str(recipe), "--model", str(tmp_path / "absent"), "--json"]) == 2
+    assert "absent does not exist" in json.loads(capsys.readouterr().out)["error"]
+    out = tmp_path / "art"
+    assert main(["-q", "build", str(recipe), "--model", str(tiny_qwen2), "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["model_type"] == "qwen2" and manifest["recipe"]["model"]["source"] == str(tiny_qwen2)

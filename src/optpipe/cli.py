@@ -55,10 +55,28 @@ def _print_gates(gates: dict) -> None:
             print(f"  FAILED: {f}")
 
 
+MODEL_HELP = ("build this model instead of the recipe's `model.source`: a directory, a .gguf file, a hub id in the local "
+              "cache, or builtin:NAME (the recipe's passes and gates unchanged)")
+
+
+def _recipe(a):
+    """The recipe file, with `--model` in place of its `model.source` when given (same recipe, another model)."""
+    if getattr(a, "model", None) is None:
+        return a.recipe
+    from pathlib import Path
+
+    from .recipe import load_recipe
+
+    recipe = load_recipe(a.recipe, allow_plugins=a.allow_plugins or None)
+    path = Path(a.model).expanduser()
+    recipe.model.source = str(path.resolve()) if path.exists() else a.model
+    return recipe
+
+
 def cmd_build(a) -> int:
     from .builder import build
 
-    res = build(a.recipe, a.output, keep_rejected=a.keep_rejected, overwrite=a.overwrite, threads=a.threads,
+    res = build(_recipe(a), a.output, keep_rejected=a.keep_rejected, overwrite=a.overwrite, threads=a.threads,
                 allow_plugins=a.allow_plugins or None, log=_Out.log)
     if a.json:
         _emit_json({"status": "passed", "artifact": str(res.artifact_path), "digest": res.digest,
@@ -89,7 +107,7 @@ def cmd_gate(a) -> int:
 def cmd_validate(a) -> int:
     from .builder import check
 
-    r, passes, facts = check(a.recipe, allow_plugins=a.allow_plugins or None)
+    r, passes, facts = check(_recipe(a), allow_plugins=a.allow_plugins or None)
     export = next((p for p in passes if hasattr(p, "route_for")), None)
     route = export.route_for(facts) if export is not None else None
     if a.json:
@@ -234,6 +252,7 @@ def parser() -> argparse.ArgumentParser:
     b = add("build", cmd_build, "build a recipe into a gated artifact",
             "example:\n  optpipe build recipes/smollm2-135m-cpu-int4.yaml -o artifacts/smollm2-int4\n\n")
     b.add_argument("recipe", help="recipe YAML file")
+    b.add_argument("--model", help=MODEL_HELP)
     b.add_argument("-o", "--output", help="artifact directory (default: the recipe's `output`)")
     b.add_argument("--keep-rejected", action="store_true", help="keep a refused candidate at OUTPUT.rejected")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact at OUTPUT")
@@ -258,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     v = add("validate", cmd_validate, "check a recipe without building (no weights are loaded)",
             "example:\n  optpipe validate recipes/llama2-13b-cpu.yaml\n\n")
     v.add_argument("recipe", help="recipe YAML file")
+    v.add_argument("--model", help=MODEL_HELP)
     v.add_argument("--allow-plugins", action="store_true", help="import plugin passes named by `path:` to check them")
     v.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     i = add("inspect", cmd_inspect, "what was built, by which passes, with which gate figures, and its digest")
