@@ -36,9 +36,8 @@ class AwqConfig(PassConfig):
                                             "tied to the input embedding)")
 
 
-def _groups(model, head: bool):
+def _groups(model, desc, head: bool):
     """(name, group, source module, member modules, source_index) per group of the architecture description."""
-    desc = arch.describe(model.config)
     for i, layer in enumerate(model.get_submodule(desc.layers)):
         for g in desc.groups(model.config):
             yield (desc.layer_prefix(i) + g.name, g, layer.get_submodule(g.source),
@@ -70,7 +69,7 @@ class Awq(Pass):
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         model = state.torch_model
         desc = arch.describe(model.config)
-        groups = list(_groups(model, self.config.lm_head))
+        groups = list(_groups(model, desc, self.config.lm_head))
         inputs = capture_inputs(model, {name: members[0] for name, _g, _s, members, _i in groups},
                                 ctx.calibration_windows(), max_tokens=self.config.max_tokens, desc="awq calibration")
         alphas = np.linspace(0, 1, self.config.grid)
@@ -90,26 +89,25 @@ class Awq(Pass):
                     count = torch.bincount(index).float()
                     mean_abs, w_max = (torch.zeros(count.numel()).index_add_(0, index, v) / count
                                        for v in (mean_abs, w_max))
-                best = (None, None, None)
+                best = (None, None, None, None)  # error, (alpha, beta), scale per source channel, per member column
                 for alpha, beta in itertools.product(alphas, betas):
                     s = mean_abs ** float(alpha) / w_max ** float(beta)
                     s = s / (s.max() * s.min()).sqrt()
                     cols = s if index is None else s[index]
                     err = ((x / cols) @ self._quantized(w * cols).T - ref).pow(2).mean().item()
                     if best[0] is None or err < best[0]:
-                        best = (err, (float(alpha), float(beta)), s)
+                        best = (err, (float(alpha), float(beta)), s, cols)
                 err0 = ((x @ self._quantized(w).T - ref).pow(2).mean().item())
-                _, alpha, s = best
+                _, exponents, s, cols = best
                 if group.source_kind == "norm":
                     desc.scale_norm(source.weight, s.to(source.weight.dtype))
                 else:
                     source.weight.div_(s.to(source.weight.dtype)[:, None])
                     if source.bias is not None:
                         source.bias.div_(s.to(source.bias.dtype))
-                cols = s if index is None else s[index]
                 for lin in members:
                     lin.weight.mul_(cols.to(lin.weight.dtype))
-                chosen[name] = alpha
+                chosen[name] = exponents
                 gains.append(best[0] / err0 if err0 > 0 else 1.0)
         if self.config.lm_head and desc.head_group(model.config) is None:
             skipped["lm_head"] = "tied to the input embedding (a scale in its columns would scale the embedding)"
