@@ -5,6 +5,7 @@ tensor out as float32 and closes the file, so the mapped pages never accumulate 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -95,3 +96,25 @@ class LazyCheckpoint:
         import torch
 
         return self.get_torch(name).to(torch.float32).numpy()
+
+
+class ModelWeights:
+    """A model in memory seen through LazyCheckpoint's reading interface, so the layer-by-layer walk
+    (`optpipe.layerwise`) serves the in-memory build as it serves the streaming one. Tensors are the model's own
+    (not copied); the config is a copy, since the walk picks an attention implementation on it."""
+
+    def __init__(self, model):
+        self.config = copy.deepcopy(model.config)
+        self.directory = Path("<in memory>")
+        self._tensors = {k: v.detach() for k, v in model.state_dict().items()}
+        self.weight_map = {k: "<in memory>" for k in self._tensors}
+        self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def get_torch(self, name: str, rows: tuple[int, int] | None = None):
+        if name not in self._tensors:
+            raise ModelLoadError(f"the model in memory has no tensor {name}")
+        t = self._tensors[name]
+        return t if rows is None else t[rows[0]:rows[1]]

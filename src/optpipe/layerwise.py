@@ -82,9 +82,14 @@ class CheckpointLayers:
                     setattr(mod, name, torch.nn.Parameter(p.detach().float(), requires_grad=False))
         for name, eff in (effective or {}).items():
             if name.startswith(prefix):
-                _set_weights(layer, self.desc.fused.get(name[len(prefix):], (name[len(prefix):],)),
-                             torch.from_numpy(np.asarray(eff.load(), np.float32)), eff.act_int8_block)
+                self.put_weight(layer, name[len(prefix):], eff.load(), eff.act_int8_block)
         return layer.requires_grad_(False).eval()
+
+    def put_weight(self, layer, module: str, w, act_int8_block: int | None = None) -> None:
+        """W [N, K] (as the graph computes it) into the layer's linear `module`, or over the linears a fused name
+        stands for."""
+        _set_weights(layer, self.desc.fused.get(module, (module,)), torch.from_numpy(np.array(w, np.float32)),
+                     act_int8_block)
 
     def run_layer(self, index: int, layer, h: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """Decoder layer `index` on hidden states at `positions`; a cache (from `new_cache`) holds every earlier

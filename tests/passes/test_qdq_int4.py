@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from optpipe.passes.qdq_int4 import QdqInt4, QdqInt4Config, _layer_groups
+from optpipe.passes.qdq_int4 import QdqInt4, QdqInt4Config
 from optpipe.pipeline import ModelState, PassContext
 from optpipe.runtime.ort_decoder import session_options
 
@@ -66,8 +66,25 @@ def test_a_weight_whose_k_does_not_fill_a_block_is_skipped_with_the_reason():
         "model.layers.0.mlp.up_proj": "K=96 is not a multiple of block_size 64"}
 
 
-def test_sequential_gptq_walks_layers_in_order_with_the_rest_last():
-    names = ["lm_head", "model.layers.10.mlp", "model.layers.2.attn", "model.layers.2.mlp"]
-    nodes = [helper.make_node("MatMul", [], [], name=n) for n in names]
-    assert [[n.name for n in g] for g in _layer_groups(nodes)] == [
-        ["model.layers.2.attn", "model.layers.2.mlp"], ["model.layers.10.mlp"], ["lm_head"]]
+def test_sequential_gptq_fits_the_last_linear_to_the_input_the_quantized_graph_gives_it(tiny_llama, monkeypatch):
+    """Sequential: the Hessian layer 1's down_proj was fitted against is what the finished QDQ graph feeds it."""
+    from optpipe import models
+    from optpipe import quant as _quant
+    from optpipe.passes._nbits import activation_stats
+    from optpipe.passes.export import ExportConfig, build_decoder_graph
+    from optpipe.recipe import ModelSpec
+
+    model = models.load(ModelSpec(source=str(tiny_llama)))[0]
+    state = ModelState("onnx", torch_model=model, onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+    down_in = next(n.input[0] for n in state.onnx_model.graph.node if n.name == "model.layers.1.mlp.down_proj")
+    windows = [np.random.default_rng(i).integers(0, 256, 64) for i in range(3)]
+    before = activation_stats(state.onnx_model, [down_in], windows, 1, "hessian")[down_in]
+    fitted, real = [], _quant.gptq
+    monkeypatch.setattr(_quant, "gptq", lambda w, h, *a, **k: fitted.append(h) or real(w, h, *a, **k))
+    res = QdqInt4(QdqInt4Config(block_size=64, sequential=True)).call(state, PassContext(calibration=lambda: windows))
+    assert res.changes["layers_quantized"] == 14 and len(fitted) == 14
+    assert set(state.handoff.quantized.values()) == {"int4 weight-only qdq block64 gptq act-order sequential"}
+    after = activation_stats(state.onnx_model, [down_in], windows, 1, "hessian")[down_in]
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    assert rel(fitted[-1], after) < 1e-4
+    assert rel(before, after) > 100 * rel(fitted[-1], after)

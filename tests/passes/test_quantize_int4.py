@@ -59,3 +59,31 @@ def test_gptq_needs_and_uses_calibration(tiny_llama):
         state, PassContext(calibration=lambda: windows))
     assert res.changes["layers_quantized"] == 8
     assert set(state.handoff.quantized.values()) == {"int4 gptq act-order block32 int"}
+
+
+def test_sequential_gptq_fits_each_linear_to_the_input_the_quantized_graph_gives_it(tiny_llama, monkeypatch):
+    """Sequential GPTQ measures each Hessian with every linear before it already quantized: the Hessian the last
+    linear (layer 1's down_proj) was fitted against is the one the finished INT4 graph feeds it (fp32 compute),
+    and clearly not the unquantized model's."""
+    from optpipe import quant as _quant
+    from optpipe.passes._nbits import activation_stats
+
+    model = load(tiny_llama)
+    state = ModelState("onnx", torch_model=model, onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+    Fuse(FuseConfig()).call(state, PassContext())
+    down_in = next(n.input[0] for n in state.onnx_model.graph.node if n.name == "model.layers.1.mlp.down_proj")
+    windows = [np.random.default_rng(i).integers(0, 256, 64) for i in range(3)]
+    before = activation_stats(state.onnx_model, [down_in], windows, 1, "hessian")[down_in]
+    fitted, real = [], _quant.gptq
+    monkeypatch.setattr(_quant, "gptq", lambda w, h, *a, **k: fitted.append(h) or real(w, h, *a, **k))
+    res = QuantizeInt4(Int4Config(algorithm="gptq", zero_point="int", accuracy_level=0, sequential=True)).call(
+        state, PassContext(calibration=lambda: windows))
+    assert res.changes["layers_quantized"] == 8 and len(fitted) == 8
+    assert set(state.handoff.quantized.values()) == {"int4 gptq sequential block32 int"}
+    after = activation_stats(state.onnx_model, [down_in], windows, 1, "hessian")[down_in]
+
+    def rel(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    assert rel(fitted[-1], after) < 1e-4
+    assert rel(before, after) > 100 * rel(fitted[-1], after)

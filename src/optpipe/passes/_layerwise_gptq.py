@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from .. import arch
-from .. import lazy as _lazy
 from .. import quant as _quant
 from ..errors import BuildError
 from ..layerwise import LayerStep, walk
@@ -42,39 +41,82 @@ def input_site(name: str, config) -> tuple[int, str]:
                      f"{desc.lm_head})")
 
 
+def weight_source(state):
+    """What a layer-by-layer walk reads: the streaming build's checkpoint, or the model in memory (the one the graph
+    was exported from: passes before export, e.g. AWQ, changed it in place)."""
+    from ..checkpoint import ModelWeights
+
+    if state.torch_model is None:
+        return state.checkpoint
+    return ModelWeights(state.torch_model)
+
+
+def graph_weights(nodes, weight: Callable[[object], np.ndarray], config, act_block: int | None = None) -> dict:
+    """MatMul name -> EffectiveWeight reading W [N, K] from the graph, for the nodes a walk can place in a layer
+    (the others are left to the checkpoint's weights)."""
+    from ..layerwise import EffectiveWeight
+
+    out = {}
+    for node in nodes:
+        try:
+            input_site(node.name, config)
+        except BuildError:
+            continue
+        out[node.name] = EffectiveWeight(lambda n=node: weight(n), act_block)
+    return out
+
+
 def gptq_by_layer(checkpoint, nodes, weight: Callable[[object], np.ndarray],
-                  quantize: Callable[[np.ndarray, np.ndarray], object], windows, spill: _lazy.Spill,
-                  effective: dict[str, Callable]) -> list[float]:
+                  quantize: Callable[[np.ndarray, np.ndarray], object], windows, keep: Callable[[str, object], None],
+                  effective: dict[str, Callable], *, sequential: bool = False,
+                  act_block: int | None = None) -> list[float]:
     """GPTQ every node in `nodes` (ONNX MatMuls), layer by layer. `weight(node)` gives W [N, K]; `quantize(W, H)`
-    a QuantizedWeight, stored in `spill` under the node's name. Layers run with the `effective` weights of earlier
-    passes (what the graph computes so far). Returns relative weight errors."""
+    a QuantizedWeight, handed to `keep(name, qw)`. Layers run with the `effective` weights of earlier passes (what
+    the graph computes so far). `sequential`: each linear's Hessian is measured with every linear before it (in
+    its layer and the layers before) already quantized, and the walk goes on with the quantized layer's outputs
+    (`act_block`: the quantized kernel rounds its input to int8 in blocks of that size); otherwise every Hessian
+    comes from the unquantized model. Returns relative weight errors."""
     layers = checkpoint.config.num_hidden_layers
+    desc = arch.describe(checkpoint.config)
     by_layer: dict[int, dict[str, list]] = {}
     for node in nodes:
         i, site = input_site(node.name, checkpoint.config)
         by_layer.setdefault(i, {}).setdefault(site, []).append(node)
+    order = {site: n for n, site in enumerate(dict.fromkeys(desc.input_of(m) for m in desc.linears))}
     errors = []
     head = layers in by_layer
+    reducer = _quant.HessianSum.reducer(torch.float32)
     for step in walk(checkpoint, windows, last_layer=max(by_layer), head=head, effective=dict(effective),
                      desc="GPTQ calibration (layer by layer)"):
         sites = by_layer.pop(step.index, None)
         if not sites:
             continue
         modules = {s: None if step.is_head else step.module.get_submodule(s) for s in sites}
-        sums = step.observe(modules, _quant.HessianSum.reducer(torch.float32))
         with bar(sum(len(v) for v in sites.values()), f"GPTQ layer {step.index}", "weight", leave=False) as b:
-            _fit_layer(sites, sums, weight, quantize, spill, errors, b)
+            if not sequential or step.is_head:
+                _fit(sites, step.observe(modules, reducer), weight, quantize, keep, errors, b)
+                continue
+            prefix = desc.layer_prefix(step.index)
+            for site in sorted(sites, key=lambda s: order.get(s, len(order))):
+                fitted = _fit({site: sites[site]}, step.observe({site: modules[site]}, reducer), weight, quantize,
+                              keep, errors, b)
+                for node, qw in fitted:
+                    step.layers.put_weight(step.module, node.name[len(prefix):], qw.dequantize(), act_block)
+            step.outputs = None  # the walk recomputes this layer's outputs with its quantized weights
     return errors
 
 
-def _fit_layer(sites, sums, weight, quantize, spill, errors, b) -> None:
+def _fit(sites, sums, weight, quantize, keep, errors, b) -> list:
+    fitted = []
     for site, site_nodes in sites.items():
         h = sums.pop(site).hessian()  # scaled in place: the MLP-down Hessian of a 13B model is 0.75 GB
         for node in site_nodes:
             w = weight(node)
             qw = quantize(w, h)
             errors.append(_quant.relative_error(qw.dequantize(), w))
-            spill.put(node.name, qw.arrays())
+            keep(node.name, qw)
+            fitted.append((node, qw))
             b.update(1)
-            del w, qw
+            del w
         del h
+    return fitted

@@ -74,7 +74,7 @@ def _packed(qw: _quant.QuantizedWeight, bits: int) -> dict[str, np.ndarray]:
 
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
                      accuracy_level: int, include: list[str], exclude: list[str], damp: float = _quant.GPTQ_DAMP,
-                     act_order: bool = False) -> tuple[dict, list]:
+                     act_order: bool = False, sequential: bool = False) -> tuple[dict, list]:
     model = state.onnx_model
     selected, skipped = select_matmuls(model, include, exclude)
     edit = GraphEdit(model)
@@ -88,16 +88,28 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             usable.append(node)
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(model.graph.value_info) + list(model.graph.input)
              if v.type.tensor_type.HasField("shape")}
-    hessians, spill, rel_errors = {}, None, []
+    hessians, spill, rel_errors, walked = {}, None, [], {}
     lazy = any(_lazy.is_lazy(inits[n.input[1]]) for n in usable)
-    if algorithm == "gptq" and lazy:  # streaming: Hessians layer by layer, results parked on disk until written
-        from ._layerwise_gptq import gptq_by_layer
+    act_block = block if accuracy_level == 4 else None
+    fit = lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp, act_order=act_order)  # noqa: E731
+    if algorithm == "gptq" and usable and (lazy or sequential):
+        # layer by layer through the transformers layers: a streaming build cannot run the whole graph, and a
+        # sequential fit needs each layer's inputs after the layers before it are quantized
+        from ._layerwise_gptq import gptq_by_layer, graph_weights, weight_source
 
-        spill = _lazy.Spill(ctx.scratch_dir("gptq"))
+        floats = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+                  and not _lazy.is_lazy(inits[n.input[1]])]
+        source = weight_source(state)
+        effective = {**graph_weights(floats, lambda n: numpy_helper.to_array(inits[n.input[1]]).T, source.config),
+                     **state.effective_weights}
+        if lazy:  # results parked on disk until written
+            spill = _lazy.Spill(ctx.scratch_dir("gptq"))
+            keep = lambda name, qw: spill.put(name, qw.arrays())  # noqa: E731
+        else:
+            keep = walked.__setitem__
         rel_errors = gptq_by_layer(
-            state.checkpoint, usable, lambda node: _lazy.array(inits[node.input[1]]).T,
-            lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp, act_order=act_order), ctx.calibration_windows(), spill,
-            state.effective_weights)
+            source, usable, lambda node: _lazy.array(inits[node.input[1]]).T, fit, ctx.calibration_windows(), keep,
+            effective, sequential=sequential, act_block=act_block)
     elif algorithm == "gptq" and usable:
         hessians = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
                                     ctx.threads, "hessian")
@@ -122,15 +134,14 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             shared = _lazy.Shared(lambda q=quantized: _packed(q(), bits), len(parts))
             new_inits += [_lazy.tensor(f"{base}.{suffix}", shape, dtype, shared.part(key))
                           for suffix, key, shape, dtype in parts]
-            state.effective_weights[base] = EffectiveWeight(lambda q=quantized: q().dequantize(),
-                                                            block if accuracy_level == 4 else None)
+            state.effective_weights[base] = EffectiveWeight(lambda q=quantized: q().dequantize(), act_block)
         else:
             w = numpy_helper.to_array(src).T  # [N, K]
-            if algorithm == "gptq":
-                qw = _quant.gptq(w, hessians[node.input[0]], bits, block, scheme, damp=damp, act_order=act_order)
+            if node.name in walked:  # fitted by the walk, which recorded its error
+                qw = walked.pop(node.name)
             else:
-                qw = _quant.rtn(w, bits, block, scheme)
-            rel_errors.append(_quant.relative_error(qw.dequantize(), w))
+                qw = fit(w, hessians[node.input[0]]) if algorithm == "gptq" else _quant.rtn(w, bits, block, scheme)
+                rel_errors.append(_quant.relative_error(qw.dequantize(), w))
             packed = _packed(qw, bits)
             new_inits += [numpy_helper.from_array(packed[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
         out = node.output[0]
@@ -155,7 +166,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         edit.drop_inits.add(node.input[1])
     edit.commit()
     ensure_opset(model, MS_DOMAIN, 1)
-    how = f"{algorithm} act-order" if algorithm == "gptq" and act_order else algorithm
+    how = algorithm + (" act-order" if algorithm == "gptq" and act_order else "") + (
+        " sequential" if algorithm == "gptq" and sequential else "")
     state.handoff.quantized.update({n.name: f"int{bits} {how} block{block} {scheme}" for n in usable})
     changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),
                **_quant.error_summary(rel_errors), "skipped": skipped}

@@ -2,7 +2,6 @@
 [K, N] weight), symmetric with positive scales and no zero point, as TensorRT takes it. RTN or GPTQ."""
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import numpy as np
@@ -20,19 +19,10 @@ from ..pipeline import (
     calibrated_when,
     register,
 )
-from ..progress import bar
+from ..progress import track
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
 from ._qdq import int4_tensor, replace_weight
-
-
-def _layer_groups(nodes) -> list[list]:
-    """MatMuls grouped by decoder layer (`layers.<i>.` in the node name), in layer order; others last."""
-    groups: dict[int, list] = {}
-    for n in nodes:
-        m = re.search(r"layers\.(\d+)\.", n.name)
-        groups.setdefault(int(m.group(1)) if m else 1 << 30, []).append(n)
-    return [groups[k] for k in sorted(groups)]
 
 
 class QdqInt4Config(PassConfig):
@@ -42,8 +32,8 @@ class QdqInt4Config(PassConfig):
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     damp: Damp = _quant.GPTQ_DAMP
     act_order: bool = Field(True, description="GPTQ: most-activated columns first, static groups")
-    sequential: bool = Field(False, description="GPTQ: layer by layer, each layer's Hessians measured with the "
-                                                "layers before it already quantized (one calibration run a layer)")
+    sequential: bool = Field(False, description="GPTQ: layer by layer, each linear's Hessian measured with the "
+                                                "linears before it already quantized (one walk through the model)")
 
 
 @register
@@ -56,29 +46,34 @@ class QdqInt4(Pass):
 
     needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]
 
-    def _quantize_group(self, model, names, c, ctx, errors, b) -> None:
-        edit = GraphEdit(model)
-        by_name = {n.name: n for n in model.graph.node}
-        group = [by_name[name] for name in names]
-        hess = {}
-        if c.algorithm == "gptq":
-            hess = activation_stats(model, sorted({n.input[0] for n in group}), ctx.calibration_windows(),
-                                    ctx.threads, "hessian")
-        for node in group:
-            errors.append(self._quantize(edit, node, hess.get(node.input[0])))
-            b.update(1)
-        edit.commit()
-
-    def _quantize(self, edit: GraphEdit, node, hessian) -> float:
+    def _gptq(self, state, edit: GraphEdit, nodes, ctx) -> dict:
+        """MatMul name -> QuantizedWeight. Hessians from one run of the graph, or, sequential, from a walk through
+        the model's layers with the linears before each one already quantized."""
         c = self.config
+        fit = lambda w, h: _quant.gptq(w, h, 4, c.block_size, "symmetric-positive", damp=c.damp,  # noqa: E731
+                                       act_order=c.act_order)
+        weight = lambda n: edit.array(n.input[1]).T.astype(np.float32)  # noqa: E731
+        if c.sequential:
+            from ._layerwise_gptq import gptq_by_layer, graph_weights, weight_source
+
+            fits: dict = {}
+            source = weight_source(state)
+            floats = [n for n in edit.model.graph.node if n.op_type == "MatMul" and n.input[1] in edit.inits]
+            gptq_by_layer(source, nodes, weight, fit, ctx.calibration_windows(), fits.__setitem__,
+                          {**graph_weights(floats, weight, source.config), **state.effective_weights},
+                          sequential=True)
+            return fits
+        hess = activation_stats(edit.model, sorted({n.input[0] for n in nodes}), ctx.calibration_windows(),
+                                ctx.threads, "hessian")
+        return {n.name: fit(weight(n), hess[n.input[0]]) for n in nodes}
+
+    def _replace(self, edit: GraphEdit, node, qw) -> float:
+        """The MatMul's weight -> INT4 DequantizeLinear (`qw`, or RTN when None); returns the relative error."""
+        block = self.config.block_size
         w = edit.array(node.input[1]).T.astype(np.float32)  # [N, K]
-        if c.algorithm == "gptq":
-            qw = _quant.gptq(w, hessian, 4, c.block_size, "symmetric-positive", damp=c.damp, act_order=c.act_order)
-        else:
-            qw = _quant.rtn(w, 4, c.block_size, "symmetric-positive")
+        qw = qw if qw is not None else _quant.rtn(w, 4, block, "symmetric-positive")
         signed = (qw.q.astype(np.int8) - 8).reshape(w.shape).T  # [K, N] in [-8, 7]
-        replace_weight(edit, node, int4_tensor(node.name + ".weight_q4", signed), qw.scale.T, axis=0,
-                       block_size=c.block_size)
+        replace_weight(edit, node, int4_tensor(node.name + ".weight_q4", signed), qw.scale.T, axis=0, block_size=block)
         return _quant.relative_error(qw.dequantize(), w)
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
@@ -93,16 +88,13 @@ class QdqInt4(Pass):
                 skipped[node.name] = f"K={k} is not a multiple of block_size {c.block_size}"
             else:
                 usable.append(node)
-        groups = _layer_groups(usable) if c.algorithm == "gptq" and c.sequential else [usable]
-        groups = [[n.name for n in g] for g in groups]  # a commit rebuilds the node list: find nodes by name again
         ensure_opset(model, "", 21)
-        errors = []
-        desc = f"qdq int4 ({c.algorithm}{', sequential' if len(groups) > 1 else ''})"
-        with bar(len(usable), desc, "layer") as b:
-            for names in groups:
-                self._quantize_group(model, names, c, ctx, errors, b)
-        state.handoff.quantized.update(
-            {n.name: f"int4 weight-only qdq block{c.block_size} {c.algorithm}" for n in usable})
+        fits = self._gptq(state, edit, usable, ctx) if c.algorithm == "gptq" and usable else {}
+        how = c.algorithm + (" act-order" if c.algorithm == "gptq" and c.act_order else "") + (
+            " sequential" if c.algorithm == "gptq" and c.sequential else "")
+        errors = [self._replace(edit, node, fits.pop(node.name, None)) for node in track(usable, f"qdq int4 ({how})", "layer")]
+        edit.commit()
+        state.handoff.quantized.update({n.name: f"int4 weight-only qdq block{c.block_size} {how}" for n in usable})
         state.handoff.unquantized.update(skipped)
         return PassResult(bool(usable), {"layers_quantized": len(usable), "layers_skipped": len(skipped),
                                          **_quant.error_summary(errors), "skipped": skipped}, [])

@@ -30,6 +30,8 @@ class Int4Config(PassConfig):
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     damp: Damp = _quant.GPTQ_DAMP
     act_order: bool = Field(False, description="GPTQ: columns in order of decreasing activation (static groups)")
+    sequential: bool = Field(False, description="GPTQ: layer by layer, each linear's Hessian measured with the linears "
+                                                "before it already quantized (one walk through the model)")
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 
 
@@ -49,5 +51,5 @@ class QuantizeInt4(Pass):
         changes, notes = quantize_matmuls(state, ctx, bits=c.bits, block=c.block_size, scheme=c.zero_point,
                                           algorithm=c.algorithm, accuracy_level=c.accuracy_level,
                                           include=c.include, exclude=c.exclude, damp=c.damp,
-                                          act_order=c.act_order)
+                                          act_order=c.act_order, sequential=c.sequential)
         return PassResult(changes["layers_quantized"] > 0, changes, notes)
