@@ -117,8 +117,11 @@ class QuantizedWeight:
         return cls(a["q"], a["scale"], a["zero"], a.get("residual"))
 
 
-def _params(wb: np.ndarray, bits: int, scheme: str):
-    """Per-block quantizer parameters for wb[..., block]: returns (scale, zero_int, minimum_or_None)."""
+def _params(wb: np.ndarray, bits: int, scheme: str, clip: bool = False, importance: np.ndarray | None = None):
+    """Per-block quantizer parameters for wb[..., block]: returns (scale, zero_int, minimum_or_None). `clip`: the
+    "float" and "int" schemes search shrunken ranges (CLIP_GRID) for the least squared error per block, each
+    element's error weighted by `importance` (broadcast to wb; e.g. the Hessian diagonal); the full range is the
+    first candidate and is replaced only by a strictly smaller error, so weights on the grid stay exact."""
     qmax = (1 << bits) - 1
     if scheme == "symmetric-positive":  # w ≈ s*(q - 2^(b-1)), s > 0, no zero point (TensorRT)
         half = 1 << (bits - 1)
@@ -144,10 +147,36 @@ def _params(wb: np.ndarray, bits: int, scheme: str):
     lo, hi = np.minimum(wb.min(-1), 0 if scheme == "int" else np.inf), wb.max(-1)
     if scheme == "int":
         hi = np.maximum(hi, 0)
+    best = _range_params(lo, hi, qmax, scheme)
+    if not clip:
+        return best
+    weight = 1.0 if importance is None else importance
+    best_err = ((_dequant(wb, *best, bits) - wb) ** 2 * weight).sum(-1)
+    mid = (lo + hi) / 2
+    for f in CLIP_GRID[1:]:
+        lo_f, hi_f = mid - f * (mid - lo), mid + f * (hi - mid)
+        if scheme == "int":
+            lo_f, hi_f = np.minimum(lo_f, 0), np.maximum(hi_f, 0)
+        cand = _range_params(lo_f, hi_f, qmax, scheme)
+        err = ((_dequant(wb, *cand, bits) - wb) ** 2 * weight).sum(-1)
+        take = err < best_err
+        best = tuple(None if b is None else np.where(take, c, b) for b, c in zip(best, cand))
+        best_err = np.where(take, err, best_err)
+    return best
+
+
+def _range_params(lo, hi, qmax: int, scheme: str):
     scale = (hi - lo) / qmax
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
     zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.float32)
     return scale, zero, (lo.astype(np.float32) if scheme == "float" else None)
+
+
+def _dequant(wb, scale, zero, minimum, bits):
+    q = _codes(wb, scale, zero, minimum, bits)
+    if minimum is not None:
+        return q * scale[..., None] + minimum[..., None]
+    return (q - zero[..., None]) * scale[..., None]
 
 
 def _codes(wb, scale, zero, minimum, bits):
@@ -164,19 +193,21 @@ def _finish(q, scale, zero, minimum) -> QuantizedWeight:
     return QuantizedWeight(q.astype(np.uint8), scale, zero.astype(np.uint8), residual)
 
 
-def rtn(w: np.ndarray, bits: int, block: int, scheme: str) -> QuantizedWeight:
+def rtn(w: np.ndarray, bits: int, block: int, scheme: str, clip: bool = False) -> QuantizedWeight:
     n, k = w.shape
     wb = w.reshape(n, k // block, block).astype(np.float32)
-    scale, zero, minimum = _params(wb, bits, scheme)
+    scale, zero, minimum = _params(wb, bits, scheme, clip)
     return _finish(_codes(wb, scale, zero, minimum, bits), scale, zero, minimum)
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
-         damp: float = GPTQ_DAMP, cols_per_step: int = 128, act_order: bool = False) -> QuantizedWeight:
+         damp: float = GPTQ_DAMP, cols_per_step: int = 128, act_order: bool = False,
+         clip: bool = False) -> QuantizedWeight:
     """GPTQ (Frantar et al.): quantize column by column, spreading each column's error over the columns
     not yet quantized, weighted by the inverse Hessian of the layer input. Without `act_order` group parameters
     are fitted on the error-updated weights when a group starts; with it, columns go in order of decreasing
-    Hessian diagonal (most activated first) and every group's parameters are fitted up front ("static groups")."""
+    Hessian diagonal (most activated first) and every group's parameters are fitted up front ("static groups").
+    `clip`: each group's range is searched for the least Hessian-diagonal-weighted squared error (see _params)."""
     n, k = w.shape
     W = np.array(w, dtype=np.float64)  # copies
     H = np.array(hessian, dtype=np.float64)
@@ -185,13 +216,15 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
     W[:, dead] = 0.0
     nb = k // block
     qmax = (1 << bits) - 1
+    importance = np.diag(H).astype(np.float32)
     # per-block parameters and codes are kept transposed ([nb, n], [k, n]): the loop below reads and writes one
     # column of W at a time, which is a contiguous row there (a strided column of a 27648-row weight is slow)
     scale = np.zeros((nb, n), np.float32)
     zero = np.zeros((nb, n), np.float32)
     minimum = np.zeros((nb, n), np.float32) if scheme == "float" else None
     if act_order:
-        s_, z_, m_ = _params(W.reshape(n, nb, block).astype(np.float32), bits, scheme)
+        s_, z_, m_ = _params(W.reshape(n, nb, block).astype(np.float32), bits, scheme, clip,
+                             importance.reshape(1, nb, block))
         scale[:], zero[:] = s_.T, z_.T
         if minimum is not None:
             minimum[:] = m_.T
@@ -225,7 +258,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
             col = perm[i1 + i]  # original column index
             b = col // block
             if not act_order and col % block == 0:
-                s_, z_, m_ = _params(W1[i:i + block].T.astype(np.float32)[:, None, :], bits, scheme)
+                s_, z_, m_ = _params(W1[i:i + block].T.astype(np.float32)[:, None, :], bits, scheme, clip,
+                                     importance[col:col + block][None, None, :])
                 scale[b], zero[b] = s_[:, 0], z_[:, 0]
                 if minimum is not None:
                     minimum[b] = m_[:, 0]

@@ -74,7 +74,8 @@ def _packed(qw: _quant.QuantizedWeight, bits: int) -> dict[str, np.ndarray]:
 
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
                      accuracy_level: int, include: list[str], exclude: list[str], damp: float = _quant.GPTQ_DAMP,
-                     act_order: bool = False, sequential: bool = False) -> tuple[dict, list]:
+                     act_order: bool = False, sequential: bool = False,
+                     clip: bool = False) -> tuple[dict, list]:
     model = state.onnx_model
     selected, skipped = select_matmuls(model, include, exclude)
     edit = GraphEdit(model)
@@ -91,7 +92,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     hessians, spill, rel_errors, walked = {}, None, [], {}
     lazy = any(_lazy.is_lazy(inits[n.input[1]]) for n in usable)
     act_block = block if accuracy_level == 4 else None
-    fit = lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp, act_order=act_order)  # noqa: E731
+    fit = lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp, act_order=act_order, clip=clip)  # noqa: E731
     if algorithm == "gptq" and usable and (lazy or sequential):
         # layer by layer through the transformers layers: a streaming build cannot run the whole graph, and a
         # sequential fit needs each layer's inputs after the layers before it are quantized
@@ -130,7 +131,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             if spill is not None:  # GPTQ'd layer by layer above
                 quantized = lambda name=node.name: _quant.QuantizedWeight.from_arrays(spill.get(name))  # noqa: E731
             else:  # RTN, computed only now
-                quantized = lambda src=src: _quant.rtn(_lazy.array(src).T, bits, block, scheme)  # noqa: E731
+                quantized = lambda src=src: _quant.rtn(_lazy.array(src).T, bits, block, scheme, clip)  # noqa: E731
             shared = _lazy.Shared(lambda q=quantized: _packed(q(), bits), len(parts))
             new_inits += [_lazy.tensor(f"{base}.{suffix}", shape, dtype, shared.part(key))
                           for suffix, key, shape, dtype in parts]
@@ -140,7 +141,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             if node.name in walked:  # fitted by the walk, which recorded its error
                 qw = walked.pop(node.name)
             else:
-                qw = fit(w, hessians[node.input[0]]) if algorithm == "gptq" else _quant.rtn(w, bits, block, scheme)
+                qw = fit(w, hessians[node.input[0]]) if algorithm == "gptq" else _quant.rtn(w, bits, block, scheme, clip)
                 rel_errors.append(_quant.relative_error(qw.dequantize(), w))
             packed = _packed(qw, bits)
             new_inits += [numpy_helper.from_array(packed[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
@@ -167,7 +168,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     edit.commit()
     ensure_opset(model, MS_DOMAIN, 1)
     how = algorithm + (" act-order" if algorithm == "gptq" and act_order else "") + (
-        " sequential" if algorithm == "gptq" and sequential else "")
+        " sequential" if algorithm == "gptq" and sequential else "") + (" clipped" if clip else "")
     state.handoff.quantized.update({n.name: f"int{bits} {how} block{block} {scheme}" for n in usable})
     changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),
                **_quant.error_summary(rel_errors), "skipped": skipped}

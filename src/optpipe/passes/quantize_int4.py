@@ -32,6 +32,9 @@ class Int4Config(PassConfig):
     act_order: bool = Field(False, description="GPTQ: columns in order of decreasing activation (static groups)")
     sequential: bool = Field(False, description="GPTQ: layer by layer, each linear's Hessian measured with the linears "
                                                 "before it already quantized (one walk through the model)")
+    clip_search: bool = Field(False, description="float/int zero points: search shrunken block ranges for the least "
+                                                 "squared error (Hessian-diagonal weighted under GPTQ); exact grids "
+                                                 "stay exact")
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 
 
@@ -51,5 +54,6 @@ class QuantizeInt4(Pass):
         changes, notes = quantize_matmuls(state, ctx, bits=c.bits, block=c.block_size, scheme=c.zero_point,
                                           algorithm=c.algorithm, accuracy_level=c.accuracy_level,
                                           include=c.include, exclude=c.exclude, damp=c.damp,
-                                          act_order=c.act_order, sequential=c.sequential)
+                                          act_order=c.act_order, sequential=c.sequential,
+                                          clip=c.clip_search)
         return PassResult(changes["layers_quantized"] > 0, changes, notes)
