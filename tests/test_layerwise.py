@@ -3,18 +3,24 @@ import numpy as np
 import pytest
 import torch
 
-from optpipe.checkpoint import LazyCheckpoint
+from optpipe.checkpoint import LazyCheckpoint, ModelWeights
 from optpipe.targets.torch_eager import TorchEagerRunner
 from optpipe.targets.torch_layerwise import LayerwiseReference
 
 
+@pytest.mark.parametrize("source", ["checkpoint", "memory"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_layerwise_reference_matches_eager(arch, tiny_llama, tiny_qwen2):
+def test_layerwise_reference_matches_eager(arch, source, tiny_llama, tiny_qwen2):
+    """From the safetensors files (streaming builds) or from the model in memory (sequential GPTQ in memory): the
+    walk computes the model's function and leaves the model's own config alone."""
     from transformers import AutoModelForCausalLM
 
     path = tiny_llama if arch == "llama" else tiny_qwen2
-    eager = TorchEagerRunner(AutoModelForCausalLM.from_pretrained(path).eval(), 1)
-    layerwise = LayerwiseReference(LazyCheckpoint.open(path), 1)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    attn = model.config._attn_implementation
+    eager = TorchEagerRunner(model, 1)
+    layerwise = LayerwiseReference(LazyCheckpoint.open(path) if source == "checkpoint" else ModelWeights(model), 1)
+    assert model.config._attn_implementation == attn
     ids = np.arange(3, 40)
     assert np.abs(layerwise.logits(ids) - eager.logits(ids)).max() < 1e-4
     assert layerwise.generate(ids, 6).tokens == eager.generate(ids, 6).tokens
