@@ -21,7 +21,6 @@ import re
 import sys
 import time
 
-import numpy as np
 import torch
 
 from optpipe import arch, data, models, quant
