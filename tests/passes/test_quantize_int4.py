@@ -87,3 +87,41 @@ def test_sequential_gptq_fits_each_linear_to_the_input_the_quantized_graph_gives
 
     assert rel(fitted[-1], after) < 1e-4
     assert rel(before, after) > 100 * rel(fitted[-1], after)
+
+
+def test_mixed_precision_puts_named_and_edge_layer_linears_in_int8(tmp_path):
+    """`int8`: the MatMuls a pattern names and every linear of the first and last decoder layer go to INT8
+    MatMulNBits (bits 8) in the same pass; the rest are INT4; the manifest strings and counts say which."""
+    from onnx import helper
+
+    from ..conftest import make_tiny
+
+    model = load(make_tiny(tmp_path / "m", layers=4))
+    state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+    Fuse(FuseConfig()).call(state, PassContext())
+    prompt = np.arange(10, 30)
+    want = OnnxDecoder.from_proto(state.onnx_model).logits(prompt)
+    all4 = copy.deepcopy(state)
+    QuantizeInt4(Int4Config(accuracy_level=0)).call(all4, PassContext())
+    res = QuantizeInt4(Int4Config(accuracy_level=0, int8={"include": ["down_proj"], "edge_layers": 1})).call(
+        state, PassContext())
+    bits = {n.name: helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in state.onnx_model.graph.node if n.op_type == "MatMulNBits"}
+    eight = {n for n, b in bits.items() if b == 8}
+    assert eight == {f"model.layers.{i}.{m}" for i in (0, 3) for m in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                                          "mlp.gate_up_proj", "mlp.down_proj")} | {
+        "model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"}
+    assert len(bits) == 16 and res.changes["layers_quantized"] == 6 and res.changes["int8"]["layers_quantized"] == 10
+    assert res.changes["skipped"] == {"lm_head": "excluded by pattern 'lm_head'"}
+    assert {state.handoff.quantized[n] for n in eight} == {"int8 rtn block32 symmetric"}
+    err = {k: np.abs(OnnxDecoder.from_proto(s.onnx_model).logits(prompt) - want).mean() for k, s in
+           (("mixed", state), ("int4", all4))}
+    assert err["mixed"] < 0.5 * err["int4"], err
+
+
+def test_mixed_precision_edge_layers_needs_to_know_the_layers(tiny_llama):
+    model = load(tiny_llama)
+    state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+    del state.onnx_model.metadata_props[:]
+    with pytest.raises(BuildError, match="int8.edge_layers: the graph does not say"):
+        QuantizeInt4(Int4Config(int8={"edge_layers": 1})).call(state, PassContext())
