@@ -1,12 +1,15 @@
-"""GPTQ for the streaming build: Hessians measured one decoder layer at a time.
+"""GPTQ with Hessians measured one decoder layer at a time: the streaming build, and sequential GPTQ anywhere.
 
-The in-memory path runs the whole ONNX graph on the calibration text and reads every quantized MatMul's input. A
-model larger than memory cannot run that way, so here the calibration windows go through the checkpoint's own
-transformers layers one at a time (`optpipe.layerwise.walk`): at layer i the inputs of its linears are reduced to
-X^T X, the layer's selected weights are GPTQ-quantized (read through the graph's lazy loaders, so fusion and any
-earlier rewrite apply), parked on disk until the artifact is written, and the layer is dropped. The activations
-passed on are the fp32 model's, as in the in-memory path, so both fit against the same Hessians. Memory: one
-layer's weights, its Hessians, and the calibration activations.
+The in-memory path without `sequential` runs the whole ONNX graph on the calibration text once and reads every
+quantized MatMul's input. A model larger than memory cannot run that way, and a sequential fit needs each linear's
+input *after* the linears before it are quantized, so here the calibration windows go through the model's own
+transformers layers one at a time (`optpipe.layerwise.walk`, over the checkpoint's files or, in memory,
+`checkpoint.ModelWeights`): at layer i the inputs of its linears are reduced to X^T X, the layer's selected weights
+are GPTQ-quantized (read through the graph, so fusion and any earlier rewrite apply) and handed to the caller (the
+streaming build parks them on disk until the artifact is written), and the layer is dropped. Without `sequential`
+the activations passed on are the unquantized model's, as in the one-run graph path, so both fit against the same
+Hessians; with it, each fitted linear is put back quantized before the next site is measured. Memory: one layer's
+weights, its Hessians, and the calibration activations.
 """
 from __future__ import annotations
 
