@@ -26,3 +26,26 @@ def test_bf16_fallback_keeps_fp32_and_records_it(tiny_llama, tmp_path, monkeypat
     assert res.manifest["passes"][0]["changes"] == {"dtype": "float32", "native_bf16": False}
     assert res.manifest["target"]["dtypes"] == ["float32"]
     assert res.manifest["environment"]["isa"]["avx512_bf16"] is False
+
+
+def test_bf16_flags_without_fast_bf16_matmuls_are_refused_too(tiny_llama, tmp_path, monkeypatch, capsys):
+    """An AVX-512 BF16 Xeon ran torch's bf16 matmul at 0.55x fp32: the flag alone does not make bf16 worth it, so a
+    measured ratio below 1 refuses the bf16 recipe (naming the figure) and makes `fallback: fp32` keep fp32."""
+    from ..conftest import AVX512_BF16
+
+    fake_cpu(monkeypatch, AVX512_BF16, bf16_speedup=0.55)
+    recipe = write_recipe(tmp_path, torch_recipe(tiny_llama, [{"name": "bf16-autocast"}]))
+    assert main(["build", str(recipe), "-o", str(tmp_path / "art")]) == 2
+    err = capsys.readouterr().err
+    assert "has avx512_bf16 but torch's bf16 matmul measured 0.55x the fp32 speed" in err and "fallback: fp32" in err
+    res = optpipe.build(torch_recipe(tiny_llama, [{"name": "bf16-autocast", "fallback": "fp32"}] + TORCH_INT4),
+                        output=tmp_path / "fb", log=lambda m: None)
+    assert res.manifest["passes"][0]["changes"] == {"dtype": "float32", "native_bf16": False}
+
+
+def test_the_bf16_matmul_measurement_is_a_positive_ratio():
+    from optpipe import hw
+
+    hw.bf16_matmul_speedup.cache_clear()
+    ratio = hw.bf16_matmul_speedup()
+    assert 0.01 < ratio < 100

@@ -2,7 +2,8 @@
 
 RMSNorm computes its variance in fp32 inside the module and SDPA's CPU kernel accumulates the softmax in
 fp32, so only the storage and the matmuls drop to bf16. A CPU without avx512_bf16 or AMX emulates bf16
-(slower than fp32). What happens there is the recipe's choice, made before the model is loaded:
+(slower than fp32), and a CPU with avx512_bf16 may still run torch's bf16 matmul slower than fp32 (measured
+once per process: `hw.bf16_matmul_speedup`). What happens there is the recipe's choice, made before the model is loaded:
 `fallback: refuse` (a bf16 recipe truly needs the ISA: exit 2, naming the alternative), `fallback: fp32`
 (keep fp32 for the unquantized parts and record it; quantized modules still feed their kernels bf16, which
 is those kernels' fast path on every x86 ISA), or `force: true` (convert anyway).
@@ -27,8 +28,20 @@ class Bf16Config(PassConfig):
 
 
 def native_bf16() -> bool:
+    """bf16 instructions (avx512_bf16 / AMX) *and* torch's bf16 matmul measured at least as fast as fp32 here."""
+    return bf16_shortfall() is None
+
+
+def bf16_shortfall() -> str | None:
+    """Why bf16 would be slower than fp32 on this CPU, or None."""
     isa = hw.isa()
-    return bool(isa.get("avx512_bf16") or isa.get("amx_bf16"))
+    if not (isa.get("avx512_bf16") or isa.get("amx_bf16")):
+        return "this CPU has no avx512_bf16 or AMX: bf16 would be emulated and slower than fp32"
+    ratio = hw.bf16_matmul_speedup()
+    if ratio < 1.0:
+        return (f"this CPU has avx512_bf16 but torch's bf16 matmul measured {ratio:.2f}x the fp32 speed here "
+                "(a decode-shaped matmul): bf16 would be slower than fp32")
+    return None
 
 
 @register
@@ -41,9 +54,9 @@ class Bf16Autocast(Pass):
     targets = frozenset({"cpu-torch", "cpu-ipex"})
 
     def check_machine(self) -> None:
-        if not native_bf16() and not self.config.force and self.config.fallback == "refuse":
-            raise RecipeError("this CPU has no avx512_bf16 or AMX: bf16 would be emulated and slower than fp32. "
-                              "Use `fallback: fp32` (keeps fp32 here), `force: true`, or an fp32/INT8/INT4 variant "
+        why = bf16_shortfall()
+        if why and not self.config.force and self.config.fallback == "refuse":
+            raise RecipeError(f"{why}. Use `fallback: fp32` (keeps fp32 here), `force: true`, or an fp32/INT8/INT4 variant "
                               "of the recipe (e.g. recipes/smollm2-135m-cpu-torch-int8.yaml)")
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
@@ -51,8 +64,8 @@ class Bf16Autocast(Pass):
         native = native_bf16()
         if not native and not self.config.force:  # fallback: fp32
             return PassResult(False, {"dtype": "float32", "native_bf16": False},
-                              ["no avx512_bf16/AMX on the build CPU: fp32 kept (fallback: fp32); quantized modules "
-                               "still compute in bf16 inside their kernels"])
+                              [f"{bf16_shortfall()}: fp32 kept (fallback: fp32); quantized modules still compute in "
+                               "bf16 inside their kernels"])
         model = state.torch_model
         converted = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
         model.to(torch.bfloat16)
