@@ -103,3 +103,22 @@ def test_streaming_smoothquant_w8a8_dynamic_matches_in_memory(tiny_qwen2, tmp_pa
     a = optpipe.load(tmp_path / "mem", threads=1).logits(ids)
     b = optpipe.load(tmp_path / "st", threads=1).logits(ids)
     assert np.abs(a - b).max() < 1e-4  # bit-identical here: the same kernel after ORT fuses its own pattern
+
+
+def test_streaming_sequential_gptq_equals_in_memory(tiny_llama, tmp_path):
+    """`sequential: true` takes the same walk in both builds (the model in memory, or the checkpoint's files): the
+    same fits and the same artifact logits."""
+    chain = CHAIN[:3] + [{"name": "quantize-int4", "algorithm": "gptq", "sequential": True, "block_size": 32,
+                          "accuracy_level": 0, "exclude": []}]
+    mem = optpipe.build(tiny_recipe(tiny_llama, chain), output=tmp_path / "mem", log=lambda m: None)
+    recipe = tiny_recipe(tiny_llama, chain)
+    recipe["model"] = {"source": str(tiny_llama), "streaming": True}
+    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    err = [b.manifest["passes"][-1]["changes"]["weight_rel_error_mean"] for b in (mem, st)]
+    assert err[1] == pytest.approx(err[0], rel=1e-4)
+    assert "int4 gptq sequential block32 float" in json.dumps(st.manifest)
+    chain[-1]["sequential"] = False  # the walk's choice shows: fitted on the unquantized model, other codes
+    optpipe.build(dict(recipe, passes=chain), output=tmp_path / "once", log=lambda m: None)
+    ids = np.arange(5, 30)
+    a, b, c = (optpipe.load(tmp_path / d, threads=1).logits(ids) for d in ("mem", "st", "once"))
+    assert np.abs(a - b).max() < 1e-3 < np.abs(b - c).max()
