@@ -69,6 +69,15 @@ def test_streaming_smoothquant_and_gptq_equal_in_memory(tiny_llama, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem", "st"]  # scratch (parked GPTQ results) removed
 
 
+def both_builds(model, chain, tmp_path):
+    """The chain built in memory (to tmp_path/mem) and streaming (tmp_path/st): (in-memory result, streaming result,
+    the streaming recipe)."""
+    mem = optpipe.build(tiny_recipe(model, chain), output=tmp_path / "mem", log=lambda m: None)
+    recipe = tiny_recipe(model, chain)
+    recipe["model"] = {"source": str(model), "streaming": True}
+    return mem, optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None), recipe
+
+
 def test_streaming_gptq_sees_earlier_quantization(tiny_llama, tmp_path):
     """A GPTQ pass after an RTN pass fits lm_head to the inputs of the already-quantized layers in both paths (the
     in-memory one runs the quantized graph; the streaming walk swaps in the dequantized weights, fused or not)."""
@@ -76,10 +85,7 @@ def test_streaming_gptq_sees_earlier_quantization(tiny_llama, tmp_path):
         {"name": "quantize-int4", "block_size": 32, "accuracy_level": 0, "zero_point": "int", "exclude": ["lm_head"]},
         {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "include": ["lm_head"],
          "exclude": []}]
-    mem = optpipe.build(tiny_recipe(tiny_llama, chain), output=tmp_path / "mem", log=lambda m: None)
-    recipe = tiny_recipe(tiny_llama, chain)
-    recipe["model"] = {"source": str(tiny_llama), "streaming": True}
-    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    mem, st, _ = both_builds(tiny_llama, chain, tmp_path)
     err = [b.manifest["passes"][-1]["changes"]["weight_rel_error_mean"] for b in (mem, st)]
     assert err[1] == pytest.approx(err[0], rel=1e-4)
     ids = np.arange(5, 30)
@@ -110,10 +116,7 @@ def test_streaming_sequential_gptq_equals_in_memory(tiny_llama, tmp_path):
     same fits and the same artifact logits."""
     chain = CHAIN[:3] + [{"name": "quantize-int4", "algorithm": "gptq", "sequential": True, "block_size": 32,
                           "accuracy_level": 0, "exclude": []}]
-    mem = optpipe.build(tiny_recipe(tiny_llama, chain), output=tmp_path / "mem", log=lambda m: None)
-    recipe = tiny_recipe(tiny_llama, chain)
-    recipe["model"] = {"source": str(tiny_llama), "streaming": True}
-    st = optpipe.build(recipe, output=tmp_path / "st", log=lambda m: None)
+    mem, st, recipe = both_builds(tiny_llama, chain, tmp_path)
     err = [b.manifest["passes"][-1]["changes"]["weight_rel_error_mean"] for b in (mem, st)]
     assert err[1] == pytest.approx(err[0], rel=1e-4)
     assert "int4 gptq sequential block32 float" in json.dumps(st.manifest)
