@@ -54,7 +54,7 @@ def weight_source(state):
     return ModelWeights(state.torch_model)
 
 
-def graph_weights(nodes, weight: Callable[[object], np.ndarray], config, act_block: int | None = None) -> dict:
+def _graph_weights(nodes, weight: Callable[[object], np.ndarray], config) -> dict:
     """MatMul name -> EffectiveWeight reading W [N, K] from the graph, for the nodes a walk can place in a layer
     (the others are left to the checkpoint's weights)."""
     from ..layerwise import EffectiveWeight
@@ -65,8 +65,25 @@ def graph_weights(nodes, weight: Callable[[object], np.ndarray], config, act_blo
             input_site(node.name, config)
         except BuildError:
             continue
-        out[node.name] = EffectiveWeight(lambda n=node: weight(n), act_block)
+        out[node.name] = EffectiveWeight(lambda n=node: weight(n))
     return out
+
+
+def gptq_walk(state, nodes, weight: Callable[[object], np.ndarray], quantize: Callable[[np.ndarray, np.ndarray], object],
+              windows, keep: Callable[[str, object], None], *, sequential: bool = False,
+              act_block: int | None = None) -> list[float]:
+    """`gptq_by_layer` over the model the graph came from (`weight_source`), its layers running with what the graph
+    computes: the graph's own float MatMul weights (read by `weight`) and the weights earlier passes registered."""
+    from .. import lazy as _lazy
+    from ._onnx import initializer_map
+
+    inits = initializer_map(state.onnx_model)
+    floats = [n for n in state.onnx_model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+              and not _lazy.is_lazy(inits[n.input[1]])]
+    source = weight_source(state)
+    effective = {**_graph_weights(floats, weight, source.config), **state.effective_weights}
+    return gptq_by_layer(source, nodes, weight, quantize, windows, keep, effective, sequential=sequential,
+                         act_block=act_block)
 
 
 def gptq_by_layer(checkpoint, nodes, weight: Callable[[object], np.ndarray],

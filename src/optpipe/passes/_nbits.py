@@ -96,21 +96,15 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     if algorithm == "gptq" and usable and (lazy or sequential):
         # layer by layer through the transformers layers: a streaming build cannot run the whole graph, and a
         # sequential fit needs each layer's inputs after the layers before it are quantized
-        from ._layerwise_gptq import gptq_by_layer, graph_weights, weight_source
+        from ._layerwise_gptq import gptq_walk
 
-        floats = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
-                  and not _lazy.is_lazy(inits[n.input[1]])]
-        source = weight_source(state)
-        effective = {**graph_weights(floats, lambda n: numpy_helper.to_array(inits[n.input[1]]).T, source.config),
-                     **state.effective_weights}
         if lazy:  # results parked on disk until written
             spill = _lazy.Spill(ctx.scratch_dir("gptq"))
             keep = lambda name, qw: spill.put(name, qw.arrays())  # noqa: E731
         else:
             keep = walked.__setitem__
-        rel_errors = gptq_by_layer(
-            source, usable, lambda node: _lazy.array(inits[node.input[1]]).T, fit, ctx.calibration_windows(), keep,
-            effective, sequential=sequential, act_block=act_block)
+        rel_errors = gptq_walk(state, usable, lambda node: _lazy.array(inits[node.input[1]]).T, fit,
+                               ctx.calibration_windows(), keep, sequential=sequential, act_block=act_block)
     elif algorithm == "gptq" and usable:
         hessians = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
                                     ctx.threads, "hessian")

@@ -54,14 +54,10 @@ class QdqInt4(Pass):
                                        act_order=c.act_order)
         weight = lambda n: edit.array(n.input[1]).T.astype(np.float32)  # noqa: E731
         if c.sequential:
-            from ._layerwise_gptq import gptq_by_layer, graph_weights, weight_source
+            from ._layerwise_gptq import gptq_walk
 
             fits: dict = {}
-            source = weight_source(state)
-            floats = [n for n in edit.model.graph.node if n.op_type == "MatMul" and n.input[1] in edit.inits]
-            gptq_by_layer(source, nodes, weight, fit, ctx.calibration_windows(), fits.__setitem__,
-                          {**graph_weights(floats, weight, source.config), **state.effective_weights},
-                          sequential=True)
+            gptq_walk(state, nodes, weight, fit, ctx.calibration_windows(), fits.__setitem__, sequential=True)
             return fits
         hess = activation_stats(edit.model, sorted({n.input[0] for n in nodes}), ctx.calibration_windows(),
                                 ctx.threads, "hessian")
