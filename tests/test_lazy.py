@@ -46,6 +46,9 @@ def test_shared_computation_runs_once_and_is_dropped_after_its_last_part():
     assert lazy.array(q).sum() == 4 and shared.value is not None
     assert lazy.array(s).tolist() == [0.5, 0.5]
     assert runs == [1] and shared.value is None  # both parts written: the computation is not held
+    derived = lazy.derived("s_twice", (2,), np.float32, lambda x: 2 * x, s)  # a later reader (quantize-embedding)
+    assert lazy.array(derived).tolist() == [1.0, 1.0]
+    assert runs == [1, 1] and shared.value is None  # computed again, and not held afterwards either
 
 
 def test_a_loader_that_disagrees_with_its_declaration_is_named():

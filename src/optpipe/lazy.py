@@ -72,7 +72,8 @@ def derived(name: str, shape, dtype, fn: Callable[..., np.ndarray], *sources: on
 
 class Shared:
     """One computation feeding several lazy tensors (e.g. qweight, scales, zero points of one weight):
-    computed when the first is written, dropped once all have been."""
+    computed when the first is written, dropped once all have been (a later reader, e.g. a tensor derived from one
+    of them, computes it again)."""
 
     def __init__(self, compute: Callable[[], dict[str, np.ndarray]], parts: int):
         self.compute = compute
@@ -85,7 +86,7 @@ class Shared:
                 self.value = self.compute()
             out = self.value[key]
             self.left -= 1
-            if self.left == 0:
+            if self.left <= 0:
                 self.value = None
             return out
         return load
