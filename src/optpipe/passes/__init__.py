@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     ipex_optimize,
     qdq_int4,
     qdq_int8,
+    quantize_embedding,
     quantize_int4,
     quantize_int8,
     smoothquant,

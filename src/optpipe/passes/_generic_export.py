@@ -194,4 +194,5 @@ def metadata(config, shape: tuple[int, int, int], max_positions: int) -> dict[st
             "optpipe.kv_num_heads": str(kv), "optpipe.head_dim": str(head_dim),
             "optpipe.vocab_size": str(int(config.vocab_size)), "optpipe.kv_cache": "dynamic",
             "optpipe.max_length": str(max_positions), "optpipe.model_type": str(config.model_type),
-            "optpipe.family": "", "optpipe.export_route": "generic"}
+            "optpipe.family": "", "optpipe.export_route": "generic",
+            "optpipe.tied_embeddings": str(int(bool(getattr(config, "tie_word_embeddings", False))))}

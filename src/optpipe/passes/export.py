@@ -291,7 +291,8 @@ def build_decoder_graph(source, cfg: ExportConfig) -> onnx.ModelProto:
             "optpipe.vocab_size": a["vocab"], "optpipe.kv_cache": "dynamic", "optpipe.max_length": cfg.max_positions,
             "optpipe.model_type": a["model_type"], "optpipe.family": d.family, "optpipe.rms_norm_eps": repr(a["eps"]),
             "optpipe.attention_scale": repr(a["scale"]), "optpipe.attention_softcap": repr(float(a["softcap"] or 0)),
-            "optpipe.export_route": "family"}
+            "optpipe.export_route": "family", "optpipe.tied_embeddings": int(lm == d.embed + ".weight"
+                                                                   or bool(getattr(wts.config, "tie_word_embeddings", False)))}
     for k_, v_ in meta.items():
         model_proto.metadata_props.append(onnx.StringStringEntryProto(key=k_, value=str(v_)))
     return model_proto
