@@ -1,4 +1,5 @@
-"""The layer-by-layer fp32 reference (streaming builds) computes the model's own function, from fp32 and bf16 shards."""
+"""`targets.torch_layerwise`: the layer-by-layer fp32 reference (streaming builds) computes the model's own
+function, from fp32 and bf16 shards."""
 import numpy as np
 import pytest
 import torch
