@@ -81,3 +81,12 @@ def test_spill_round_trips_groups(tmp_path):
     got = spill.get("layer0")
     assert got["q"].tolist() == [0, 1, 2] and got["s"].dtype == np.float16
     assert len(list((tmp_path / "scratch").iterdir())) == 2
+
+
+def test_a_derived_tensor_reads_its_source_after_the_writer_released_it():
+    """The writer releases each lazy tensor once written; one derived from it (quantize-embedding's view of the
+    head's scales) may be written later and must still compute."""
+    src = lazy.tensor("head.scales", (2, 3), np.float32, lambda: np.arange(6, dtype=np.float32).reshape(2, 3))
+    view = lazy.derived("embed.scales", (2, 3, 1), np.float32, lambda s: s.reshape(2, 3, 1), src)
+    lazy.release(src)
+    assert lazy.array(view)[:, :, 0].tolist() == [[0, 1, 2], [3, 4, 5]]

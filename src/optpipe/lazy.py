@@ -48,10 +48,20 @@ def any_lazy(model: onnx.ModelProto) -> bool:
 
 def array(t: onnx.TensorProto) -> np.ndarray:
     """The tensor's data: computed by its loader when lazy, decoded from the proto otherwise."""
+    return _reader(t)()
+
+
+def _reader(t: onnx.TensorProto) -> Callable[[], np.ndarray]:
+    """A function giving t's data, bound to its loader now (so it still works after the writer released t)."""
     key = _key(t)
     if key is None:
-        return numpy_helper.to_array(t)
-    arr = np.ascontiguousarray(_LOADERS[key]())
+        return lambda: numpy_helper.to_array(t)
+    loader = _LOADERS[key]
+    return lambda: _checked(t, loader())
+
+
+def _checked(t: onnx.TensorProto, arr: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(arr)
     want = helper.tensor_dtype_to_np_dtype(t.data_type)
     if tuple(arr.shape) != tuple(t.dims) or arr.dtype != want:
         raise ValueError(f"lazy tensor {t.name}: loader gave {arr.dtype}{list(arr.shape)}, "
@@ -66,8 +76,9 @@ def release(t: onnx.TensorProto) -> None:
 
 
 def derived(name: str, shape, dtype, fn: Callable[..., np.ndarray], *sources: onnx.TensorProto) -> onnx.TensorProto:
-    """A lazy tensor computed from other tensors (lazy or not) when it is written."""
-    return tensor(name, tuple(shape), dtype, lambda: fn(*(array(s) for s in sources)))
+    """A lazy tensor computed from other tensors (lazy or not) when it is written, even after they were."""
+    readers = [_reader(s) for s in sources]
+    return tensor(name, tuple(shape), dtype, lambda: fn(*(r() for r in readers)))
 
 
 class Shared:
