@@ -1,19 +1,28 @@
 #!/usr/bin/env python
 """Side-by-side CPU benchmark, one process, same prompt, same threads, interleaved rounds:
 fp32 PyTorch eager, optpipe artifacts (cpu-onnx INT8/INT4; cpu-torch bf16/INT8/INT4 when given), and llama.cpp (llama-cpp-python, optional) on the same
-GGUF (the shipped Q4_1 and a Q8_0 requantized from it). Reports prefill ms, decode tok/s (wall and per CPU-second),
+GGUF (the shipped Q4_1 and a Q8_0 requantized from it), or, with `--model DIR`, on that HF checkpoint converted to
+GGUF by llama.cpp's own converter and quantized to Q8_0, Q4_K_M (with an importance matrix from the calibration
+text when `--llama-cpp-bin` has llama-imatrix and llama-quantize) and Q4_0, so both start from the same weights. Reports prefill ms, decode tok/s (wall and per CPU-second),
 perplexity on the built-in evaluation text (same token ids for every engine), peak RSS (each engine alone in a
 child process) and artifact size. Writes a table into docs/benchmarks.md.
 
     python scripts/bench_cpu.py --int4 artifacts/smollm2-int4 --int8 artifacts/smollm2-int8 --threads 1 2 \
         --torch-bf16 artifacts/smollm2-torch-bf16 --torch-int8 artifacts/smollm2-torch-int8 \
         --torch-int4 artifacts/smollm2-torch-int4
+    python scripts/bench_cpu.py --model /tmp/smollm2-offgrid --int4 OUT --int8 "" \
+        --llama-cpp-src LLAMA_CPP_DIR --llama-cpp-bin LLAMA_CPP_DIR/build/bin --section bench_offgrid
+
+LLAMA_CPP_DIR: the llama.cpp source vendored in llama-cpp-python's sdist (`pip download --no-binary :all:
+llama-cpp-python`, vendor/llama.cpp); its converter needs `gguf` and `sentencepiece`. Build the two tools with
+`cmake -S . -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-imatrix llama-quantize`.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -69,7 +78,7 @@ def gguf_path() -> Path:
 def requantize(src: Path, ftype: str, workdir: Path) -> Path:
     import llama_cpp
 
-    dst = workdir / f"smollm2-{ftype}.gguf"
+    dst = workdir / f"{src.stem}-{ftype}.gguf"
     if not dst.exists():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
@@ -80,12 +89,50 @@ def requantize(src: Path, ftype: str, workdir: Path) -> Path:
     return dst
 
 
+def convert_hf(model_dir: Path, llama_src: Path, workdir: Path) -> Path:
+    """The checkpoint in fp32 GGUF, written by llama.cpp's converter (so llama.cpp starts from the same weights)."""
+    dst = workdir / "model-f32.gguf"
+    subprocess.run([sys.executable, str(llama_src / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", "f32",
+                    "--outfile", str(dst)], check=True, capture_output=True, text=True,
+                   env={**os.environ, "PYTHONPATH": str(llama_src / "gguf-py")})
+    return dst
+
+
+def quantize_with_imatrix(src: Path, ftype: str, bin_dir: Path, threads: int, workdir: Path) -> Path:
+    """llama.cpp's importance matrix from the calibration text (never the evaluation text), then `ftype` with it."""
+    calib = workdir / "calibration.txt"
+    calib.write_text(data.builtin_path("builtin:calibration").read_text(encoding="utf-8"), encoding="utf-8")
+    imatrix = workdir / "imatrix.gguf"
+    subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(src), "-f", str(calib), "-o", str(imatrix), "-c", "512",
+                    "-t", str(threads)], check=True, capture_output=True, text=True)
+    dst = workdir / f"{src.stem}-{ftype.lower()}-imatrix.gguf"
+    subprocess.run([str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix), str(src), str(dst), ftype.upper()],
+                   check=True, capture_output=True, text=True)
+    return dst
+
+
+def gguf_engines(a, tmp: Path) -> list[tuple[str, Path]]:
+    if a.model == "builtin:smollm2-135m":
+        src = gguf_path()
+        return [("llama.cpp Q4_1 (shipped GGUF)", src), ("llama.cpp Q8_0", requantize(src, "q8_0", tmp)),
+                ("llama.cpp Q4_0", requantize(src, "q4_0", tmp))]
+    if not a.llama_cpp_src:
+        raise SystemExit("--model DIR needs --llama-cpp-src (llama.cpp source with convert_hf_to_gguf.py) for the "
+                         "llama.cpp rows, or --no-llama-cpp")
+    f32 = convert_hf(Path(a.model), Path(a.llama_cpp_src), tmp)
+    rows = [("llama.cpp Q8_0", requantize(f32, "q8_0", tmp)), ("llama.cpp Q4_K_M", requantize(f32, "q4_k_m", tmp))]
+    if a.llama_cpp_bin:
+        rows.append(("llama.cpp Q4_K_M + imatrix",
+                     quantize_with_imatrix(f32, "q4_k_m", Path(a.llama_cpp_bin), max(a.threads), tmp)))
+    return rows + [("llama.cpp Q4_0", requantize(f32, "q4_0", tmp))]
+
+
 def make_runner(kind: str, arg: str, threads: int, model=None):
     if kind == "torch":
         from optpipe.targets.torch_eager import TorchEagerRunner
 
         if model is None:
-            model, _, _ = models.load(ModelSpec(source="builtin:smollm2-135m"))
+            model, _, _ = models.load(ModelSpec(source=arg))
         return TorchEagerRunner(model, threads)
     if kind == "onnx":
         from optpipe.targets.cpu_onnx import CpuOnnxTarget
@@ -119,6 +166,11 @@ def child_rss(kind: str, arg: str, threads: int, prompt: list[int], new_tokens: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:smollm2-135m", help="the reference checkpoint (HF directory) the "
+                    "artifacts were built from; llama.cpp rows convert it (see --llama-cpp-src)")
+    ap.add_argument("--llama-cpp-src", default=None, help="llama.cpp source directory (convert_hf_to_gguf.py)")
+    ap.add_argument("--llama-cpp-bin", default=None, help="directory with llama-imatrix and llama-quantize: adds "
+                    "Q4_K_M with an importance matrix")
     ap.add_argument("--int4", default="artifacts/smollm2-int4")
     ap.add_argument("--int8", default="artifacts/smollm2-int8")
     for fmt in ("bf16", "int8", "int4"):
@@ -130,15 +182,16 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--eval-tokens", type=int, default=EVALUATION_TOKENS, help="perplexity text length (tokens)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "bench_cpu.json"))
     a = ap.parse_args()
 
-    model, tok, _ = models.load(ModelSpec(source="builtin:smollm2-135m"))
-    ev = data.token_windows(DataSpec(source="builtin:evaluation", window=512, max_tokens=EVALUATION_TOKENS), tok, None, "evaluation")
+    model, tok, _ = models.load(ModelSpec(source=a.model))
+    ev = data.token_windows(DataSpec(source="builtin:evaluation", window=512, max_tokens=a.eval_tokens), tok, None, "evaluation")
     prompt = np.concatenate(ev.windows)[: a.prompt_tokens]
-    engines = [("PyTorch eager fp32", "torch", "", None)]
+    engines = [("PyTorch eager fp32", "torch", a.model, None)]
     for label, kind, path in ([("optpipe cpu-onnx INT8", "onnx", a.int8), ("optpipe cpu-onnx INT4", "onnx", a.int4)]
                               + [(f"optpipe cpu-torch {f.upper()}", "torch-artifact", getattr(a, f"torch_{f}"))
                                  for f in ("bf16", "int8", "int4")]
@@ -155,10 +208,7 @@ def main() -> int:
             print("llama-cpp-python not installed (pip install -e '.[bench]'): llama.cpp rows skipped", file=sys.stderr)
             have_llama = False
     if have_llama:
-        src = gguf_path()
-        for label, path in (("llama.cpp Q4_1 (shipped GGUF)", src), ("llama.cpp Q8_0", requantize(src, "q8_0", tmp)),
-                            ("llama.cpp Q4_0", requantize(src, "q4_0", tmp))):
-            engines.append((label, "llama", str(path), path))
+        engines += [(label, "llama", str(path), path) for label, path in gguf_engines(a, tmp)]
 
     results = {name: {"size_mb": round(dir_size(p) / 1e6, 1) if p else None} for name, *_ , p in engines}
     # perplexity (1 thread build of each runner is enough; same token ids everywhere)
@@ -198,7 +248,7 @@ def main() -> int:
     date = datetime.date.today().isoformat()
     env = hw.environment()
     lines = [f"<!-- {a.section}: generated by scripts/bench_cpu.py on {date} -->",
-             f"Machine: {env['cpu']}, {env['logical_cpus']} CPUs, ISA: "
+             f"Model: {a.model}. Machine: {env['cpu']}, {env['logical_cpus']} CPUs, ISA: "
              f"{', '.join(k for k, v in env['isa'].items() if v)}; onnxruntime {env['versions'].get('onnxruntime')}, "
              f"torch {env['versions'].get('torch')}. Date: {date}. Prompt {a.prompt_tokens} tokens, {a.new_tokens} new "
              f"tokens, greedy, batch 1, median of {a.rounds} interleaved rounds. Perplexity on the built-in evaluation "
