@@ -46,16 +46,24 @@ def test_save_writes_one_data_file_and_says_what_it_holds(tiny_llama, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
-@pytest.mark.parametrize("static", [True, False])
-def test_the_artifact_runs_in_onnxruntime_genai_unchanged(tiny_llama, tmp_path, static):
-    """onnxruntime-genai's C++ loop on the saved directory: the same greedy tokens as optpipe's runner."""
+@pytest.mark.parametrize("static,quantized", [(True, False), (False, False), (True, True)])
+def test_the_artifact_runs_in_onnxruntime_genai_unchanged(tiny_llama, tmp_path, static, quantized):
+    """onnxruntime-genai's C++ loop on the saved directory: the same greedy tokens as optpipe's runner (also with
+    INT4 MatMulNBits and the embedding in GatherBlockQuantized reading the head's blocks)."""
     import onnxruntime_genai as og
+
+    from optpipe.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbedding
+    from optpipe.passes.quantize_int4 import Int4Config, QuantizeInt4
 
     model, tokenizer, _ = models.load(ModelSpec(source=str(tiny_llama)))
     state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=128)), tokenizer=tokenizer)
     Fuse(FuseConfig()).call(state, PassContext())
     if static:
         StaticKVCache(StaticKVConfig(max_length=96)).call(state, PassContext())
+    if quantized:
+        QuantizeInt4(Int4Config(exclude=[])).call(state, PassContext())
+        QuantizeEmbedding(EmbeddingConfig()).call(state, PassContext())
+        assert "GatherBlockQuantized" in {n.op_type for n in state.onnx_model.graph.node}
     CpuOnnxTarget().save(state, tmp_path / "art")
     prompt = np.arange(20, 44)
     want = CpuOnnxTarget().load(tmp_path / "art", threads=1).generate(prompt, 24).tokens
