@@ -29,6 +29,9 @@ from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder, set_metadata
 NEG = float(np.finfo(np.float32).min)
 
 
+PROTO_LIMIT = (1 << 31) - 1  # protobuf's limit on one serialized message
+
+
 class ExportConfig(PassConfig):
     method: Literal["auto", "family", "generic"] = Field(
         "auto", description="family: written from the architecture description (fast, fusable); generic: traced "
@@ -386,6 +389,8 @@ class Export(Pass):
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         streaming = state.torch_model is None and state.checkpoint is not None
+        if not streaming:
+            self._fits_in_a_proto(state.torch_model)
         source = state.checkpoint if streaming else state.torch_model
         how = route(self.config.method, source.config.model_type)
         if how == "generic":
@@ -408,3 +413,13 @@ class Export(Pass):
         else:
             notes.append("output check against PyTorch disabled by the recipe (check: off)")
         return PassResult(True, changes, notes)
+
+    @staticmethod
+    def _fits_in_a_proto(model) -> None:
+        """An in-memory graph is one protobuf message (2 GiB at most): say so before exporting, not as a
+        serialization error after it."""
+        size = sum(p.numel() * 4 for p in model.parameters())  # the graph's weights are fp32
+        if size > PROTO_LIMIT:
+            raise BuildError(f"export: the model's weights are {size / 1e9:.1f} GB in fp32, over the 2 GiB an ONNX "
+                             "graph held in memory can have: set `model: {source: ..., streaming: true}` (the "
+                             "streaming build writes the weights beside the graph; docs/recipes.md)")
