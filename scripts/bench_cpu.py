@@ -149,6 +149,51 @@ def make_runner(kind: str, arg: str, threads: int, model=None):
     return LlamaCppRunner(arg, threads)
 
 
+def read_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """Memory read bandwidth (GB/s): a float32 array of `gib` GiB summed with `threads` threads, best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def bytes_per_token(kind: str, arg: str, model) -> int | None:
+    """Weight bytes one decode step reads: every weight but an embedding table only looked up by row."""
+    if kind == "torch":
+        emb = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        return total - (0 if head.data_ptr() == emb.data_ptr() else emb.numel() * emb.element_size())
+    if kind == "onnx":
+        import onnx
+
+        m = onnx.load(str(Path(arg) / "model.onnx"), load_external_data=False)
+        lookups = {"Gather", "GatherBlockQuantized"}
+        readers: dict[str, set] = {}
+        for n in m.graph.node:
+            for i in n.input:
+                readers.setdefault(i, set()).add(n.op_type)
+        total = 0
+        for t in m.graph.initializer:
+            if readers.get(t.name, set()) <= lookups:
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+        return total
+    if kind == "llama":
+        from gguf import GGUFReader
+
+        tensors = {t.name: int(t.n_bytes) for t in GGUFReader(arg).tensors}
+        return sum(tensors.values()) - (tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0)
+    return None
+
+
 def dir_size(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -177,6 +222,7 @@ def main() -> int:
         ap.add_argument(f"--torch-{fmt}", default=None, help=f"a cpu-torch {fmt} artifact (row left out when absent)")
     for fmt in ("fp32", "bf16", "int4"):
         ap.add_argument(f"--ipex-{fmt}", default=None, help=f"a cpu-ipex {fmt} artifact (only in the IPEX environment)")
+    ap.add_argument("--onnx", nargs="*", default=[], metavar="LABEL=DIR", help="more cpu-onnx artifacts as rows")
     ap.add_argument("--section", default="bench_cpu", help="marker name of the table in the doc (bench_cpu_ipex: IPEX)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -184,6 +230,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eval-tokens", type=int, default=EVALUATION_TOKENS, help="perplexity text length (tokens)")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="no perplexity (random-weight checkpoints: "
+                    "scripts/make_synthetic_checkpoint.py --shape llama-1b); adds bandwidth efficiency columns")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "bench_cpu.json"))
     a = ap.parse_args()
@@ -193,6 +241,7 @@ def main() -> int:
     prompt = np.concatenate(ev.windows)[: a.prompt_tokens]
     engines = [("PyTorch eager fp32", "torch", a.model, None)]
     for label, kind, path in ([("optpipe cpu-onnx INT8", "onnx", a.int8), ("optpipe cpu-onnx INT4", "onnx", a.int4)]
+                              + [(f"optpipe cpu-onnx {x.split('=', 1)[0]}", "onnx", x.split("=", 1)[1]) for x in a.onnx]
                               + [(f"optpipe cpu-torch {f.upper()}", "torch-artifact", getattr(a, f"torch_{f}"))
                                  for f in ("bf16", "int8", "int4")]
                               + [(f"optpipe cpu-ipex {f.upper()}", "ipex-artifact", getattr(a, f"ipex_{f}"))
@@ -213,7 +262,7 @@ def main() -> int:
     results = {name: {"size_mb": round(dir_size(p) / 1e6, 1) if p else None} for name, *_ , p in engines}
     # perplexity (1 thread build of each runner is enough; same token ids everywhere)
     ref_nll = None
-    for name, kind, arg, _ in engines:
+    for name, kind, arg, _ in ([] if a.speed_only else engines):
         r = make_runner(kind, arg, a.threads[0], model)
         nll = n = 0.0
         for w in ev.windows:
@@ -241,6 +290,9 @@ def main() -> int:
                                             "decode_tok_s": round(statistics.median(x[1] for x in v), 1),
                                             "tok_per_cpu_s": round(statistics.median(x[2] for x in v), 1)}
         del runners
+    bandwidth = read_bandwidth(max(a.threads))
+    for name, kind, arg, _ in engines:
+        results[name]["bytes_per_token"] = bytes_per_token(kind, arg, model)
     for name, kind, arg, _ in engines:
         results[name]["peak_rss_mib"] = round(child_rss(kind, arg, a.threads[0], [int(t) for t in prompt], 16))
 
@@ -251,24 +303,35 @@ def main() -> int:
              f"Model: {a.model}. Machine: {env['cpu']}, {env['logical_cpus']} CPUs, ISA: "
              f"{', '.join(k for k, v in env['isa'].items() if v)}; onnxruntime {env['versions'].get('onnxruntime')}, "
              f"torch {env['versions'].get('torch')}. Date: {date}. Prompt {a.prompt_tokens} tokens, {a.new_tokens} new "
-             f"tokens, greedy, batch 1, median of {a.rounds} interleaved rounds. Perplexity on the built-in evaluation "
-             f"text ({ev.tokens} tokens, windows of 512, same token ids for every engine).", "",
+             f"tokens, greedy, batch 1, median of {a.rounds} interleaved rounds. "
+             + ("No perplexity (--speed-only). " if a.speed_only else
+                f"Perplexity on the built-in evaluation text ({ev.tokens} tokens, windows of 512, same token ids for "
+                "every engine). ")
+             + f"Memory read bandwidth {bandwidth:.1f} GB/s ({max(a.threads)} threads, 1 GiB summed); bandwidth "
+             f"efficiency = weight bytes read per decoded token × {max(a.threads)}T decode tok/s ÷ that.", "",
              "| engine | ppl | Δppl vs fp32 | " + " | ".join(
                  f"{t}T prefill ms | {t}T decode tok/s | {t}T × eager | {t}T tok/CPU-s" for t in a.threads)
-             + " | peak RSS MiB | size MB |",
-             "|---|---|---|" + "---|---|---|---|" * len(a.threads) + "---|---|"]
+             + " | MB read / token | bandwidth eff. | peak RSS MiB | size MB |",
+             "|---|---|---|" + "---|---|---|---|" * len(a.threads) + "---|---|---|---|"]
     for name, r in results.items():
-        cells = [f"{r['ppl']:.3f}", f"{r['ppl_delta_pct']:+.2f}%"]
+        results[name]["bandwidth_efficiency"] = None
+        cells = [f"{r['ppl']:.3f}", f"{r['ppl_delta_pct']:+.2f}%"] if "ppl" in r else ["–", "–"]
         for t in a.threads:
             x = r[f"t{t}"]
             cells += [str(x["prefill_ms"]), str(x["decode_tok_s"]), f"{x['decode_tok_s'] / eager[t]:.2f}",
                       str(x["tok_per_cpu_s"])]
+        per_token = r["bytes_per_token"]
+        if per_token:
+            r["bandwidth_efficiency"] = per_token * r[f"t{max(a.threads)}"]["decode_tok_s"] / (bandwidth * 1e9)
+        cells += [f"{per_token / 1e6:.0f}" if per_token else "–",
+                  f"{100 * r['bandwidth_efficiency']:.0f}%" if per_token else "–"]
         cells += [str(r["peak_rss_mib"]), str(r["size_mb"]) if r["size_mb"] else "–"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     json_path = Path(a.json) if a.section == "bench_cpu" else Path(a.json).with_name(f"{a.section}.json")
-    json_path.write_text(json.dumps({"date": date, "environment": env, "results": results}, indent=2))
+    json_path.write_text(json.dumps({"date": date, "environment": env, "read_bandwidth_gb_s": round(bandwidth, 2),
+                                     "results": results}, indent=2))
     write_section(Path(a.doc), a.section, table)
     return 0
 

@@ -4,6 +4,10 @@ safetensors shards, a byte-level tokenizer) so the streaming build can be exerci
 
     python scripts/make_synthetic_checkpoint.py models/llama2-13b-synthetic            # all 40 layers, ~26 GB
     python scripts/make_synthetic_checkpoint.py models/llama2-13b-4layers --layers 4   # same shapes, 4 layers
+    python scripts/make_synthetic_checkpoint.py models/llama-1b --shape llama-1b       # TinyLlama-1.1B's shapes
+
+`llama-1b` (decode-bandwidth benchmarks, `scripts/bench_cpu.py --model ... --speed-only`) takes SmolLM2's tokenizer
+and vocabulary size (49,152), so llama.cpp's converter recognises the tokenizer and both engines share token ids.
 
 Tensors are generated and written one at a time (peak memory: one tensor), into shards of ~`--shard-gb`.
 Weights are N(0, 0.02) like a fresh Llama init, norms are 1; the model is noise, but the shapes, dtypes,
@@ -27,6 +31,14 @@ LLAMA2_13B = {
     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
     "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
 }
+
+
+LLAMA_1B = {  # TinyLlama-1.1B's layer shapes (grouped-query attention, 4 KV heads) with SmolLM2's vocabulary
+    **LLAMA2_13B, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+    "num_key_value_heads": 4, "vocab_size": 49152, "max_position_embeddings": 2048, "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+SHAPES = {"llama2-13b": LLAMA2_13B, "llama-1b": LLAMA_1B}
 
 
 def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -92,11 +104,13 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--layers", type=int, default=40)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-13b")
+    ap.add_argument("--layers", type=int, default=None, help="default: the shape's own depth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=5.0)
     a = ap.parse_args()
-    cfg = {**LLAMA2_13B, "num_hidden_layers": a.layers}
+    base = SHAPES[a.shape]
+    cfg = {**base, "num_hidden_layers": a.layers or base["num_hidden_layers"]}
     a.out.mkdir(parents=True, exist_ok=True)
     specs = tensor_specs(cfg)
     total = sum(2 * math.prod(s) for _, s in specs)
@@ -117,8 +131,15 @@ def main() -> int:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (a.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     (a.out / "config.json").write_text(json.dumps(cfg, indent=1))
-    byte_tokenizer().save_pretrained(str(a.out))
-    print(f"{a.out}: {len(specs)} tensors, {total / 1e9:.1f} GB in {len(shards)} shards, {a.layers} layers")
+    if a.shape == "llama-1b":
+        from optpipe import models
+        from optpipe.recipe import ModelSpec
+
+        models.load(ModelSpec(source="builtin:smollm2-135m"))[1].save_pretrained(str(a.out))
+    else:
+        byte_tokenizer().save_pretrained(str(a.out))
+    print(f"{a.out}: {len(specs)} tensors, {total / 1e9:.1f} GB in {len(shards)} shards, "
+          f"{cfg['num_hidden_layers']} layers")
     return 0
 
 
