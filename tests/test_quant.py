@@ -200,3 +200,9 @@ def test_one_selector_names_why_each_weight_was_left_out():
     assert skipped == {"model.layers.0.mlp.down_proj": "excluded by pattern 'down_proj$'",
                        "model.layers.1.mlp.down_proj": "not matched by include"}
     assert _quant.select(names, [], [])[0] == names  # empty include: everything
+
+
+def test_unpack_bits_undoes_pack_bits():
+    codes = np.random.default_rng(0).integers(0, 16, (3, 7)).astype(np.uint8)
+    padded = np.concatenate([codes, np.zeros((3, 1), np.uint8)], axis=1)
+    assert (_quant.unpack_bits(_quant.pack_bits(padded, 4), 4, 7) == codes).all()

@@ -292,6 +292,13 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """pack_bits undone along the last axis: the first `count` codes, one a byte."""
+    per = 8 // bits
+    codes = np.stack([(packed >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)
+
+
 def pack_matmulnbits(qw: QuantizedWeight, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(B [N, nb, block*bits/8] uint8, scales [N*nb] float32, zero_points uint8 [N*ceil(nb*bits/8)])."""
     n, nb, block = qw.q.shape

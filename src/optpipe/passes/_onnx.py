@@ -149,17 +149,25 @@ class GraphEdit:
 
         return _lazy.array(self.inits[name])
 
-    def concat(self, new_name: str, names: list[str], axis: int) -> onnx.TensorProto:
-        """Initializers `names` concatenated; stays lazy (computed when written) if any of them is lazy."""
+    def derived(self, new_name: str, shape, dtype, fn, names: list[str]) -> onnx.TensorProto:
+        """fn(*arrays of initializers `names`) as a new initializer: computed now, or, if any of them is lazy,
+        when it is written (a streaming build)."""
         from .. import lazy as _lazy
 
         srcs = [self.inits[n] for n in names]
-        if not any(_lazy.is_lazy(t) for t in srcs):
-            return numpy_helper.from_array(np.concatenate([numpy_helper.to_array(t) for t in srcs], axis=axis), new_name)
+        shaped = lambda *a: np.asarray(fn(*a)).astype(dtype).reshape(shape)  # noqa: E731
+        if any(_lazy.is_lazy(t) for t in srcs):
+            return _lazy.derived(new_name, shape, dtype, shaped, *srcs)
+        return numpy_helper.from_array(np.ascontiguousarray(shaped(*(numpy_helper.to_array(t) for t in srcs))),
+                                       new_name)
+
+    def concat(self, new_name: str, names: list[str], axis: int) -> onnx.TensorProto:
+        """Initializers `names` concatenated; stays lazy (computed when written) if any of them is lazy."""
+        srcs = [self.inits[n] for n in names]
         shape = list(srcs[0].dims)
         shape[axis] = sum(t.dims[axis] for t in srcs)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(srcs[0].data_type)
-        return _lazy.derived(new_name, shape, dtype, lambda *a: np.concatenate(a, axis=axis), *srcs)
+        return self.derived(new_name, shape, dtype, lambda *a: np.concatenate(a, axis=axis), names)
 
     def commit(self) -> None:
         nodes = [n for n in self.model.graph.node if id(n) not in self.remove] + self.new_nodes

@@ -8,7 +8,7 @@ Run it after the weight quantizers: a sequential GPTQ walk reads the float embed
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -47,35 +47,12 @@ def _tied_head(model: onnx.ModelProto, vocab: int, hidden: int) -> onnx.NodeProt
     if metadata(model).get("optpipe.tied_embeddings") != "1":
         return None
     heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
-             and {a.name: a.i for a in n.attribute if a.name in ("N", "K")} == {"N": vocab, "K": hidden}]
+             and (_attrs(n)["N"], _attrs(n)["K"]) == (vocab, hidden)]
     return heads[0] if len(heads) == 1 else None
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, int]:
     return {a.name: a.i for a in node.attribute}
-
-
-class _Tensors:
-    """New initializers computed now from eager sources, or when written from lazy ones (streaming build)."""
-
-    def __init__(self, edit: GraphEdit):
-        self.edit = edit
-
-    def add(self, name: str, shape, dtype, fn: Callable[..., np.ndarray], *sources: onnx.TensorProto) -> str:
-        if any(_lazy.is_lazy(s) for s in sources):
-            self.edit.new_inits.append(_lazy.derived(name, shape, dtype, fn, *sources))
-        else:
-            arr = fn(*(numpy_helper.to_array(s) for s in sources)).astype(dtype).reshape(shape)
-            self.edit.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-
-def _unpack(packed: np.ndarray, bits: int, rows: int, blocks: int) -> np.ndarray:
-    """MatMulNBits zero points [rows * ceil(blocks*bits/8)] -> one code a byte [rows, blocks, 1]."""
-    per = 8 // bits
-    p = packed.reshape(rows, -1)
-    codes = np.stack([(p >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).reshape(rows, -1)
-    return codes[:, :blocks, None].astype(np.uint8)
 
 
 @register
@@ -91,7 +68,7 @@ class QuantizeEmbedding(Pass):
         c = self.config
         model = state.onnx_model
         edit = GraphEdit(model)
-        inits, t = edit.inits, _Tensors(edit)
+        inits = edit.inits
         gather = _embedding_gather(model, inits)
         src = inits[gather.input[0]]
         vocab, hidden = src.dims
@@ -102,13 +79,15 @@ class QuantizeEmbedding(Pass):
             bits, block = a["bits"], a["block_size"]
             nb = hidden // block
             data = head.input[1]  # [V, nb, block*bits/8]: the same bytes serve both
-            scales = t.add(base + ".scales", (vocab, nb, 1), np.float32, lambda s: s.reshape(vocab, nb, 1),
-                           inits[head.input[2]])
-            zeros = t.add(base + ".zero_points", (vocab, nb, 1), np.uint8,
-                          lambda z: _unpack(z, bits, vocab, nb), inits[head.input[3]])
-            residual_src = inits.get(head.name + ".zp_residual")  # [nb, V]: float zero points
-            residual = None if residual_src is None else t.add(
-                base + ".zp_residual", (vocab, nb), np.float32, lambda r: r.T, residual_src)
+            views = [(base + ".scales", (vocab, nb, 1), np.float32, lambda s: s, head.input[2]),
+                     (base + ".zero_points", (vocab, nb, 1), np.uint8,
+                      lambda z: _quant.unpack_bits(z.reshape(vocab, -1), bits, nb), head.input[3])]
+            if head.name + ".zp_residual" in inits:  # float zero points: the remainder, [nb, V] for MatMulNBits
+                views.append((base + ".zp_residual", (vocab, nb), np.float32, lambda r: r.T, head.name + ".zp_residual"))
+            edit.new_inits += [edit.derived(name, shape, dtype, fn, [src_name])
+                               for name, shape, dtype, fn, src_name in views]
+            scales, zeros = views[0][0], views[1][0]
+            residual = views[2][0] if len(views) > 2 else None
             how = f"shared with {head.name} ({state.handoff.quantized.get(head.name, f'int{bits} block{block}')})"
             error = None
         else:
