@@ -110,3 +110,26 @@ def test_streaming_build_writes_the_same_embedding(tiny_llama, tmp_path, share):
     a = optpipe.load(tmp_path / "mem", threads=1).logits(PROMPT)
     b = optpipe.load(tmp_path / "st", threads=1).logits(PROMPT)
     assert np.abs(a - b).max() < 1e-4
+
+
+@pytest.mark.parametrize("route", ["qwen2 family", "llama generic"])
+def test_other_families_and_the_generic_route_share_the_head_exactly(tiny_qwen2, tiny_llama, route):
+    """The lookup is found and shared by what the graph says (a Gather by input_ids, the tie in its metadata),
+    not by SmolLM2's names: a Qwen2 graph and a torch.onnx-traced graph share the head's blocks and keep its
+    quantization exactly (head and embedding on the grid: logits equal the float graph's)."""
+    from optpipe.passes.export import build_generic_graph
+
+    path = tiny_qwen2 if route.startswith("qwen2") else tiny_llama
+    model, _, _ = models.load(ModelSpec(source=str(path)))
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb.copy_(torch.from_numpy(_quant.rtn(emb.numpy(), 4, 32, "float").dequantize()))
+    cfg = ExportConfig(max_positions=256, method="generic" if "generic" in route else "auto")
+    proto = build_generic_graph(model, cfg) if "generic" in route else build_decoder_graph(model, cfg)
+    state = ModelState("onnx", onnx_model=proto)
+    want = OnnxDecoder.from_proto(state.onnx_model).logits(PROMPT)
+    QuantizeInt4(Int4Config(accuracy_level=0, include=["lm_head"], exclude=[])).call(state, PassContext())
+    res = QuantizeEmbedding(EmbeddingConfig()).call(state, PassContext())
+    assert res.changes["scheme"].startswith("shared with lm_head")
+    got = OnnxDecoder.from_proto(state.onnx_model).logits(PROMPT)
+    assert np.abs(got - want).max() < 1e-4
