@@ -116,9 +116,6 @@ def gguf_engines(a, tmp: Path) -> list[tuple[str, Path]]:
         src = gguf_path()
         return [("llama.cpp Q4_1 (shipped GGUF)", src), ("llama.cpp Q8_0", requantize(src, "q8_0", tmp)),
                 ("llama.cpp Q4_0", requantize(src, "q4_0", tmp))]
-    if not a.llama_cpp_src:
-        raise SystemExit("--model DIR needs --llama-cpp-src (llama.cpp source with convert_hf_to_gguf.py) for the "
-                         "llama.cpp rows, or --no-llama-cpp")
     f32 = convert_hf(Path(a.model), Path(a.llama_cpp_src), tmp)
     rows = [("llama.cpp Q8_0", requantize(f32, "q8_0", tmp)), ("llama.cpp Q4_K_M", requantize(f32, "q4_k_m", tmp))]
     if a.llama_cpp_bin:
@@ -235,6 +232,11 @@ def main() -> int:
     ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--json", default=str(ROOT / "docs" / "bench_cpu.json"))
     a = ap.parse_args()
+    if a.model != "builtin:smollm2-135m" and not a.no_llama_cpp and not a.llama_cpp_src:
+        ap.error("--model DIR needs --llama-cpp-src (llama.cpp source with convert_hf_to_gguf.py) for the "
+                 "llama.cpp rows, or --no-llama-cpp")
+    if a.llama_cpp_src and not (Path(a.llama_cpp_src) / "convert_hf_to_gguf.py").is_file():
+        ap.error(f"--llama-cpp-src {a.llama_cpp_src}: no convert_hf_to_gguf.py there")
 
     model, tok, _ = models.load(ModelSpec(source=a.model))
     ev = data.token_windows(DataSpec(source="builtin:evaluation", window=512, max_tokens=a.eval_tokens), tok, None, "evaluation")
