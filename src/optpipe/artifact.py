@@ -21,6 +21,7 @@ from .errors import ArtifactError
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
+HTML_REPORT = "report.html"
 SCHEMA_VERSION = 1
 
 
@@ -99,10 +100,15 @@ def gate_record(gates: dict, evaluation: dict | None = None) -> dict:
     summary.update({f"gates.{g}.{k}": gates[g].metrics.get(k) for g in SUMMARY_KEYS if g in gates
                     for k in SUMMARY_KEYS[g]})
     out["summary"] = summary
-    out["failures"] = [f"{name}: {f}" for name, g in gates.items() for f in g.failures]
+    out["failures"] = failures(out["gates"])
     if evaluation is not None:
         out["evaluation"] = evaluation
     return out
+
+
+def failures(gates_json: dict) -> list[str]:
+    """Every gate's failure messages from a manifest's `gates` section, named by gate (as gate_record lists them)."""
+    return [f"{name}: {f}" for name, g in gates_json.items() for f in g.get("failures", [])]
 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:

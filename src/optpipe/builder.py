@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifact, data, hw, models, preflight, references
+from . import artifact, data, htmlreport, hw, models, preflight, references
 from .errors import GateFailed, RecipeError
 from .gates import GateResult, accuracy, coverage, generation, speed
 from .gates import tasks as task_gate
@@ -44,7 +44,7 @@ def _as_recipe(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, str]:
     return load_recipe(recipe, allow_plugins=allow_plugins), str(recipe)
 
 
-def _threads(given: int | None, recipe: Recipe, source: str) -> tuple[int, bool]:
+def thread_setting(given: int | None, recipe: Recipe, source: str) -> tuple[int, bool]:
     """The thread count, and whether the user fixed it (--threads, gates.speed.threads) or it is the default."""
     try:
         if given is not None:
@@ -133,11 +133,10 @@ def quantize_intent(pass_records: list[dict]) -> list[tuple[str, int | None]]:
             if "layers_quantized" in r["changes"]]
 
 
-def run_gates(recipe: Recipe, target, refs: references.References, candidate, eval_windows, threads: int,
-              log=print, saved: dict | None = None, intent: list | None = None,
-              tokenizer=None) -> dict[str, GateResult]:
-    """Every gate, candidate against `refs` (accuracy and generation against refs.accuracy, speed against
-    refs.speed)."""
+def quality_gates(recipe: Recipe, refs: references.References, candidate, eval_windows, log=print,
+                  intent: list | None = None, tokenizer=None) -> dict[str, GateResult]:
+    """The gates that compare outputs (coverage, accuracy, generation, tasks): machine-independent work, which tune
+    may spread over workers."""
     reference = refs.accuracy
     log("coverage gate: the precision every linear of the artifact runs in")
     cov = coverage.check(coverage.measure(candidate.precisions()), recipe.gates.coverage, intent or [])
@@ -148,7 +147,7 @@ def run_gates(recipe: Recipe, target, refs: references.References, candidate, ev
     gen = generation.check(generation.measure(
         reference, candidate, generation.prompts(eval_windows.windows, gen_gate.prompts, gen_gate.prompt_tokens),
         gen_gate.new_tokens, eval_windows.eos_token_id), gen_gate)
-    extra = {}
+    out = {"accuracy": acc, "coverage": cov, "generation": gen}
     acc_gate = recipe.gates.accuracy
     if acc_gate.tasks:
         log(f"task gate: {', '.join(t.name for t in acc_gate.tasks)} (lm-eval) on the reference and the candidate")
@@ -157,13 +156,18 @@ def run_gates(recipe: Recipe, target, refs: references.References, candidate, ev
                                          recipe.evaluation.window)
         except ValueError as e:  # a metric the task does not report
             raise RecipeError(f"gates.accuracy.tasks: {e}") from None
-        extra["tasks"] = task_gate.check(measured, acc_gate.tasks, acc_gate.decide_on)
+        out["tasks"] = task_gate.check(measured, acc_gate.tasks, acc_gate.decide_on)
+    return out
+
+
+def speed_gate(recipe: Recipe, target, refs: references.References, candidate, eval_windows, threads: int,
+               log=print, saved: dict | None = None, skip: str | None = None) -> GateResult:
+    """The paired speed gate against refs.speed (not measured when the target cannot be timed here, or `skip`)."""
     g = recipe.gates.speed
-    why = speed_unmeasurable_reason(target)
-    if why:  # check_speed_measurable already refused this unless the recipe allows it
+    why = speed_unmeasurable_reason(target) or skip
+    if why:  # check_speed_measurable already refused an unmeasurable target unless the recipe allows it
         log(f"speed gate: not measured ({why})")
-        return {"accuracy": acc, "speed": GateResult("speed", None, {"reason": why}, g.model_dump(), []),
-                "coverage": cov, "generation": gen, **extra}
+        return GateResult("speed", None, {"reason": why}, g.model_dump(), [])
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats}-{g.max_repeats} paired "
         f"rounds (until the {g.decide_on} speedup decides), {threads} thread(s)")
     spd = speed.check(speed.measure(refs.speed, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
@@ -171,7 +175,67 @@ def run_gates(recipe: Recipe, target, refs: references.References, candidate, ev
     hint = target.speed_failure_hint(saved) if spd.failures else None
     if hint:
         spd.failures.append(hint)
-    return {"accuracy": acc, "speed": spd, "coverage": cov, "generation": gen, **extra}
+    return spd
+
+
+def run_gates(recipe: Recipe, target, refs: references.References, candidate, eval_windows, threads: int,
+              log=print, saved: dict | None = None, intent: list | None = None,
+              tokenizer=None) -> dict[str, GateResult]:
+    """Every gate, candidate against `refs` (accuracy and generation against refs.accuracy, speed against
+    refs.speed)."""
+    quality = quality_gates(recipe, refs, candidate, eval_windows, log, intent, tokenizer)
+    spd = speed_gate(recipe, target, refs, candidate, eval_windows, threads, log, saved)
+    return {"accuracy": quality["accuracy"], "speed": spd, **{k: v for k, v in quality.items() if k != "accuracy"}}
+
+
+def compose_manifest(verdict: dict, recipe: Recipe, source: str, facts, resolved, config, labels: dict, saved: dict,
+                     pass_records: list[dict], data_record: dict, *, build_seconds: float, stages: dict,
+                     peak_rss_mib: dict, extra: dict | None = None) -> dict:
+    """manifest.json's content (before the file table): what was built, from what, and what the gates measured.
+    `build` and `tune` both write it; `extra` adds sections (tune: the search trace)."""
+    return {
+        "status": verdict["status"],
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(build_seconds, 1),
+        "stage_seconds": stages,
+        "peak_rss_mib": peak_rss_mib,
+        "recipe_file": None if source == "<recipe>" else str(Path(source)),
+        "recipe": recipe.resolved(),
+        "model": {**resolved.describe(), "model_type": facts.model_type,
+                  "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
+                  "architectures": list(config.architectures or []), "streaming": recipe.model.streaming},
+        "reference": labels["accuracy"],
+        "speed_baseline": labels["speed"],
+        "target": {"name": recipe.target, **saved},
+        "passes": pass_records,
+        "data": data_record,
+        "gates": verdict["gates"],
+        "summary": verdict["summary"],
+        "environment": hw.environment(),
+        **(extra or {}),
+    }
+
+
+def finish(staging: artifact.Staging, manifest: dict, out: Path, keep_rejected: bool, overwrite: bool,
+           html: str | None = None) -> BuildResult:
+    """Write the reports and the manifest into staging, then emit it (every gate passed) or refuse it (GateFailed,
+    nothing at `out`; with keep_rejected the candidate is moved beside it)."""
+    manifest["report"] = artifact.REPORT
+    report = artifact.render_report(manifest)
+    (staging.path / artifact.REPORT).write_text(report, encoding="utf-8")
+    if html is not None:
+        (staging.path / artifact.HTML_REPORT).write_text(html, encoding="utf-8")
+    manifest = artifact.write_manifest(staging.path, manifest)
+    if manifest["status"] != "passed":
+        kept = staging.reject(keep_rejected)
+        failures = artifact.failures(manifest["gates"])
+        msg = "artifact refused, nothing written to {}:\n  - {}".format(out, "\n  - ".join(failures))
+        if kept:
+            msg += f"\nrejected candidate kept at {kept}"
+        raise GateFailed(msg, report={"manifest": manifest, "rejected_path": str(kept) if kept else None})
+    ident = artifact.digest(staging.path)
+    path = staging.emit(overwrite)
+    return BuildResult(True, manifest["summary"], path, manifest, None, report, ident)
 
 
 def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = False, overwrite: bool = False,
@@ -189,7 +253,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     out = Path(out)
     if out.exists() and not overwrite:
         raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
-    threads, fixed_threads = _threads(threads, recipe, source)
+    threads, fixed_threads = thread_setting(threads, recipe, source)
 
     streaming = recipe.model.streaming
     if streaming:
@@ -244,40 +308,13 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         stages["gates"] = round(time.perf_counter() - t, 1)
         del candidate
         verdict = artifact.gate_record(gates)
-        manifest = {
-            "status": verdict["status"],
-            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(time.perf_counter() - t_start, 1),
-            "stage_seconds": stages,
-            "peak_rss_mib": {"build": build_peak, "with_gates": hw.peak_rss_mib()},
-            "recipe_file": None if source == "<recipe>" else str(Path(source)),
-            "recipe": recipe.resolved(),
-            "model": {**resolved.describe(), "model_type": facts.model_type,
-                      "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
-                      "architectures": list(config.architectures or []), "streaming": streaming},
-            "reference": refs.labels["accuracy"],
-            "speed_baseline": refs.labels["speed"],
-            "target": {"name": recipe.target, **saved},
-            "passes": [r.to_json() for r in records],
-            "data": {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
-                     "evaluation": eval_windows.describe()},
-            "gates": verdict["gates"],
-            "summary": verdict["summary"],
-            "environment": hw.environment(),
-        }
-        manifest["report"] = artifact.REPORT
-        report = artifact.render_report(manifest)
-        (staging.path / artifact.REPORT).write_text(report, encoding="utf-8")
-        manifest = artifact.write_manifest(staging.path, manifest)
-        if verdict["status"] != "passed":
-            kept = staging.reject(keep_rejected)
-            msg = "artifact refused, nothing written to {}:\n  - {}".format(out, "\n  - ".join(verdict["failures"]))
-            if kept:
-                msg += f"\nrejected candidate kept at {kept}"
-            raise GateFailed(msg, report={"manifest": manifest, "rejected_path": str(kept) if kept else None})
-        ident = artifact.digest(staging.path)
-        path = staging.emit(overwrite)
-        return BuildResult(True, manifest["summary"], path, manifest, None, report, ident)
+        manifest = compose_manifest(
+            verdict, recipe, source, facts, resolved, config, refs.labels, saved, [r.to_json() for r in records],
+            {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
+             "evaluation": eval_windows.describe()},
+            build_seconds=time.perf_counter() - t_start, stages=stages,
+            peak_rss_mib={"build": build_peak, "with_gates": hw.peak_rss_mib()})
+        return finish(staging, manifest, out, keep_rejected, overwrite, htmlreport.render_build(manifest))
     except BaseException:
         staging.discard()
         raise
@@ -321,7 +358,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
             recipe = regression_gates(recipe, against, max_ppl_delta_pct, max_decode_slowdown_pct)
         except ValueError as e:  # pydantic: a tolerance out of bounds
             raise RecipeError(f"--against: {e}") from None
-    threads, fixed_threads = _threads(threads, recipe, where)
+    threads, fixed_threads = thread_setting(threads, recipe, where)
     target = get_target(recipe.target)
     target.preflight()
     check_speed_measurable(recipe, target, where)

@@ -337,10 +337,14 @@ def cpu_refusal(recipe) -> str | None:
     return None
 
 
-def run_passes(passes: list[Pass], state: ModelState, ctx: PassContext, log=print) -> list[PassRecord]:
+def run_passes(passes: list[Pass], state: ModelState, ctx: PassContext, log=print, *, first: int = 0,
+               total: int | None = None, after=None) -> list[PassRecord]:
+    """Run `passes` in order on `state`. `first`/`total`: their place in a longer chain whose earlier passes already
+    ran (tune resumes from a shared prefix); `after(i, state, records)` is called after each pass."""
     records = []
-    for i, p in enumerate(passes):
-        log(f"[{i + 1}/{len(passes)}] {p.name} ...")
+    total = total or first + len(passes)
+    for i, p in enumerate(passes, first):
+        log(f"[{i + 1}/{total}] {p.name} ...")
         t0 = time.perf_counter()
         try:
             result = p.call(state, ctx)
@@ -355,4 +359,6 @@ def run_passes(passes: list[Pass], state: ModelState, ctx: PassContext, log=prin
         records.append(rec)
         summary = ", ".join(f"{k}={v}" for k, v in result.changes.items() if not isinstance(v, (dict, list)))
         log(f"    done in {seconds:.1f}s{': ' + summary if summary else ''}")
+        if after is not None:
+            after(i, state, records)
     return records

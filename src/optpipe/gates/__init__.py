@@ -18,3 +18,10 @@ class GateResult:
                   "inconclusive" if self.inconclusive else "failed")
         return {"status": status, "passed": self.passed, **self.metrics, "thresholds": self.thresholds,
                 "failures": self.failures}
+
+    @classmethod
+    def from_json(cls, name: str, record: dict) -> GateResult:
+        """Back from `to_json` (tune keeps gate results in its cache)."""
+        rest = {k: v for k, v in record.items() if k not in ("status", "passed", "thresholds", "failures")}
+        return cls(name, record["passed"], rest, record["thresholds"], list(record["failures"]),
+                   record["status"] == "inconclusive")
