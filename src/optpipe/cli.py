@@ -1,4 +1,4 @@
-"""`optpipe` command line: build, gate, validate, inspect, verify, doctor, passes, targets."""
+"""`optpipe` command line: build, tune, gate, validate, inspect, verify, doctor, passes, targets."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,7 @@ EXIT_CODES = """exit codes:
 
 EXAMPLES = """examples:
   optpipe build recipes/smollm2-135m-cpu-int4.yaml -o artifacts/smollm2-int4
+  optpipe tune recipes/smollm2-135m-cpu-tune.yaml -o artifacts/smollm2-tuned
   optpipe validate recipes/llama2-13b-cpu.yaml
   optpipe gate artifacts/smollm2-int4 --eval-data my.txt
   optpipe verify artifacts/smollm2-int4 --digest sha256:...
@@ -110,13 +111,65 @@ def cmd_validate(a) -> int:
     r, passes, facts = check(_recipe(a), allow_plugins=a.allow_plugins or None)
     export = next((p for p in passes if hasattr(p, "route_for")), None)
     route = export.route_for(facts) if export is not None else None
+    search = None
+    if r.search is not None:  # every path and every value, as `optpipe tune` would enumerate them
+        from .tune.space import candidates
+
+        cands = candidates(r, allow_plugins=a.allow_plugins or None)
+        search = {"candidates": len(cands), "invalid": {c.number: c.invalid for c in cands if c.invalid}}
     if a.json:
         _emit_json({"status": "ok", "recipe": str(a.recipe), "target": r.target, "model": facts.describe(),
                     "model_type": facts.model_type, "family": facts.family, "export_route": route,
-                    "passes": [p.name for p in passes]})
+                    "passes": [p.name for p in passes], "search": search})
         return 0
     via = f"; export route: {route}" if route else ""
     print(f"{a.recipe}: ok ({r.target}; model {facts.describe()}; passes: {', '.join(p.name for p in passes)}{via})")
+    if search is not None:
+        print(f"search: {search['candidates']} candidates, {len(search['invalid'])} of them combinations the pass "
+              "chain refuses" + "".join(f"\n  candidate {n}: {why}" for n, why in search["invalid"].items()))
+    return 0
+
+
+def parse_budget(text: str | None) -> tuple[float | None, int | None]:
+    """`--budget`: minutes (`30m`, `1.5h`) or a number of candidates (`24`)."""
+    if text is None:
+        return None, None
+    t = text.strip().lower()
+    try:
+        if t.endswith(("m", "min")):
+            value, unit = float(t.rstrip("min")), 1
+        elif t.endswith("h"):
+            value, unit = float(t[:-1]), 60
+        else:
+            n = int(t)
+            if n < 1:
+                raise ValueError
+            return None, n
+    except ValueError:
+        raise RecipeError(f"--budget: {text!r} is neither minutes (30m, 1.5h) nor a number of candidates (24)") from None
+    if value <= 0:
+        raise RecipeError(f"--budget: {text!r} must be more than zero")
+    return value * unit, None
+
+
+def cmd_tune(a) -> int:
+    from .tune import tune
+
+    minutes, most = parse_budget(a.budget)
+    res = tune(_recipe(a), a.output, cache_dir=a.cache, budget_minutes=minutes, budget_candidates=most,
+               overwrite=a.overwrite, threads=a.threads, allow_plugins=a.allow_plugins or None, ray=a.ray,
+               ray_address=a.ray_address, ray_workers=a.ray_workers, log=_Out.log)
+    search = res.manifest["search"]
+    if a.json:
+        _emit_json({"status": "passed", "artifact": str(res.artifact_path), "digest": res.digest,
+                    "winner": search["winner"], "summary": res.manifest["summary"], "search": {k: v for k, v in search.items() if k != "trace"},
+                    "report": str(res.report_path)})
+        return 0
+    _print_gates(res.manifest["gates"])
+    print(f"winner: candidate {search['winner']} of {search['candidates']} ({search['evaluated']} evaluated)")
+    print(f"artifact: {res.artifact_path}")
+    print(f"report: {res.report_path}")
+    print(f"digest: {res.digest}  (optpipe verify {res.artifact_path} --digest {res.digest})")
     return 0
 
 
@@ -260,6 +313,25 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-plugins", action="store_true",
                    help="run plugin passes named by `path:` in the recipe (or set OPTPIPE_ALLOW_PLUGINS=1)")
     b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    tu = add("tune", cmd_tune, "search the recipe's `search:` space; emit the best candidate that passes every gate",
+             "examples:\n  optpipe tune recipes/smollm2-135m-cpu-tune.yaml -o artifacts/smollm2-tuned\n"
+             "  optpipe tune recipes/smollm2-135m-cpu-tune.yaml --budget 20m   # stop starting candidates after 20 min\n\n")
+    tu.add_argument("recipe", help="recipe YAML file with a `search:` section")
+    tu.add_argument("--model", help=MODEL_HELP)
+    tu.add_argument("-o", "--output", help="artifact directory (default: the recipe's `output`)")
+    tu.add_argument("--budget", help="minutes (30m, 1.5h) or number of candidates (24); default: the recipe's "
+                                     "search.budget_*, else the whole space")
+    tu.add_argument("--cache", help="directory of cached builds and measurements (default: $OPTPIPE_TUNE_CACHE "
+                                    "or ~/.cache/optpipe/tune); share it between runs and workers")
+    tu.add_argument("--ray", action="store_true", help="build and accuracy-gate candidates on Ray workers (a local "
+                                                       "Ray unless --ray-address); speed is measured here (needs "
+                                                       "optpipe[distributed])")
+    tu.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto); implies --ray")
+    tu.add_argument("--ray-workers", type=int, help="Ray workers (default: physical cores)")
+    tu.add_argument("--overwrite", action="store_true", help="replace an existing artifact at OUTPUT")
+    tu.add_argument("--threads", type=int, help="threads (default: the recipe's, else physical cores)")
+    tu.add_argument("--allow-plugins", action="store_true", help="run plugin passes named by `path:` in the recipe")
+    tu.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     g = add("gate", cmd_gate, "re-run the accuracy and speed gates on an artifact (pre-deploy check)",
             "examples:\n  optpipe gate artifacts/smollm2-int4 --eval-data my.txt\n"
             "  optpipe gate artifacts/new --against /srv/deployed   # regression check against what is deployed\n\n")

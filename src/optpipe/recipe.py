@@ -206,6 +206,42 @@ class Gates(Strict):
     regression: RegressionGate = RegressionGate()
 
 
+SEARCH_PATH = re.compile(r"^passes\[(\d+)\](?:\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*))?$")
+OBJECTIVES = {"decode_tok_s": "decode speed (the speed gate's decode speedup over its baseline)",
+              "prefill_ms": "prefill time (the speed gate's prefill speedup over its baseline)",
+              "size": "artifact bytes"}
+
+
+class SearchSpec(Strict):
+    """`optpipe tune`: pass options to vary, what to optimize, and how hard to look. The gates are the constraints."""
+    space: dict[str, list[Any]] = Field(
+        description="'passes[I].OPTION' (or 'passes[I].OPTION.FIELD', or 'passes[I].enabled' to try without the "
+                    "pass) -> candidate values; candidates are every combination")
+    objective: Literal["decode_tok_s", "prefill_ms", "size"] = Field(
+        "decode_tok_s", description="what the winner is best at among candidates that pass every gate")
+    screen_windows: int = Field(2, ge=1, le=64, description="evaluation windows scored first: a candidate whose "
+                                                              "ΔPPL is over the gate on them with 95% confidence is "
+                                                              "dropped before the full gates")
+    max_candidates: int = Field(512, ge=1, le=100_000, description="refuse a space with more combinations")
+    budget_minutes: Optional[float] = Field(None, gt=0, description="stop starting candidates after this long")
+    budget_candidates: Optional[int] = Field(None, ge=1, description="evaluate at most this many candidates")
+
+    @field_validator("space")
+    @classmethod
+    def _paths(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("name at least one option to vary")
+        for path, values in v.items():
+            if not SEARCH_PATH.match(path):
+                raise ValueError(f"{path!r}: a search path is passes[I].OPTION (e.g. passes[3].block_size)")
+            if not values:
+                raise ValueError(f"{path!r}: give at least one value")
+            seen = [repr(x) for x in values]
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"{path!r}: a value is given twice")
+        return v
+
+
 class PassSpec(BaseModel):
     """One entry of `passes`: a name, an optional plugin `path`, and the pass's own options (checked by the pass)."""
 
@@ -229,6 +265,7 @@ class Recipe(Strict):
     gates: Gates = Gates()
     output: Optional[str] = None
     seed: int = 0
+    search: Optional[SearchSpec] = Field(None, description="`optpipe tune` only: options to vary (build ignores it)")
 
     # Where the recipe came from; relative paths (plugins, data files) resolve against it.
     source_path: Optional[str] = Field(None, exclude=True)
