@@ -66,7 +66,7 @@ def pareto_figure(trace: list[dict]) -> go.Figure:
         fig.add_hline(y=limit, line_dash="dash", line_color="#e76f51",
                       annotation_text=f"max_ppl_delta_pct {limit}%", annotation_position="top left")
     fig.update_layout(title="Candidates: accuracy against decode speed (marker area: artifact size)",
-                      xaxis_title="decode tok/s (quick, unpaired, where the speed gate was skipped)",
+                      xaxis_title="decode tok/s (quick unpaired run, every candidate alike; the paired speed gate decides)",
                       yaxis_title="ΔPPL vs reference, % (95% interval)", template="plotly_white", height=520)
     return fig
 
@@ -84,6 +84,18 @@ def _hover(e: dict) -> str:
     return (f"candidate {e['candidate']} ({e['status']})<br>{settings}<br>ΔPPL {e['ppl_delta_pct']:+.2f}% "
             f"[{e['ppl_delta_pct_ci95'][0]:+.2f}, {e['ppl_delta_pct_ci95'][1]:+.2f}]<br>"
             f"decode {e['decode_tok_s']} tok/s, {e['artifact_bytes'] / 1e6:.1f} MB")
+
+
+def sensitivity_figure(sens: dict, top: int = 30) -> go.Figure:
+    """The most sensitive (layer, projection) groups: mean KL with that group alone quantized."""
+    rows = sens["rows"][:top]
+    fig = go.Figure(go.Bar(y=[f"layer {r['layer']} {r['projection']}" for r in rows], x=[r["mean_kl"] for r in rows],
+                           orientation="h", marker_color="#e9c46a"))
+    fig.update_layout(title=f"Per-layer sensitivity: mean KL with one group alone quantized ({sens.get('tokens')} "
+                            f"calibration tokens; top {len(rows)} of {len(sens['rows'])})",
+                      yaxis={"autorange": "reversed", "automargin": True, "type": "category", "dtick": 1},
+                      template="plotly_white", height=160 + 22 * len(rows), xaxis_title="mean KL")
+    return fig
 
 
 def timeline_figure(passes: list[dict]) -> go.Figure:
@@ -138,8 +150,18 @@ def render_tune(search: dict, manifest: dict | None, environment: dict) -> str:
     trace = search["trace"]
     parts = [_machine(environment)]
     if manifest is not None:
+        tied = [n for n in search.get("tied_on_objective", []) if n != search["winner"]]
         parts.append(f"<p>Winner: candidate {search['winner']} of {search['candidates']} "
-                     f"({search['evaluated']} evaluated, objective {_esc(search['objective'])}).</p>")
+                     f"({search['evaluated']} evaluated, objective {_esc(search['objective'])})"
+                     + (f"; tied on the objective with {', '.join(map(str, tied))} (head to head, the 95% "
+                        "interval of the speed ratio reaches 1), so the most accurate of them won" if tied else "")
+                     + ".</p>")
+        if search.get("runoff"):
+            ro = search["runoff"]
+            parts.append(f"<p>Runoff ({_esc(ro['phase'])}, {ro['rounds']} interleaved rounds, {ro['threads']} "
+                         "thread(s)): each finalist's speed over the leader's, 95% interval.</p>")
+            parts.append(_table(["candidate", "ratio to the leader", "95% interval"],
+                                [[n, v[0], f"[{v[1]}, {v[2]}]"] for n, v in ro["relative"].items()]))
     else:
         parts.append(f"<p><b class='rejected'>No candidate passed every gate</b> ({search['evaluated']} evaluated"
                      f"{'; ' + _esc(search['stopped']) if search.get('stopped') else ''}); nothing was emitted. "
@@ -150,6 +172,8 @@ def render_tune(search: dict, manifest: dict | None, environment: dict) -> str:
                               "; ".join(by_number[n].get("failures") or [by_number[n].get("reason", "")])]
                              for n in search.get("nearest_misses", [])]))
     parts += ["<h2>Pareto: accuracy, speed, size</h2>", _figure(pareto_figure(trace), "pareto", True)]
+    if search.get("sensitivity"):
+        parts += ["<h2>Sensitivity</h2>", _figure(sensitivity_figure(search["sensitivity"]), "sensitivity", False)]
     parts += ["<h2>Candidates</h2>", _table(
         ["#", "settings", "status", "ΔPPL % [95%]", "decode tok/s", "decode speedup [95%]", "MB", "Pareto",
          "cached", "seconds"],

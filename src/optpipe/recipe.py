@@ -212,10 +212,28 @@ OBJECTIVES = {"decode_tok_s": "decode speed (the speed gate's decode speedup ove
               "size": "artifact bytes"}
 
 
+class SensitivitySearch(Strict):
+    """Mixed precision chosen by measurement: candidates keep the N most sensitive (layer, projection) groups at
+    INT8 (the INT4 pass's `int8.include`), the groups ranked once by the KL of each alone quantized."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    pass_index: int = Field(alias="pass", ge=0, description="index of the quantize-int4 pass whose int8.include is set")
+    keep_int8: list[int] = Field(description="candidate values of N (0: that pass as written)")
+    block_size: Optional[int] = Field(None, description="scheme the ranking is measured with (default: the pass's)")
+    zero_point: Optional[Literal["float", "int", "symmetric"]] = None
+    tokens: int = Field(1024, ge=64, le=65536, description="calibration tokens scored per group")
+
+    @field_validator("keep_int8")
+    @classmethod
+    def _counts(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 0 for n in v) or len(set(v)) != len(v):
+            raise ValueError("give distinct counts >= 0, e.g. [0, 4, 8]")
+        return v
+
+
 class SearchSpec(Strict):
     """`optpipe tune`: pass options to vary, what to optimize, and how hard to look. The gates are the constraints."""
     space: dict[str, list[Any]] = Field(
-        description="'passes[I].OPTION' (or 'passes[I].OPTION.FIELD', or 'passes[I].enabled' to try without the "
+        default_factory=dict, description="'passes[I].OPTION' (or 'passes[I].OPTION.FIELD', or 'passes[I].enabled' to try without the "
                     "pass) -> candidate values; candidates are every combination")
     objective: Literal["decode_tok_s", "prefill_ms", "size"] = Field(
         "decode_tok_s", description="what the winner is best at among candidates that pass every gate")
@@ -225,12 +243,17 @@ class SearchSpec(Strict):
     max_candidates: int = Field(512, ge=1, le=100_000, description="refuse a space with more combinations")
     budget_minutes: Optional[float] = Field(None, gt=0, description="stop starting candidates after this long")
     budget_candidates: Optional[int] = Field(None, ge=1, description="evaluate at most this many candidates")
+    sensitivity: Optional[SensitivitySearch] = None
+
+    @model_validator(mode="after")
+    def _something_to_vary(self):
+        if not self.space and self.sensitivity is None:
+            raise ValueError("name at least one option to vary (space) or a sensitivity search")
+        return self
 
     @field_validator("space")
     @classmethod
     def _paths(cls, v: dict) -> dict:
-        if not v:
-            raise ValueError("name at least one option to vary")
         for path, values in v.items():
             if not SEARCH_PATH.match(path):
                 raise ValueError(f"{path!r}: a search path is passes[I].OPTION (e.g. passes[3].block_size)")

@@ -19,7 +19,7 @@ from optpipe.pipeline import ModelState, PassContext, run_passes
 from optpipe.recipe import load_recipe
 from optpipe.targets import get_target
 from optpipe.tune import cache, tune
-from optpipe.tune.search import MemoReference, miss_distance, pareto
+from optpipe.tune.search import MemoReference, choose, finalists, miss_distance, pareto, runoff_intervals
 from optpipe.tune.space import candidates
 from tests.conftest import FUSED_INT4, tiny_recipe, write_recipe
 
@@ -58,8 +58,9 @@ def test_the_best_passing_candidate_is_emitted_with_its_search_trace(tuned):
     assert [e["candidate"] for e in trace] == [1, 2, 3, 4]
     passed = [e for e in trace if e["status"] == "passed"]
     assert passed, trace
-    best = max(passed, key=lambda e: e["decode_speedup"])
-    assert m["search"]["winner"] == best["candidate"]
+    relative = {int(k): v for k, v in m["search"]["runoff"]["relative"].items()} if "runoff" in m["search"] else None
+    best, tied = choose(passed, "decode_tok_s", relative)
+    assert m["search"]["winner"] == best["candidate"] and m["search"]["tied_on_objective"] == tied
     assert m["recipe"]["passes"][3]["block_size"] == best["settings"]["passes[3].block_size"]
     assert "search" not in m["recipe"] or m["recipe"]["search"] is None  # the manifest's recipe is the winner's own
     assert m["gates"]["speed"]["decode_speedup"] == best["decode_speedup"]
@@ -168,6 +169,35 @@ def _e(n, ppl, tok_s, size, **kw):
 def test_pareto_keeps_only_candidates_nothing_beats_on_all_three():
     trace = [_e(1, 1.0, 100, 50), _e(2, 0.5, 100, 50), _e(3, 2.0, 200, 50), _e(4, 2.0, 150, 40), _e(5, 3.0, 90, 60)]
     assert pareto(trace) == [2, 3, 4]  # 1 is beaten by 2 (more accurate, as fast, as small); 5 by all
+
+
+def _p(n, speedup, ci, ppl, size=100):
+    return {"candidate": n, "decode_speedup": speedup, "decode_speedup_ci95": ci, "ppl_delta_pct": ppl,
+            "ppl_delta_pct_decided": ppl + 0.2, "artifact_bytes": size}
+
+
+def test_finalists_are_those_the_gates_figures_cannot_tell_from_the_best():
+    fast, close, slow = _p(1, 4.2, [4.0, 4.4], 0.5), _p(2, 4.1, [3.6, 4.8], 0.4), _p(3, 2.9, [2.7, 3.2], 0.0)
+    assert finalists([slow, close, fast], "decode_tok_s") == [fast, close]
+
+
+def test_the_runoff_decides_and_a_tie_goes_to_the_more_accurate():
+    fast, close = _p(1, 4.2, [4.0, 4.4], 0.5), _p(2, 4.1, [3.6, 4.8], 0.4)
+    tied = {1: [1.0, 1.0, 1.0], 2: [0.99, 0.95, 1.03]}
+    assert choose([fast, close], "decode_tok_s", tied) == (close, [1, 2])
+    slower = {1: [1.0, 1.0, 1.0], 2: [0.9, 0.85, 0.95]}
+    assert choose([fast, close], "decode_tok_s", slower) == (fast, [1])
+    assert choose([fast, close], "decode_tok_s") == (fast, [1])  # no runoff: the point decides
+    small = _p(5, 1.0, [0.9, 1.1], 0.9, size=50)
+    assert choose([fast, small], "size")[0] is small
+
+
+def test_runoff_intervals_are_ratios_to_the_leader_per_round():
+    rates = {1: [100.0, 110.0, 105.0, 95.0], 2: [80.0, 88.0, 84.0, 76.0], 3: [101.0, 108.0, 106.0, 96.0]}
+    rel = runoff_intervals(rates)
+    assert rel[3] == [1.0, 1.0, 1.0]  # the leader (highest geometric mean)
+    assert rel[2][0] == pytest.approx(0.8 * 100 / 101, rel=0.02) and rel[2][2] < 1.0  # clearly slower
+    assert rel[1][1] < 1.0 <= rel[1][2]  # within noise of the leader
 
 
 def test_miss_distance_orders_by_relative_shortfall():

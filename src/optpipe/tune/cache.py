@@ -24,7 +24,8 @@ def default_dir() -> Path:
     return Path(os.environ.get("OPTPIPE_TUNE_CACHE", DEFAULT_DIR)).expanduser()
 
 
-def _sha(obj) -> str:
+def content_key(obj) -> str:
+    """sha256 of a JSON-able description of what decides a result."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -49,7 +50,7 @@ def model_fingerprint(location: str | None) -> list:
 
 
 def build_key(recipe, model_location: str | None) -> str:
-    return _sha({"code": code_fingerprint(), "model": recipe.model.model_dump(mode="json"),
+    return content_key({"code": code_fingerprint(), "model": recipe.model.model_dump(mode="json"),
                  "model_files": model_fingerprint(model_location), "target": recipe.target,
                  "passes": [{"name": p.name, "path": p.path, **p.options} for p in recipe.passes],
                  "calibration": recipe.calibration.model_dump(mode="json"), "seed": recipe.seed})
@@ -59,13 +60,13 @@ def quality_key(build: str, recipe, screen_windows: int) -> str:
     """The screen and the output-comparing gates: the same on any node (where they ran is kept in the record)."""
     gates = recipe.gates.model_dump(mode="json")
     gates.pop("speed")
-    return _sha({"build": build, "gates": gates, "evaluation": recipe.evaluation.model_dump(mode="json"),
+    return content_key({"build": build, "gates": gates, "evaluation": recipe.evaluation.model_dump(mode="json"),
                  "screen_windows": screen_windows})
 
 
 def speed_key(build: str, recipe, machine: dict, threads: int, full: bool) -> str:
     """The speed gate (full: the paired gate; else the quick unpaired figure): only on this kind of machine."""
-    return _sha({"build": build, "speed": recipe.gates.speed.model_dump(mode="json"),
+    return content_key({"build": build, "speed": recipe.gates.speed.model_dump(mode="json"),
                  "evaluation": recipe.evaluation.model_dump(mode="json"), "full": full,
                  "machine": {k: machine.get(k) for k in ("cpu", "machine", "isa", "physical_cores")},
                  "threads": threads})

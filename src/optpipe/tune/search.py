@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -21,6 +22,7 @@ from pathlib import Path
 from .. import artifact, builder, data, htmlreport, hw, models, references
 from ..errors import GateFailed, RecipeError
 from ..gates import GateResult, accuracy
+from ..gates.speed import ratio_interval
 from ..pipeline import ModelState, PassContext, run_passes
 from ..targets import get_target
 from . import cache
@@ -28,6 +30,8 @@ from .prefix import Prefixes
 from .space import Candidate, candidates
 
 QUICK_SPEED_ROUNDS = 2
+RUNOFF_MAX = 4  # finalists measured head to head
+RUNOFF_ROUNDS = 8
 
 
 @dataclass
@@ -69,8 +73,8 @@ class MemoReference:
 
 
 def quick_decode_tok_s(runner, prompt, new_tokens: int) -> float:
-    """Unpaired decode speed of a candidate the speed gate skipped (another gate failed): a point for the report's
-    plot, not a verdict."""
+    """Unpaired decode speed (median of two runs), measured for every candidate alike: the report's x axis and the
+    Pareto set, not a verdict (the paired speed gate decides)."""
     rates = []
     for _ in range(QUICK_SPEED_ROUNDS):
         rates.append(runner.generate(prompt, new_tokens, eos_token_id=None).decode_tokens_per_second)
@@ -113,7 +117,7 @@ class Tuner:
         self.log = log
         self.target = get_target(self.recipe.target)
         builder.check_speed_measurable(self.recipe, self.target, self.source)
-        self.candidates = candidates(self.recipe, allow_plugins)
+        self.candidates = candidates(self.recipe, allow_plugins)  # checks the space before anything loads
         self.store = cache.Store(cache_dir or cache.default_dir())
         self.threads, self.fixed_threads = builder.thread_setting(threads, self.recipe, self.source)
         self.resolved = models.resolve(self.recipe.model.source, self.recipe.model.gguf_file)
@@ -122,14 +126,43 @@ class Tuner:
         self._refs = None
         self._windows = None
         self._calibration = None
-        self.prefixes = Prefixes([c.recipe for c in self.candidates if c.recipe is not None],
-                                 enabled=not self.recipe.model.streaming)
+        self.sensitivity_rows = None
+        if self.recipe.search.sensitivity is not None:
+            self.sensitivity_rows = self.sensitivity()
+            self.candidates = candidates(self.recipe, allow_plugins, [r["pattern"] for r in self.sensitivity_rows])
         for c in self.candidates:  # options against the model (a block size the width does not divide, ...)
             if c.recipe is not None:
                 try:
                     builder.check(c.recipe, allow_plugins)
                 except RecipeError as e:
                     c.invalid, c.recipe = str(e).removeprefix(self.source + ": "), None
+        self.prefixes = Prefixes([c.recipe for c in self.candidates if c.recipe is not None],
+                                 enabled=not self.recipe.model.streaming)
+
+    def sensitivity(self) -> list[dict]:
+        """The (layer, projection) groups of `search.sensitivity`'s pass, most sensitive first (tune/sensitivity.py),
+        measured once per model, scheme and calibration text, and kept in the cache."""
+        spec = self.recipe.search.sensitivity
+        config = self.recipe._passes[spec.pass_index].config
+        scheme = {"bits": config.bits, "block_size": spec.block_size or config.block_size,
+                  "zero_point": spec.zero_point or config.zero_point}
+        calib = self.recipe.calibration.model_copy(update={"max_tokens": spec.tokens})
+        key = cache.content_key({"sensitivity": scheme, "calibration": calib.model_dump(mode="json"),
+                                 "code": cache.code_fingerprint(), "model": self.recipe.model.model_dump(mode="json"),
+                                 "model_files": cache.model_fingerprint(self.resolved.location)})
+        found = self.store.evaluation(key)
+        if found is not None:
+            return found["rows"]
+        if self.recipe.model.streaming:
+            raise RecipeError(f"{self.source}: search.sensitivity: needs the model in memory (model.streaming)")
+        from .sensitivity import measure
+
+        model, tokenizer, _ = self.loaded()
+        windows = data.token_windows(calib, tokenizer, self.recipe.base_dir, "calibration").windows
+        self.log(f"sensitivity: each (layer, projection) alone at {scheme}, {spec.tokens} calibration tokens")
+        rows = measure(model, windows, clip=config.clip_search, log=self.log, **scheme)
+        self.store.save_evaluation(key, {"scheme": scheme, "tokens": spec.tokens, "rows": rows})
+        return rows
 
     # -- what is loaded once, on first need ------------------------------------------------------------------------
     def loaded(self):
@@ -249,16 +282,42 @@ class Tuner:
         windows = self.windows()
         runner = self.target.load(directory, gthreads)
         record = {"measured_utc": _now(), "node": platform.node(), "threads": gthreads}
+        prompt = builder.speed_prompt(windows.windows, cand.recipe.gates.speed.prompt_tokens)
+        # the same quick figure for every candidate: the report's x axis compares like with like
+        record["quick_decode_tok_s"] = quick_decode_tok_s(runner, prompt, cand.recipe.gates.speed.new_tokens)
         if full:
             spd = builder.speed_gate(cand.recipe, self.target, self.refs(gthreads), runner, windows, gthreads,
                                      self.log, info["saved"])
             spd.metrics.update(load_note)
             record["gate"] = spd.to_json()
-        else:
-            prompt = builder.speed_prompt(windows.windows, cand.recipe.gates.speed.prompt_tokens)
-            record["quick_decode_tok_s"] = quick_decode_tok_s(runner, prompt, cand.recipe.gates.speed.new_tokens)
         self.store.save_evaluation(skey, record)
         return record, False
+
+    def runoff(self, finals: list[tuple], objective: str) -> dict:
+        """The finalists' speed head to head, here, in one run (cached by their builds, the machine and threads)."""
+        gthreads, _ = builder.gate_threads(self.threads, self.fixed_threads, self.log)
+        g = self.recipe.gates.speed
+        phase = "prefill" if objective == "prefill_ms" else "decode"
+        rkey = cache.content_key({"runoff": sorted(f[1] for f in finals), "phase": phase, "rounds": RUNOFF_ROUNDS,
+                                  "speed": g.model_dump(mode="json"), "threads": gthreads,
+                                  "machine": {k: self.machine.get(k) for k in ("cpu", "machine", "isa",
+                                                                               "physical_cores")}})
+        found = self.store.evaluation(rkey)
+        if found is not None:
+            return {**found, "relative": {int(k): v for k, v in found["relative"].items()}}
+        numbers = [f[0].number for f in finals]
+        self.log(f"runoff: candidates {', '.join(map(str, numbers))} head to head, {RUNOFF_ROUNDS} interleaved "
+                 f"rounds of {g.new_tokens} tokens ({phase}), {gthreads} thread(s)")
+        runners = {f[0].number: self.target.load(f[2], gthreads) for f in finals}
+        prompt = builder.speed_prompt(self.windows().windows, g.prompt_tokens)
+        rates = runoff_rounds(runners, prompt, g.new_tokens, RUNOFF_ROUNDS, phase)
+        record = {"phase": phase, "rounds": RUNOFF_ROUNDS, "threads": gthreads, "node": platform.node(),
+                  "measured_utc": _now(), "rates": {n: [round(x, 3) for x in xs] for n, xs in rates.items()},
+                  "relative": runoff_intervals(rates)}
+        self.store.save_evaluation(rkey, record)
+        for n, (point, lo, hi) in record["relative"].items():
+            self.log(f"    candidate {n}: x{point} of the leader [{lo}, {hi}]")
+        return record
 
     def evaluate(self, cand: Candidate, key: str, directory: Path, info: dict) -> tuple[dict, dict]:
         """Everything measured of one candidate, as one record: status (screened | rejected | passed), the screen,
@@ -312,16 +371,66 @@ def trace_entry(cand: Candidate, key: str | None, info: dict | None, record: dic
         if spd.get("decode_speedup") is not None:
             e.update(decode_speedup=spd["decode_speedup"], decode_speedup_ci95=spd["decode_speedup_ci95"],
                      decode_speedup_lower_95=spd["decode_speedup_ci95"][0],
-                     prefill_speedup=spd.get("prefill_speedup"), decode_tok_s=spd.get("candidate_decode_tok_s"),
-                     prefill_ms=spd.get("candidate_prefill_ms"), reference_decode_tok_s=spd.get("reference_decode_tok_s"))
-    if "quick_decode_tok_s" in record:
-        e.setdefault("decode_tok_s", record["quick_decode_tok_s"])
-        e["decode_tok_s_quick"] = True
+                     prefill_speedup=spd.get("prefill_speedup"), prefill_speedup_ci95=spd.get("prefill_speedup_ci95"),
+                     gate_decode_tok_s=spd.get("candidate_decode_tok_s"), prefill_ms=spd.get("candidate_prefill_ms"),
+                     reference_decode_tok_s=spd.get("reference_decode_tok_s"))
+    e["decode_tok_s"] = record.get("quick_decode_tok_s")
     return e
 
 
-OBJECTIVE_KEY = {"decode_tok_s": lambda e: e["decode_speedup"], "prefill_ms": lambda e: e.get("prefill_speedup") or 0.0,
-                 "size": lambda e: -e["artifact_bytes"]}
+# objective -> (point, 95% interval) of a passed candidate; bigger is better
+OBJECTIVES = {"decode_tok_s": lambda e: (e["decode_speedup"], e["decode_speedup_ci95"]),
+              "prefill_ms": lambda e: (e.get("prefill_speedup") or 0.0, e.get("prefill_speedup_ci95")),
+              "size": lambda e: (-e["artifact_bytes"], None)}
+
+
+def finalists(passed: list[dict], objective: str, most: int = RUNOFF_MAX) -> list[dict]:
+    """Candidates the speed gate's figures cannot tell from the best: their 95% interval reaches its lower end.
+    (The gate stops once its own threshold is decided, so its intervals are wide; they bound who is in the
+    runoff, not who wins.)"""
+    key = OBJECTIVES[objective]
+    ranked = sorted(passed, key=lambda e: -key(e)[0])
+    lo = (key(ranked[0])[1] or [None])[0]
+    if lo is None:
+        return ranked[:1]
+    return [e for e in ranked if key(e)[1] and key(e)[1][1] is not None and key(e)[1][1] >= lo][:most]
+
+
+def choose(passed: list[dict], objective: str, runoff: dict | None = None) -> tuple[dict, list[int]]:
+    """The winner among candidates that passed every gate, and those tied with it on the objective. With a
+    `runoff` (finalists measured head to head: candidate -> [point, low, high] of its speed over the leader's),
+    a finalist is tied when its interval reaches 1; otherwise the objective's point decides. Among tied
+    candidates the most accurate (lowest decided ΔPPL), then the smallest, wins: a choice a rerun repeats."""
+    key = OBJECTIVES[objective]
+    if runoff:
+        tied = [e for e in passed if e["candidate"] in runoff and runoff[e["candidate"]][2] >= 1.0]
+    else:
+        tied = [max(passed, key=lambda e: key(e)[0])]
+    winner = min(tied, key=lambda e: (e.get("ppl_delta_pct_decided", e["ppl_delta_pct"]), e["artifact_bytes"]))
+    return winner, sorted(e["candidate"] for e in tied)
+
+
+def runoff_rounds(runners: dict, prompt, new_tokens: int, rounds: int, phase: str) -> dict[int, list[float]]:
+    """Interleaved rounds, each finalist once per round in a rotating order: candidate -> its times (decode
+    tokens/s, or 1/prefill seconds), so per-round ratios compare runs made moments apart."""
+    out: dict[int, list[float]] = {n: [] for n in runners}
+    order = list(runners)
+    for r in range(rounds):
+        for n in order[r % len(order):] + order[:r % len(order)]:
+            g = runners[n].generate(prompt, new_tokens, eos_token_id=None)
+            out[n].append(g.decode_tokens_per_second if phase == "decode" else 1.0 / max(g.prefill_seconds, 1e-9))
+    return out
+
+
+def runoff_intervals(rates: dict[int, list[float]]) -> dict[int, list[float]]:
+    """Each finalist's speed over the leader's (the finalist with the highest geometric mean), per round, as
+    [point, low, high] of the 95% interval."""
+    leader = max(rates, key=lambda n: statistics.geometric_mean(rates[n]))
+    out = {}
+    for n, xs in rates.items():
+        point, lo, hi = ratio_interval([x / y for x, y in zip(xs, rates[leader])]) if n != leader else (1.0, 1.0, 1.0)
+        out[n] = [round(point, 4), round(lo, 4), round(hi, 4) if math.isfinite(hi) else 1e9]
+    return out
 
 
 def pareto(entries: list[dict]) -> list[int]:
@@ -399,6 +508,8 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
         e["pareto"] = e["candidate"] in front
     passed = [e for e in trace if e["status"] == "passed"]
     search = {"space": spec.space, "objective": spec.objective, "candidates": len(tuner.candidates),
+              **({"sensitivity": {**spec.sensitivity.model_dump(mode="json", by_alias=True),
+                                  "rows": tuner.sensitivity_rows}} if tuner.sensitivity_rows is not None else {}),
               "evaluated": sum(1 for e in trace if e["status"] != "invalid"), "stopped": stopped,
               "cache": str(tuner.store.root), "seconds": round(time.perf_counter() - t_start, 1),
               "recipe_file": None if source == "<recipe>" else source, "trace": trace}
@@ -412,8 +523,12 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
         raise GateFailed(f"no candidate passed every gate ({search['evaluated']} evaluated"
                          + (f", {stopped}" if stopped else "") + f"); nothing written to {out}.\nnearest misses:\n  - "
                          + "\n  - ".join(lines) + f"\nreport: {path}", report={"search": search, "report": str(path)})
-    best = max(passed, key=OBJECTIVE_KEY[spec.objective])
-    search["winner"] = best["candidate"]
+    finals = finalists(passed, spec.objective) if spec.objective != "size" else []
+    runoff = tuner.runoff([infos[e["candidate"]] for e in finals], spec.objective) if len(finals) > 1 else None
+    if runoff:
+        search["runoff"] = runoff
+    best, tied = choose(passed, spec.objective, runoff and runoff["relative"])
+    search["winner"], search["tied_on_objective"] = best["candidate"], tied
     best["winner"] = True
     cand, key, directory, info, record = infos[best["candidate"]]
     log(f"tune: candidate {cand.number} wins ({cand.label()}); emitting to {out}")
