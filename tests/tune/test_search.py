@@ -228,3 +228,21 @@ def test_memo_reference_computes_each_window_once():
         memo.logits(a), memo.logits(b)
     assert inner.calls == 2
     assert json.dumps(memo.logits(a).tolist()) == json.dumps(inner.logits(a).tolist())
+
+
+def test_an_interrupted_search_resumes_from_what_it_finished(tmp_path, tiny_llama):
+    path = _tune_recipe(tmp_path, tiny_llama, {"passes[3].block_size": [32, 64]})
+
+    def interrupt_at_second(msg):
+        if msg.startswith("candidate 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        tune(path, tmp_path / "out", cache_dir=tmp_path / "cache", log=interrupt_at_second)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".optpipe-")]
+    assert not [p for p in (tmp_path / "cache" / "builds").iterdir() if p.name.startswith(".tmp-")]
+    res = tune(path, tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None)
+    cached = {e["candidate"]: e["cached"] for e in res.trace}
+    assert cached[1] == {"build": True, "quality": True, "speed": True}
+    assert cached[2] == {"build": False, "quality": False, "speed": False}
