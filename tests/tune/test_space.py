@@ -97,3 +97,18 @@ def test_a_recipe_without_search_is_refused_by_tune(tmp_path, tiny_llama):
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(tiny_llama, copy.deepcopy(FUSED_INT4))))
     with pytest.raises(RecipeError, match="search: the recipe has no search section"):
         candidates(recipe)
+
+
+def test_validate_reports_the_search_space(tmp_path, tiny_llama, capsys):
+    from optpipe.cli import main
+
+    recipe = tiny_recipe(tiny_llama, copy.deepcopy(FUSED_INT4))
+    recipe["search"] = {"space": {"passes[1].enabled": [True, False], "passes[2].enabled": [True, False]}}
+    path = write_recipe(tmp_path, recipe)
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "search: 4 candidates, 1 of them combinations the pass chain refuses" in out
+    assert "candidate 3: passes[1] (static-kv-cache): needs an earlier pass providing fused-attention" in out
+    recipe["search"] = {"space": {"passes[3].block_size": [32, 48]}}
+    assert main(["validate", str(write_recipe(tmp_path, recipe))]) == 2
+    assert "search.space['passes[3].block_size'][1] (48)" in capsys.readouterr().err
