@@ -191,8 +191,13 @@ def bytes_per_token(kind: str, arg: str, model) -> int | None:
     return None
 
 
+REPORTS = {"report.html", "report.md"}  # for people, not loaded: about 5 MB of inlined plotly.js
+
+
 def dir_size(p: Path) -> int:
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    """Bytes a deployment ships to run the model: every file but the human-readable reports."""
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*")
+                                                    if f.is_file() and f.name not in REPORTS)
 
 
 def child_rss(kind: str, arg: str, threads: int, prompt: list[int], new_tokens: int) -> float:
