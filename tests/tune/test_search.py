@@ -246,3 +246,37 @@ def test_an_interrupted_search_resumes_from_what_it_finished(tmp_path, tiny_llam
     cached = {e["candidate"]: e["cached"] for e in res.trace}
     assert cached[1] == {"build": True, "quality": True, "speed": True}
     assert cached[2] == {"build": False, "quality": False, "speed": False}
+
+
+PLUGIN = '''
+from optpipe.errors import BuildError
+from optpipe.pipeline import Pass, PassConfig, PassResult
+
+
+class MaybeFailConfig(PassConfig):
+    fail: bool = False
+
+
+class MaybeFail(Pass):
+    name = "maybe-fail"
+    Config = MaybeFailConfig
+    requires = frozenset({"onnx"})
+
+    def call(self, state, ctx):
+        if self.config.fail:
+            raise BuildError("this combination cannot be built")
+        return PassResult(False, {}, [])
+'''
+
+
+def test_a_candidate_that_fails_to_build_is_recorded_and_the_search_goes_on(tmp_path, tiny_llama):
+    (tmp_path / "maybe_fail.py").write_text(PLUGIN)
+    r = tiny_recipe(tiny_llama, [*copy.deepcopy(FUSED_INT4), {"name": "maybe-fail", "path": "maybe_fail.py"}])
+    r["search"] = {"space": {"passes[4].fail": [True, False]}}
+    res = tune(write_recipe(tmp_path, r), tmp_path / "out", cache_dir=tmp_path / "cache", allow_plugins=True,
+               log=lambda m: None)
+    failed, ok = res.trace
+    assert failed["status"] == "failed" and "this combination cannot be built" in failed["reason"]
+    assert "passes[4]" in failed["reason"]  # the pass at fault is named
+    assert ok["status"] == "passed" and res.manifest["search"]["winner"] == 2
+    assert res.manifest["search"]["evaluated"] == 1

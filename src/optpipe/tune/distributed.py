@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import platform
 
-from ..errors import RecipeError
+from ..errors import BuildError, RecipeError
 
 INSTALL_HINT = "pip install 'optpipe[distributed]'"
 
@@ -40,7 +40,11 @@ class QualityWorker:
         out = []
         for n in numbers:
             cand = self.tuner.candidates[n - 1]
-            key, directory, info, built_before = self.tuner.build(cand)
+            try:
+                key, directory, info, built_before = self.tuner.build(cand)
+            except BuildError as e:  # the driver meets it again and records it as failed
+                out.append({"candidate": n, "status": "failed", "node": platform.node(), "reason": str(e)})
+                continue
             record, cached = self.tuner.quality(cand, key, directory, info)
             out.append({"candidate": n, "status": record["status"], "node": platform.node(),
                         "cached": {"build": built_before, "quality": cached}})

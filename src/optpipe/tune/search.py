@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import artifact, builder, data, htmlreport, hw, models, references
-from ..errors import GateFailed, RecipeError
+from ..errors import BuildError, GateFailed, RecipeError
 from ..gates import GateResult, accuracy
 from ..gates.speed import ratio_interval
 from ..pipeline import ModelState, PassContext, run_passes
@@ -95,6 +95,8 @@ def screen_verdict(metrics: dict, gate) -> str | None:
 def miss_distance(entry: dict) -> float:
     """How far a refused candidate is from passing: the sum, over the thresholds it failed, of the shortfall relative
     to the threshold (a gate that failed without a figure counts 1)."""
+    if entry["status"] == "failed":  # did not build: farther than anything measured
+        return 1e6
     acc, spd = entry.get("ppl_delta_pct_decided"), entry.get("decode_speedup_lower_95")
     gates, total = entry.get("gate_status") or {}, 0.0
     limit = max(entry["max_ppl_delta_pct"], 1e-6)
@@ -342,11 +344,13 @@ def _now() -> str:
 
 
 def trace_entry(cand: Candidate, key: str | None, info: dict | None, record: dict | None, cached: dict,
-                seconds: float) -> dict:
+                seconds: float, failed: str | None = None) -> dict:
     """One candidate in the search trace (manifest and report): its settings and the figures it was judged on."""
     e = {"candidate": cand.number, "settings": cand.settings, "seconds": round(seconds, 1), "cached": cached}
     if cand.recipe is None:
         return {**e, "status": "invalid", "reason": cand.invalid}
+    if failed is not None:
+        return {**e, "status": "failed", "reason": failed}
     acc_gate = cand.recipe.gates.accuracy
     e.update(build_key=key, max_ppl_delta_pct=acc_gate.max_ppl_delta_pct,
              min_decode_speedup=cand.recipe.gates.speed.min_decode_speedup,
@@ -491,7 +495,12 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
                 break
             log(f"candidate {cand.number}/{len(tuner.candidates)}: {cand.label()}")
             t0 = time.perf_counter()
-            key, directory, info, build_cached = tuner.build(cand)
+            try:
+                key, directory, info, build_cached = tuner.build(cand)
+            except BuildError as e:  # one combination a pass cannot build does not end the search
+                log(f"    build failed: {e}")
+                trace.append(trace_entry(cand, None, None, None, {}, time.perf_counter() - t0, failed=str(e)))
+                continue
             record, eval_cached = tuner.evaluate(cand, key, directory, info)
             info = {**info, "directory": str(directory)}
             infos[cand.number] = (cand, key, directory, info, record)
@@ -510,7 +519,7 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
     search = {"space": spec.space, "objective": spec.objective, "candidates": len(tuner.candidates),
               **({"sensitivity": {**spec.sensitivity.model_dump(mode="json", by_alias=True),
                                   "rows": tuner.sensitivity_rows}} if tuner.sensitivity_rows is not None else {}),
-              "evaluated": sum(1 for e in trace if e["status"] != "invalid"), "stopped": stopped,
+              "evaluated": sum(1 for e in trace if e["status"] not in ("invalid", "failed")), "stopped": stopped,
               "cache": str(tuner.store.root), "seconds": round(time.perf_counter() - t_start, 1),
               "recipe_file": None if source == "<recipe>" else source, "trace": trace}
     if not passed:
