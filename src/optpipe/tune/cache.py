@@ -64,11 +64,16 @@ def quality_key(build: str, recipe, screen_windows: int) -> str:
                  "screen_windows": screen_windows})
 
 
+def machine_kind(machine: dict) -> dict:
+    """What makes a speed figure comparable: the CPU model, architecture, ISA and core count (not the host name)."""
+    return {k: machine.get(k) for k in ("cpu", "machine", "isa", "physical_cores")}
+
+
 def speed_key(build: str, recipe, machine: dict, threads: int, full: bool) -> str:
     """The speed gate (full: the paired gate; else the quick unpaired figure): only on this kind of machine."""
     return content_key({"build": build, "speed": recipe.gates.speed.model_dump(mode="json"),
                  "evaluation": recipe.evaluation.model_dump(mode="json"), "full": full,
-                 "machine": {k: machine.get(k) for k in ("cpu", "machine", "isa", "physical_cores")},
+                 "machine": machine_kind(machine),
                  "threads": threads})
 
 

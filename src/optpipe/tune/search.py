@@ -9,6 +9,7 @@ another worker reuses them. The fp32 reference's logits are computed once per ru
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
@@ -18,6 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from .. import artifact, builder, data, htmlreport, hw, models, references
 from ..errors import BuildError, GateFailed, RecipeError
@@ -217,8 +219,6 @@ class Tuner:
         done, state, records = self.prefixes.start(cand.recipe)
         if state is None:
             mutates = any(p.input_stage == "torch" and p.name != "export" for p in passes)
-            import copy
-
             state = ModelState("torch", torch_model=copy.deepcopy(model) if mutates and model is not None else model,
                                tokenizer=tokenizer, checkpoint=checkpoint)
         if done:
@@ -302,8 +302,7 @@ class Tuner:
         phase = "prefill" if objective == "prefill_ms" else "decode"
         rkey = cache.content_key({"runoff": sorted(f[1] for f in finals), "phase": phase, "rounds": RUNOFF_ROUNDS,
                                   "speed": g.model_dump(mode="json"), "threads": gthreads,
-                                  "machine": {k: self.machine.get(k) for k in ("cpu", "machine", "isa",
-                                                                               "physical_cores")}})
+                                  "machine": cache.machine_kind(self.machine)})
         found = self.store.evaluation(rkey)
         if found is not None:
             return {**found, "relative": {int(k): v for k, v in found["relative"].items()}}
@@ -481,7 +480,7 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
         numbers = [c.number for c in valid][:most]
         prewarm(tuner, numbers, address=ray_address, workers=ray_workers or hw.physical_cores(), log=log)
     try:
-        for n, cand in enumerate(tuner.candidates, 1):
+        for cand in tuner.candidates:
             if cand.recipe is None:
                 trace.append(trace_entry(cand, None, None, None, {}, 0.0))
                 continue
@@ -551,9 +550,8 @@ def _emit(tuner: Tuner, cand: Candidate, directory: Path, info: dict, record: di
         for f in directory.iterdir():
             if f.name != "build.json":
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging.path / f.name)
-        config = tuner.facts.config
-        cfg = type("Config", (), {"vocab_size": config.get("vocab_size"),
-                                  "architectures": tuner.facts.architectures})()
+        cfg = SimpleNamespace(vocab_size=tuner.facts.config.get("vocab_size"),
+                              architectures=tuner.facts.architectures)  # what compose_manifest reads of a config
         manifest = builder.compose_manifest(
             record["verdict"], cand.recipe, tuner.source, tuner.facts, tuner.resolved, cfg, record["labels"],
             info["saved"], info["passes"], {"calibration": info.get("calibration"), "evaluation": record["evaluation"]},
