@@ -4,11 +4,12 @@ import pytest
 from optpipe import quant as _quant
 
 
-def grid_weights(n=16, k=64, block=32, seed=0):
-    """Weights exactly on a Q4_1-style grid: d*q + m per block of 32 along K."""
+def grid_weights(n=16, k=64, block=32, seed=0, half=False):
+    """Weights exactly on a Q4_1-style grid: d*q + m per block of 32 along K (`half`: d and m float16 values, as a
+    GGUF file stores them)."""
     rng = np.random.default_rng(seed)
-    d = rng.uniform(0.01, 0.05, (n, k // block, 1))
-    m = rng.uniform(-0.4, -0.1, (n, k // block, 1))
+    d = rng.uniform(0.01, 0.05, (n, k // block, 1)).astype(np.float16 if half else np.float64).astype(np.float32)
+    m = rng.uniform(-0.4, -0.1, (n, k // block, 1)).astype(np.float16 if half else np.float64).astype(np.float32)
     q = rng.integers(0, 16, (n, k // block, block))
     q[..., 0], q[..., 1] = 0, 15  # full range used, as a min/max quantizer leaves it
     return (d * q + m).reshape(n, k).astype(np.float32)
@@ -24,10 +25,40 @@ def test_float_zero_point_is_exact_on_q4_1_grid():
     w = grid_weights()
     qw = _quant.rtn(w, 4, 32, "float")
     assert np.abs(qw.dequantize() - w).max() < 1e-6
-    # the integer zero point alone cannot represent it: the remainder is what makes it exact
-    assert np.abs(qw.residual).max() > 1e-4
+    # the float minimum is what makes it exact: an integer zero point alone cannot represent it
+    assert qw.minimum is not None and (qw.minimum < -0.05).all()
     int_zp = _quant.rtn(w, 4, 32, "int")
     assert np.abs(int_zp.dequantize() - w).max() > 1e-3
+
+
+def test_float16_storage_is_exact_on_a_gguf_grid():
+    """GGUF stores d and m in float16: with float16 storage the grid is still reproduced exactly, and what the
+    quantizer returns is what will be stored (float16 values)."""
+    w = grid_weights(half=True)
+    for fit in (lambda: _quant.rtn(w, 4, 32, "float", scale_dtype=np.float16),
+                lambda: _quant.gptq(w, np.eye(64), 4, 32, "float", scale_dtype=np.float16)):
+        qw = fit()
+        assert np.abs(qw.dequantize() - w).max() == 0.0
+        for p in (qw.scale, qw.minimum):
+            assert np.array_equal(p.astype(np.float16).astype(np.float32), p)
+
+
+@pytest.mark.parametrize("scheme", ["float", "int", "symmetric"])
+def test_float16_storage_costs_little_off_the_grid(scheme):
+    """Codes are fitted against the rounded scales, so float16 storage adds almost nothing to the 4-bit error."""
+    w = np.random.default_rng(4).normal(size=(64, 256)).astype(np.float32)
+    e32 = _quant.relative_error(_quant.rtn(w, 4, 32, scheme).dequantize(), w)
+    e16 = _quant.relative_error(_quant.rtn(w, 4, 32, scheme, scale_dtype=np.float16).dequantize(), w)
+    assert abs(e16 - e32) < 0.002 * e32, (e16, e32)
+
+
+def test_stored_float16_keeps_tiny_scales_nonzero_and_refuses_overflow():
+    s = _quant.stored(np.array([1e-9, -1e-9, 1.0]), np.float16)
+    assert s[0] > 0 and s[1] < 0 and s[2] == 1.0  # codes divide by a scale
+    assert _quant.stored(np.array([1e-9]), np.float16, "minimum")[0] == 0.0  # a minimum may round to 0
+    with pytest.raises(ValueError, match="scale_dtype: float32"):
+        _quant.stored(np.array([1e6]), np.float16)
+    assert np.array_equal(_quant.stored(np.array([0.1]), np.float32), np.float32([0.1]))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -51,6 +51,10 @@ Patterns = Annotated[list[str], AfterValidator(_compiled)]
 # GPTQ's Hessian dampening, the same option (and default, `_quant.GPTQ_DAMP`) in every GPTQ pass
 Damp = Annotated[float, Field(gt=0, lt=1, description="GPTQ Hessian dampening: fraction of the mean diagonal added "
                                                       "(small calibration sets may need more)")]
+# how block scales (and float zero points) are stored, the same option in every block-quantizing cpu-onnx pass
+ScaleDtype = Annotated[Literal["float16", "float32"], Field(
+    description="float16 (as GGUF/GPTQ checkpoints store them; codes fitted against the rounded scales) saves a "
+                "bit per weight at block 32; ONNX Runtime casts them to float32 once, when it loads the model")]
 
 
 @dataclass

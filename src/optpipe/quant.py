@@ -2,8 +2,8 @@
 
 Weights are W[N, K] (output, input); blocks of `block` run along K, as MatMulNBits and GGUF both lay them out.
 - `float` zero point: w ≈ d*q + m with a float minimum m (GGUF Q4_1's grid). MatMulNBits only takes uint8
-  zero points on its fast path, so the block is stored as d*(q - z) with the nearest integer z, and the exact
-  remainder r = m + d*z per (block, column) is added back by a small correction: blocksum(x) @ R.
+  zero points on its fast path, so the block runs as d*(q - 2^(bits-1)) and the remainder r = m + 2^(bits-1)*d
+  per (block, column) is added back by a small correction: blocksum(x) @ R.
 - `int` zero point: asymmetric with an integer zero point (what ONNX Runtime's own quantizer writes).
 - `symmetric`: w ≈ d*(q - 2^(bits-1)) (Q4_0 / Q8_0 style; for 4 bits d may be negative to use level -8).
 - `symmetric-positive`: the same with d > 0 and no zero point, as TensorRT's INT4 expects: d is set from
@@ -99,26 +99,49 @@ def error_summary(errors: list[float]) -> dict:
 class QuantizedWeight:
     q: np.ndarray  # uint8 codes [N, nb, block]
     scale: np.ndarray  # [N, nb]
-    zero: np.ndarray  # uint8 [N, nb]
-    residual: np.ndarray | None  # [N, nb] float: exact float zero-point remainder, or None
+    zero: np.ndarray  # uint8 [N, nb]: the integer zero point (2^(bits-1) for the symmetric schemes)
+    minimum: np.ndarray | None  # [N, nb] the float zero point (w = d*q + m; `zero` unused), or None
 
     def dequantize(self) -> np.ndarray:
-        w = (self.q.astype(np.float32) - self.zero[..., None]) * self.scale[..., None]
-        if self.residual is not None:
-            w = w + self.residual[..., None]
+        if self.minimum is not None:
+            w = self.q.astype(np.float32) * self.scale[..., None] + self.minimum[..., None]
+        else:
+            w = (self.q.astype(np.float32) - self.zero[..., None]) * self.scale[..., None]
         return w.reshape(w.shape[0], -1)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"q": self.q, "scale": self.scale, "zero": self.zero}
-        return out if self.residual is None else {**out, "residual": self.residual}
+        return out if self.minimum is None else {**out, "minimum": self.minimum}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> QuantizedWeight:
-        return cls(a["q"], a["scale"], a["zero"], a.get("residual"))
+        return cls(a["q"], a["scale"], a["zero"], a.get("minimum"))
 
 
-def _params(wb: np.ndarray, bits: int, scheme: str, clip: bool = False, importance: np.ndarray | None = None):
-    """Per-block quantizer parameters for wb[..., block]: returns (scale, zero_int, minimum_or_None). `clip`: the
+SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def stored(x: np.ndarray, scale_dtype, what: str = "scale") -> np.ndarray:
+    """`x` as it will be stored in `scale_dtype`, back in float32. A float16 scale too small to be represented
+    becomes the smallest float16 (never 0: codes divide by it); one too large cannot be stored and is an error."""
+    x = np.asarray(x, np.float32)
+    if np.dtype(scale_dtype) == np.float32:
+        return x
+    with np.errstate(over="ignore"):
+        y = x.astype(scale_dtype)
+    if not np.isfinite(y).all():
+        raise ValueError(f"a block {what} of {float(np.abs(x).max()):.4g} does not fit {np.dtype(scale_dtype).name}: "
+                         "store scales in float32 (scale_dtype: float32)")
+    if what == "scale":
+        tiny = np.finfo(scale_dtype).smallest_subnormal
+        y = np.where((y == 0) & (x != 0), np.copysign(tiny, x).astype(scale_dtype), y)
+    return y.astype(np.float32)
+
+
+def _params(wb: np.ndarray, bits: int, scheme: str, clip: bool = False, importance: np.ndarray | None = None,
+            scale_dtype=np.float32):
+    """Per-block quantizer parameters for wb[..., block], rounded to `scale_dtype` before any code is fitted:
+    returns (scale, zero_int, minimum_or_None). `clip`: the
     "float" and "int" schemes search shrunken ranges (CLIP_GRID) for the least squared error per block, each
     element's error weighted by `importance` (broadcast to wb; e.g. the Hessian diagonal); the full range is the
     first candidate and is replaced only by a strictly smaller error, so weights on the grid stay exact."""
@@ -128,7 +151,7 @@ def _params(wb: np.ndarray, bits: int, scheme: str, clip: bool = False, importan
         amax = np.abs(wb).max(-1)
         best, best_err = None, None
         for f in CLIP_GRID:  # MSE-optimal clipping of the range, per block
-            scale = np.where(amax == 0, 1.0, f * amax / (half - 1)).astype(np.float32)
+            scale = stored(np.where(amax == 0, 1.0, f * amax / (half - 1)), scale_dtype)
             deq = (np.clip(np.round(wb / scale[..., None]), -half, half - 1)) * scale[..., None]
             err = ((deq - wb) ** 2).sum(-1)
             if best is None:
@@ -142,12 +165,12 @@ def _params(wb: np.ndarray, bits: int, scheme: str, clip: bool = False, importan
         extreme = np.take_along_axis(wb, idx, -1)[..., 0]
         half = 1 << (bits - 1)
         scale = extreme / -half if bits == 4 else np.abs(extreme) / (half - 1)
-        scale = np.where(scale == 0, 1.0, scale)
-        return scale.astype(np.float32), np.full(scale.shape, half, np.float32), None
+        scale = stored(np.where(scale == 0, 1.0, scale), scale_dtype)
+        return scale, np.full(scale.shape, half, np.float32), None
     lo, hi = np.minimum(wb.min(-1), 0 if scheme == "int" else np.inf), wb.max(-1)
     if scheme == "int":
         hi = np.maximum(hi, 0)
-    best = _range_params(lo, hi, qmax, scheme)
+    best = _range_params(lo, hi, qmax, scheme, scale_dtype)
     if not clip:
         return best
     weight = 1.0 if importance is None else importance
@@ -157,7 +180,7 @@ def _params(wb: np.ndarray, bits: int, scheme: str, clip: bool = False, importan
         lo_f, hi_f = mid - f * (mid - lo), mid + f * (hi - mid)
         if scheme == "int":
             lo_f, hi_f = np.minimum(lo_f, 0), np.maximum(hi_f, 0)
-        cand = _range_params(lo_f, hi_f, qmax, scheme)
+        cand = _range_params(lo_f, hi_f, qmax, scheme, scale_dtype)
         err = ((_dequant(wb, *cand, bits) - wb) ** 2 * weight).sum(-1)
         take = err < best_err
         best = tuple(None if b is None else np.where(take, c, b) for b, c in zip(best, cand))
@@ -165,11 +188,11 @@ def _params(wb: np.ndarray, bits: int, scheme: str, clip: bool = False, importan
     return best
 
 
-def _range_params(lo, hi, qmax: int, scheme: str):
+def _range_params(lo, hi, qmax: int, scheme: str, scale_dtype=np.float32):
     scale = (hi - lo) / qmax
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    scale = stored(np.where(scale == 0, 1.0, scale), scale_dtype)
     zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.float32)
-    return scale, zero, (lo.astype(np.float32) if scheme == "float" else None)
+    return scale, zero, (stored(lo, scale_dtype, "minimum") if scheme == "float" else None)
 
 
 def _dequant(wb, scale, zero, minimum, bits):
@@ -187,22 +210,19 @@ def _codes(wb, scale, zero, minimum, bits):
 
 
 def _finish(q, scale, zero, minimum) -> QuantizedWeight:
-    residual = None
-    if minimum is not None:
-        residual = (minimum + scale * zero).astype(np.float32)  # d*(q - z) + r == d*q + m
-    return QuantizedWeight(q.astype(np.uint8), scale, zero.astype(np.uint8), residual)
+    return QuantizedWeight(q.astype(np.uint8), scale, zero.astype(np.uint8), minimum)
 
 
-def rtn(w: np.ndarray, bits: int, block: int, scheme: str, clip: bool = False) -> QuantizedWeight:
+def rtn(w: np.ndarray, bits: int, block: int, scheme: str, clip: bool = False, scale_dtype=np.float32) -> QuantizedWeight:
     n, k = w.shape
     wb = w.reshape(n, k // block, block).astype(np.float32)
-    scale, zero, minimum = _params(wb, bits, scheme, clip)
+    scale, zero, minimum = _params(wb, bits, scheme, clip, scale_dtype=scale_dtype)
     return _finish(_codes(wb, scale, zero, minimum, bits), scale, zero, minimum)
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
          damp: float = GPTQ_DAMP, cols_per_step: int = 128, act_order: bool = False,
-         clip: bool = False) -> QuantizedWeight:
+         clip: bool = False, scale_dtype=np.float32) -> QuantizedWeight:
     """GPTQ (Frantar et al.): quantize column by column, spreading each column's error over the columns
     not yet quantized, weighted by the inverse Hessian of the layer input. Without `act_order` group parameters
     are fitted on the error-updated weights when a group starts; with it, columns go in order of decreasing
@@ -224,7 +244,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
     minimum = np.zeros((nb, n), np.float32) if scheme == "float" else None
     if act_order:
         s_, z_, m_ = _params(W.reshape(n, nb, block).astype(np.float32), bits, scheme, clip,
-                             importance.reshape(1, nb, block))
+                             importance.reshape(1, nb, block), scale_dtype)
         scale[:], zero[:] = s_.T, z_.T
         if minimum is not None:
             minimum[:] = m_.T
@@ -259,7 +279,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, bits: int, block: int, scheme: str,
             b = col // block
             if not act_order and col % block == 0:
                 s_, z_, m_ = _params(W1[i:i + block].T.astype(np.float32)[:, None, :], bits, scheme, clip,
-                                     importance[col:col + block][None, None, :])
+                                     importance[col:col + block][None, None, :], scale_dtype)
                 scale[b], zero[b] = s_[:, 0], z_[:, 0]
                 if minimum is not None:
                     minimum[b] = m_[:, 0]
@@ -300,7 +320,8 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def pack_matmulnbits(qw: QuantizedWeight, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B [N, nb, block*bits/8] uint8, scales [N*nb] float32, zero_points uint8 [N*ceil(nb*bits/8)])."""
+    """(B [N, nb, block*bits/8] uint8, scales [N*nb] float32, zero_points uint8 [N*ceil(nb*bits/8)]);
+    a float minimum is not here: see passes._nbits for how MatMulNBits carries it."""
     n, nb, block = qw.q.shape
     per = 8 // bits
     z = qw.zero

@@ -139,9 +139,14 @@ def test_unknown_family_is_named_with_the_described_ones():
         arch.describe({"model_type": "gpt2"})
 
 
+# float32 scales: the in-memory and streaming builds measure GPTQ's Hessians two ways (ONNX Runtime; torch layer by
+# layer) that agree to ~1e-6, which float32 scales carry through to ~1e-3 logits; float16 rounding is a step
+# function, so the same tiny difference can flip a block's scale to the next float16 and GPTQ then picks other
+# (equally good) codes: both builds still pass their gates, but the logits differ by ~0.07 on these tiny models.
 ONNX_INT4 = [{"name": "smoothquant", "alpha": 0.5}, {"name": "export", "max_positions": 256}, {"name": "fuse"},
              {"name": "static-kv-cache", "max_length": 256},
-             {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "exclude": []}]
+             {"name": "quantize-int4", "algorithm": "gptq", "block_size": 32, "accuracy_level": 0, "exclude": [],
+              "scale_dtype": "float32"}]
 TORCH_INT8 = [{"name": "smoothquant", "alpha": 0.5}, {"name": "fuse"}, {"name": "quantize-int8"}]
 
 

@@ -23,32 +23,42 @@ PROMPT = np.arange(3, 40)
 
 
 def graph(path, on_grid: bool = False) -> ModelState:
-    """The tiny model's float graph; `on_grid`: its embedding (= the tied head) on the block-32 Q4_1 grid first."""
+    """The tiny model's float graph; `on_grid`: its embedding (= the tied head) on the block-32 Q4_1 grid first
+    (float16 scales and minima, as a GGUF file stores them)."""
     model, _, _ = models.load(ModelSpec(source=str(path)))
     if on_grid:
         emb = model.get_input_embeddings().weight
         with torch.no_grad():
-            emb.copy_(torch.from_numpy(_quant.rtn(emb.numpy(), 4, 32, "float").dequantize()))
+            emb.copy_(torch.from_numpy(on_q4_1_grid(emb.numpy())))
     return ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
+
+
+def on_q4_1_grid(w: np.ndarray) -> np.ndarray:
+    return _quant.rtn(w, 4, 32, "float", scale_dtype=np.float16).dequantize()
 
 
 def ops(state) -> list[str]:
     return [n.op_type for n in state.onnx_model.graph.node]
 
 
-@pytest.mark.parametrize("bits,scheme", [(8, "symmetric"), (4, "int"), (4, "float")])
-def test_own_blocks_replace_the_float_table(tiny_llama, bits, scheme):
+@pytest.mark.parametrize("bits,scheme,scale_dtype", [(8, "symmetric", "float16"), (4, "int", "float16"),
+                                                     (4, "float", "float16"), (4, "float", "float32")])
+def test_own_blocks_replace_the_float_table(tiny_llama, bits, scheme, scale_dtype):
     """Without a quantized head the embedding is quantized by RTN: the float table is gone, the lookup is
-    GatherBlockQuantized, and the logits are those of the float graph with the RTN-dequantized table in it."""
+    GatherBlockQuantized, and the logits are those of the float graph with the RTN-dequantized table in it (scales
+    stored as asked: a float16 table is half the bytes of a float32 one)."""
     from onnx import numpy_helper
 
     state = graph(tiny_llama)
     table = state.onnx_model.graph.node[0].input[0]
     reference = copy.deepcopy(state.onnx_model)
     init = initializer_map(reference)[table]
-    deq = _quant.rtn(numpy_helper.to_array(init), bits, 32, scheme).dequantize()
-    init.CopyFrom(numpy_helper.from_array(deq.astype(np.float32), table))
-    res = QuantizeEmbedding(EmbeddingConfig(bits=bits, zero_point=scheme)).call(state, PassContext())
+    deq = _quant.rtn(numpy_helper.to_array(init), bits, 32, scheme, scale_dtype=_quant.SCALE_DTYPES[scale_dtype])
+    init.CopyFrom(numpy_helper.from_array(deq.dequantize().astype(np.float32), table))
+    res = QuantizeEmbedding(EmbeddingConfig(bits=bits, zero_point=scheme, scale_dtype=scale_dtype)).call(
+        state, PassContext())
+    stored = initializer_map(state.onnx_model)[table.rsplit(".", 1)[0] + ".scales"]
+    assert numpy_helper.to_array(stored).dtype == np.dtype(scale_dtype)
     assert res.modified and "GatherBlockQuantized" in ops(state)
     assert table not in initializer_map(state.onnx_model)
     assert 0 < res.changes["weight_rel_error"] < (0.01 if bits == 8 else 0.15)
@@ -78,7 +88,7 @@ def test_share_head_off_quantizes_the_embedding_alone(tiny_llama):
     state = graph(tiny_llama)
     QuantizeInt4(Int4Config(accuracy_level=0, include=["lm_head"], exclude=[])).call(state, PassContext())
     res = QuantizeEmbedding(EmbeddingConfig(share_head=False)).call(state, PassContext())
-    assert res.changes["scheme"] == "int8 rtn block32 symmetric"
+    assert res.changes["scheme"] == "int8 rtn block32 symmetric (float16 scales)"
     gbq = next(n for n in state.onnx_model.graph.node if n.op_type == "GatherBlockQuantized")
     assert gbq.input[0] != "lm_head.qweight"
 
@@ -123,7 +133,7 @@ def test_other_families_and_the_generic_route_share_the_head_exactly(tiny_qwen2,
     model, _, _ = models.load(ModelSpec(source=str(path)))
     emb = model.get_input_embeddings().weight
     with torch.no_grad():
-        emb.copy_(torch.from_numpy(_quant.rtn(emb.numpy(), 4, 32, "float").dequantize()))
+        emb.copy_(torch.from_numpy(on_q4_1_grid(emb.numpy())))
     cfg = ExportConfig(max_positions=256, method="generic" if "generic" in route else "auto")
     proto = build_generic_graph(model, cfg) if "generic" in route else build_decoder_graph(model, cfg)
     state = ModelState("onnx", onnx_model=proto)

@@ -2,6 +2,7 @@
 import copy
 
 import numpy as np
+import onnx
 import pytest
 
 from optpipe import models
@@ -20,8 +21,9 @@ def load(path):
 
 
 def test_int4_float_zero_point_is_exact_on_grid_weights(tiny_llama):
-    """Weights put on a block-32 4-bit grid with float scale and minimum (GGUF Q4_1's) survive `quantize-int4`
-    exactly (accuracy_level 0: fp32 compute), so the artifact's logits equal the float graph's."""
+    """Weights put on a block-32 4-bit grid with float16 scale and minimum (GGUF Q4_1's) survive `quantize-int4`
+    exactly (accuracy_level 0: fp32 compute), so the artifact's logits equal the float graph's; the weight is stored
+    as packed codes, float16 scales and float16 minima (no zero points: MatMulNBits' default and a remainder)."""
     import torch
 
     from optpipe import quant as _quant
@@ -31,7 +33,7 @@ def test_int4_float_zero_point_is_exact_on_grid_weights(tiny_llama):
         for name, lin in model.named_modules():
             if isinstance(lin, torch.nn.Linear) and name.startswith("model.layers."):
                 w = lin.weight.numpy()
-                lin.weight.copy_(torch.from_numpy(_quant.rtn(w, 4, 32, "float").dequantize()))
+                lin.weight.copy_(torch.from_numpy(_quant.rtn(w, 4, 32, "float", scale_dtype=np.float16).dequantize()))
     state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))
     Fuse(FuseConfig()).call(state, PassContext())
     prompt = np.arange(10, 30)
@@ -40,6 +42,10 @@ def test_int4_float_zero_point_is_exact_on_grid_weights(tiny_llama):
     assert res.changes["layers_quantized"] == 8 and "lm_head" in res.changes["skipped"]
     assert res.changes["weight_rel_error_max"] < 1e-5
     assert any(n.op_type == "MatMulNBits" for n in state.onnx_model.graph.node)
+    base = "model.layers.0.mlp.down_proj"
+    stored = {t.name[len(base) + 1:]: t for t in state.onnx_model.graph.initializer if t.name.startswith(base + ".")}
+    assert stored["scales"].data_type == stored["minimum"].data_type == onnx.TensorProto.FLOAT16
+    assert "zero_points" not in stored
     got = OnnxDecoder.from_proto(state.onnx_model).logits(prompt)
     assert np.abs(got - want).max() < 1e-4
 
@@ -125,3 +131,27 @@ def test_mixed_precision_edge_layers_needs_to_know_the_layers(tiny_llama):
     del state.onnx_model.metadata_props[:]
     with pytest.raises(BuildError, match="int8.edge_layers: the graph does not say"):
         QuantizeInt4(Int4Config(int8={"edge_layers": 1})).call(state, PassContext())
+
+
+def test_calibration_sees_a_quantized_graph_as_onnx_runtime_runs_it(tiny_llama):
+    """Float16 scales reach MatMulNBits through a Cast that only constant folding makes constant (accuracy_level 4
+    packs scales when the session loads; unfolded, ONNX Runtime computes garbage): statistics measured on a graph
+    already quantized (lm_head's input, after INT4 decoder layers, as the INT4 recipe's GPTQ head sees it) are those
+    of the graph as an artifact runs it."""
+    import onnxruntime as ort
+
+    from optpipe.passes._nbits import activation_stats
+    from optpipe.passes._onnx import prefill_feeds
+    from optpipe.runtime.ort_decoder import session_options
+
+    state = ModelState("onnx", onnx_model=build_decoder_graph(load(tiny_llama), ExportConfig(max_positions=256)))
+    Fuse(FuseConfig()).call(state, PassContext())
+    QuantizeInt4(Int4Config(accuracy_level=4)).call(state, PassContext())
+    x = next(n.input[0] for n in state.onnx_model.graph.node if n.name == "lm_head")
+    ids = np.arange(3, 40)
+    measured = activation_stats(state.onnx_model, [x], [ids], 1, "absmax")[x]
+    probe = copy.deepcopy(state.onnx_model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=x))
+    deployed = ort.InferenceSession(probe.SerializeToString(), session_options(1),
+                                    providers=["CPUExecutionProvider"]).run([x], prefill_feeds(probe, ids))[0]
+    assert measured == pytest.approx(float(np.abs(deployed).max()), rel=1e-3)

@@ -18,8 +18,7 @@ def test_int4_module_matches_its_dequantized_weight(group):
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.05, (96, 256)).astype(np.float32)
     qw = _quant.rtn(w, 4, group, "float")
-    minimum = qw.residual - qw.scale * qw.zero
-    mod = Int4WeightOnlyLinear.from_codes(qw.q.reshape(w.shape), qw.scale, minimum, None)
+    mod = Int4WeightOnlyLinear.from_codes(qw.q.reshape(w.shape), qw.scale, qw.minimum, None)
     # the module's grid is the quantizer's grid, up to bf16 scales and zero points
     assert np.abs(mod.dequantize().numpy() - qw.dequantize()).max() < 0.02 * np.abs(w).max()
     x = torch.randn(3, 256, dtype=torch.bfloat16)

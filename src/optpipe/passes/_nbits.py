@@ -13,6 +13,7 @@ from ..progress import track
 from ._onnx import (
     FLOAT,
     MS_DOMAIN,
+    GraphBuilder,
     GraphEdit,
     ensure_opset,
     initializer_map,
@@ -48,7 +49,8 @@ def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads:
     probe.CopyFrom(model)
     for n in names:
         probe.graph.output.append(onnx.ValueInfoProto(name=n))
-    sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads, optimize=False),
+    # "basic": a quantized graph's MatMulNBits read scales that only constant folding makes constant
+    sess = ort.InferenceSession(probe.SerializeToString(), session_options(threads, optimize="basic"),
                                 providers=["CPUExecutionProvider"])
     acc: dict = {n: _quant.HessianSum() if kind == "hessian" else None for n in names}
     for ids in track(windows, desc=f"calibration ({kind})", unit="window"):
@@ -64,18 +66,60 @@ def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads:
     return dict(acc)
 
 
-def _packed(qw: _quant.QuantizedWeight, bits: int) -> dict[str, np.ndarray]:
+def stored_parts(n: int, nb: int, block: int, bits: int, scheme: str, scale_dtype) -> list[tuple]:
+    """How one weight is stored for MatMulNBits, as (suffix, key, shape, dtype): packed codes [N, nb, bytes]; scales
+    [N*nb] in `scale_dtype`; integer zero points only for the `int` scheme (the others use the op's default
+    2^(bits-1)); the `float` scheme's minima [nb, N] in `scale_dtype`. The same for the embedding's lookup."""
+    parts = [("qweight", "b", (n, nb, block * bits // 8), np.uint8), ("scales", "scales", (n * nb,), scale_dtype)]
+    if scheme == "int":
+        parts.append(("zero_points", "zp", (n * ((nb * bits + 7) // 8),), np.uint8))
+    if scheme == "float":
+        parts.append(("minimum", "minimum", (nb, n), scale_dtype))
+    return parts
+
+
+def packed(qw: _quant.QuantizedWeight, bits: int, scale_dtype) -> dict[str, np.ndarray]:
+    """The arrays of `stored_parts` (by key) for a quantized weight."""
     b, scales, zp = _quant.pack_matmulnbits(qw, bits)
-    out = {"b": b, "scales": scales, "zp": zp}
-    if qw.residual is not None:
-        out["residual"] = np.ascontiguousarray(qw.residual.T)
+    out = {"b": b, "scales": scales.astype(scale_dtype), "zp": zp}
+    if qw.minimum is not None:
+        out["minimum"] = np.ascontiguousarray(qw.minimum.T).astype(scale_dtype)
     return out
+
+
+def residual_name(base: str) -> str:
+    """The float-zero-point remainder R [nb, N] of weight `base` (d*q + m == d*(q - 2^(bits-1)) + R)."""
+    return base + "/zp_residual"
+
+
+def decoded_params(base: str, n: int, nb: int, bits: int, scheme: str, scale_dtype):
+    """Nodes turning the stored parameters into what the kernels read: float32 scales and, for float zero points,
+    R = m + 2^(bits-1) * d as [nb, N]. They read initializers only, so ONNX Runtime computes them once, when the
+    session is created (constant folding): the file holds float16, the kernels get float32, a step pays nothing.
+    Returns (nodes, initializers, names: qweight, scales, zero_points (or None), residual (or None))."""
+    g = GraphBuilder()
+    names = {"qweight": base + ".qweight", "scales": base + ".scales",
+             "zero_points": base + ".zero_points" if scheme == "int" else None, "residual": None}
+    if np.dtype(scale_dtype) != np.float32:
+        names["scales"] = g.op("Cast", [base + ".scales"], name=base + "/scales_f32", to=FLOAT)
+    if scheme == "float":
+        minimum = base + ".minimum"
+        if np.dtype(scale_dtype) != np.float32:
+            minimum = g.op("Cast", [minimum], name=base + "/minimum_f32", to=FLOAT)
+        grid = g.op("Reshape", [names["scales"], g.init(base + ".scales_grid", np.array([n, nb], np.int64))],
+                    name=base + "/scales_grid")
+        by_block = g.op("Transpose", [grid], name=base + "/scales_by_block", perm=[1, 0])
+        offset = g.op("Mul", [by_block, g.init(base + ".default_zero", np.array(1 << (bits - 1), np.float32))],
+                      name=base + "/zero_offset")
+        names["residual"] = g.op("Add", [minimum, offset], name=residual_name(base),
+                                 outputs=[residual_name(base)])
+    return g.nodes, g.initializers, names
 
 
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
                      accuracy_level: int, include: list[str], exclude: list[str], damp: float = _quant.GPTQ_DAMP,
                      act_order: bool = False, sequential: bool = False,
-                     clip: bool = False) -> tuple[dict, list]:
+                     clip: bool = False, scale_dtype=np.float16) -> tuple[dict, list]:
     model = state.onnx_model
     selected, skipped = select_matmuls(model, include, exclude)
     edit = GraphEdit(model)
@@ -92,7 +136,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     hessians, spill, rel_errors, walked = {}, None, [], {}
     lazy = any(_lazy.is_lazy(inits[n.input[1]]) for n in usable)
     act_block = block if accuracy_level == 4 else None
-    fit = lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp, act_order=act_order, clip=clip)  # noqa: E731
+    fit = lambda w, h: _quant.gptq(w, h, bits, block, scheme, damp=damp, act_order=act_order, clip=clip,  # noqa: E731
+                                   scale_dtype=scale_dtype)
     if algorithm == "gptq" and usable and (lazy or sequential):
         # layer by layer through the transformers layers: a streaming build cannot run the whole graph, and a
         # sequential fit needs each layer's inputs after the layers before it are quantized
@@ -115,18 +160,15 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         k, n = src.dims
         base = node.name
         nb = k // block
-        float_zp = scheme == "float"
-        parts = [("qweight", "b", (n, nb, block * bits // 8), np.uint8), ("scales", "scales", (n * nb,), np.float32),
-                 ("zero_points", "zp", (n * ((nb * bits + 7) // 8),), np.uint8)]
-        if float_zp:
-            parts.append(("zp_residual", "residual", (nb, n), np.float32))
+        parts = stored_parts(n, nb, block, bits, scheme, scale_dtype)
         if _lazy.is_lazy(src):  # streaming build: packed when the writer reaches these tensors
             streamed += 1
             if spill is not None:  # GPTQ'd layer by layer above
                 quantized = lambda name=node.name: _quant.QuantizedWeight.from_arrays(spill.get(name))  # noqa: E731
             else:  # RTN, computed only now
-                quantized = lambda src=src: _quant.rtn(_lazy.array(src).T, bits, block, scheme, clip)  # noqa: E731
-            shared = _lazy.Shared(lambda q=quantized: _packed(q(), bits), len(parts))
+                quantized = lambda src=src: _quant.rtn(_lazy.array(src).T, bits, block, scheme, clip,  # noqa: E731
+                                                       scale_dtype)
+            shared = _lazy.Shared(lambda q=quantized: packed(q(), bits, scale_dtype), len(parts))
             new_inits += [_lazy.tensor(f"{base}.{suffix}", shape, dtype, shared.part(key))
                           for suffix, key, shape, dtype in parts]
             state.effective_weights[base] = EffectiveWeight(lambda q=quantized: q().dequantize(), act_block)
@@ -135,16 +177,20 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             if node.name in walked:  # fitted by the walk, which recorded its error
                 qw = walked.pop(node.name)
             else:
-                qw = fit(w, hessians[node.input[0]]) if algorithm == "gptq" else _quant.rtn(w, bits, block, scheme, clip)
+                qw = fit(w, hessians[node.input[0]]) if algorithm == "gptq" else _quant.rtn(w, bits, block, scheme, clip,
+                                                                                              scale_dtype)
                 rel_errors.append(_quant.relative_error(qw.dequantize(), w))
-            packed = _packed(qw, bits)
-            new_inits += [numpy_helper.from_array(packed[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
+            arrays = packed(qw, bits, scale_dtype)
+            new_inits += [numpy_helper.from_array(arrays[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
+        decode, decode_inits, p = decoded_params(base, n, nb, bits, scheme, scale_dtype)
+        new_nodes += decode
+        new_inits += decode_inits
         out = node.output[0]
-        mm_out = out if not float_zp else base + "/nbits_out"
+        mm_out = out if p["residual"] is None else base + "/nbits_out"
         new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], base + ".qweight", base + ".scales", base + ".zero_points"], [mm_out],
-            name=base, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
-        if float_zp:
+            "MatMulNBits", [node.input[0], p["qweight"], p["scales"]] + ([p["zero_points"]] if p["zero_points"] else []),
+            [mm_out], name=base, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
+        if p["residual"] is not None:
             # [..., K] -> [..., nb, block]: the family export's inputs are [B, S, K]; a traced graph says its ranks
             lead = ranks.get(node.input[0], 3) - 1
             new_inits += [numpy_helper.from_array(np.array([0] * lead + [nb, block], np.int64), base + ".block_shape"),
@@ -153,7 +199,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                 helper.make_node("Reshape", [node.input[0], base + ".block_shape"], [base + "/blocks"], name=base + "/blocks"),
                 helper.make_node("ReduceSum", [base + "/blocks", base + ".last_axis"], [base + "/block_sums"],
                                  name=base + "/block_sums", keepdims=0),
-                helper.make_node("MatMul", [base + "/block_sums", base + ".zp_residual"], [base + "/zp_correction"],
+                helper.make_node("MatMul", [base + "/block_sums", p["residual"]], [base + "/zp_correction"],
                                  name=base + "/zp_correction"),
                 helper.make_node("Add", [mm_out, base + "/zp_correction"], [out], name=base + "/zp_add"),
             ]
@@ -173,5 +219,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     elif streamed:
         notes.append(f"{streamed} weights quantized while the artifact is written (streaming build)")
     if scheme == "float" and usable:
-        notes.append("float zero points: stored as uint8 zero point + per-block remainder correction (exact)")
+        notes.append("float zero points: MatMulNBits' default zero point + a per-block remainder correction")
+    if np.dtype(scale_dtype) != np.float32 and usable:
+        notes.append(f"scales stored in {np.dtype(scale_dtype).name}, cast to float32 when the model is loaded")
     return changes, notes

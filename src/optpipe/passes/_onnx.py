@@ -150,11 +150,12 @@ class GraphEdit:
         return _lazy.array(self.inits[name])
 
     def derived(self, new_name: str, shape, dtype, fn, names: list[str]) -> onnx.TensorProto:
-        """fn(*arrays of initializers `names`) as a new initializer: computed now, or, if any of them is lazy,
-        when it is written (a streaming build)."""
+        """fn(*arrays of initializers `names` (the graph's or ones added to this edit)) as a new initializer: computed
+        now, or, if any of them is lazy, when it is written (a streaming build)."""
         from .. import lazy as _lazy
 
-        srcs = [self.inits[n] for n in names]
+        added = {t.name: t for t in self.new_inits}
+        srcs = [self.inits[n] if n in self.inits else added[n] for n in names]
         shaped = lambda *a: np.asarray(fn(*a)).astype(dtype).reshape(shape)  # noqa: E731
         if any(_lazy.is_lazy(t) for t in srcs):
             return _lazy.derived(new_name, shape, dtype, shaped, *srcs)

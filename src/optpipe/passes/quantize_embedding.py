@@ -3,7 +3,8 @@
 Weight-only quantizers leave the token embedding in fp32: for SmolLM2 that is 113 MB, half the INT4 artifact. With a
 tied head already in MatMulNBits (a quantizer ran on `lm_head` before this pass), the lookup reads the head's own
 packed blocks, so the file stores them once; the embedding then equals the head's quantized weight exactly, whatever
-scheme fitted it (float zero points via a gathered per-block remainder). Otherwise the embedding is quantized by RTN.
+scheme fitted it (float zero points via a gathered per-block remainder). Otherwise the embedding is quantized by RTN
+and stored as MatMulNBits stores a weight (passes._nbits), so both cases share one lookup.
 Run it after the weight quantizers: a sequential GPTQ walk reads the float embedding.
 """
 from __future__ import annotations
@@ -12,16 +13,16 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from pydantic import Field
 
 from .. import lazy as _lazy
 from .. import quant as _quant
 from ..errors import BuildError
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
-from ._onnx import FLOAT, MS_DOMAIN, GraphEdit, ensure_opset, metadata
-
-NBITS_INPUTS = ("qweight", "scales", "zero_points")
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, ScaleDtype, register
+from ..quant import SCALE_DTYPES
+from ._nbits import decoded_params, packed, residual_name, stored_parts
+from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata
 
 
 class EmbeddingConfig(PassConfig):
@@ -30,7 +31,9 @@ class EmbeddingConfig(PassConfig):
     zero_point: Literal["symmetric", "int", "float"] = "symmetric"
     clip_search: bool = Field(False, description="int/float zero points: MSE-searched block ranges")
     share_head: bool = Field(True, description="a tied embedding reads the quantized lm_head's blocks (stored once); "
-                                               "bits/block_size/zero_point then come from the head's quantizer")
+                                               "bits/block_size/zero_point/scale_dtype then come from the head's "
+                                               "quantizer")
+    scale_dtype: ScaleDtype = "float16"
 
 
 def _embedding_gather(model: onnx.ModelProto, inits) -> onnx.NodeProto:
@@ -74,59 +77,37 @@ class QuantizeEmbedding(Pass):
         vocab, hidden = src.dims
         base = gather.name or gather.input[0]
         head = _tied_head(model, vocab, hidden) if c.share_head else None
-        if head is not None:
+        error = None
+        if head is not None:  # the head's stored blocks and the float32 parameters decoded from them
             a = _attrs(head)
             bits, block = a["bits"], a["block_size"]
-            nb = hidden // block
-            data = head.input[1]  # [V, nb, block*bits/8]: the same bytes serve both
-            views = [(base + ".scales", (vocab, nb, 1), np.float32, lambda s: s, head.input[2]),
-                     (base + ".zero_points", (vocab, nb, 1), np.uint8,
-                      lambda z: _quant.unpack_bits(z.reshape(vocab, -1), bits, nb), head.input[3])]
-            if head.name + ".zp_residual" in inits:  # float zero points: the remainder, [nb, V] for MatMulNBits
-                views.append((base + ".zp_residual", (vocab, nb), np.float32, lambda r: r.T, head.name + ".zp_residual"))
-            edit.new_inits += [edit.derived(name, shape, dtype, fn, [src_name])
-                               for name, shape, dtype, fn, src_name in views]
-            scales, zeros = views[0][0], views[1][0]
-            residual = views[2][0] if len(views) > 2 else None
+            produced = {o for n in model.graph.node for o in n.output}
+            p = {"qweight": head.input[1], "scales": head.input[2],
+                 "zero_points": head.input[3] if len(head.input) > 3 and head.input[3] else None,
+                 "residual": residual_name(head.name) if residual_name(head.name) in produced else None}
             how = f"shared with {head.name} ({state.handoff.quantized.get(head.name, f'int{bits} block{block}')})"
-            error = None
         else:
             bits, block = c.bits, c.block_size
             if hidden % block:
                 raise BuildError(f"quantize-embedding block_size: hidden size {hidden} is not a multiple of {block}")
-            nb = hidden // block
-            shapes = {"data": ((vocab, nb, block * bits // 8), np.uint8), "scales": ((vocab, nb, 1), np.float32),
-                      "zero_points": ((vocab, nb, 1), np.uint8)}
-            if c.zero_point == "float":
-                shapes["residual"] = ((vocab, nb), np.float32)
-            names = {key: base + "." + ("zp_residual" if key == "residual" else key) for key in shapes}
+            dtype = SCALE_DTYPES[c.scale_dtype]
+            parts = stored_parts(vocab, hidden // block, block, bits, c.zero_point, dtype)
             if _lazy.is_lazy(src):  # streaming build: quantized when the writer reaches these tensors
-                error = None
-                shared = _lazy.Shared(lambda: self._quantize(_lazy.array(src)), len(shapes))
-                edit.new_inits += [_lazy.tensor(names[k], *shapes[k], shared.part(k)) for k in shapes]
+                shared = _lazy.Shared(lambda: packed(self._rtn(_lazy.array(src)), bits, dtype), len(parts))
+                edit.new_inits += [_lazy.tensor(f"{base}.{suffix}", shape, dt, shared.part(key))
+                                   for suffix, key, shape, dt in parts]
             else:
-                parts = self._quantize(numpy_helper.to_array(src))
-                error = parts.pop("error")
-                edit.new_inits += [numpy_helper.from_array(parts[k], names[k]) for k in shapes]
-            data, scales, zeros, residual = names["data"], names["scales"], names["zero_points"], names.get("residual")
-            how = f"int{bits} rtn{' clipped' if c.clip_search else ''} block{block} {c.zero_point}"
-        out = gather.output[0]
-        blocks = base + "/blocks"
-        nodes = [helper.make_node("GatherBlockQuantized", [data, gather.input[1], scales, zeros], [blocks],
-                                  name=base, domain=MS_DOMAIN, bits=bits, block_size=block, gather_axis=0,
-                                  quantize_axis=2)]
-        if residual is not None:  # d*(q - z) + r per block
-            edit.new_inits.append(numpy_helper.from_array(np.array([-1], np.int64), base + ".last_axis"))
-            nodes += [helper.make_node("Gather", [residual, gather.input[1]], [base + "/residual"], name=base + "/residual",
-                                       axis=0),
-                      helper.make_node("Unsqueeze", [base + "/residual", base + ".last_axis"],
-                                       [base + "/residual_b"], name=base + "/residual_b"),
-                      helper.make_node("Add", [blocks, base + "/residual_b"], [base + "/dequant"],
-                                       name=base + "/dequant")]
-            blocks = base + "/dequant"
-        edit.new_inits.append(numpy_helper.from_array(np.array([0, 0, hidden], np.int64), base + ".hidden_shape"))
-        nodes.append(helper.make_node("Reshape", [blocks, base + ".hidden_shape"], [out], name=base + "/hidden"))
-        edit.new_nodes += nodes
+                w = numpy_helper.to_array(src)
+                qw = self._rtn(w)
+                error = _quant.relative_error(qw.dequantize(), w)
+                arrays = packed(qw, bits, dtype)
+                edit.new_inits += [numpy_helper.from_array(arrays[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
+            decode, decode_inits, p = decoded_params(base, vocab, hidden // block, bits, c.zero_point, dtype)
+            edit.new_nodes += decode
+            edit.new_inits += decode_inits
+            how = (f"int{bits} rtn{' clipped' if c.clip_search else ''} block{block} {c.zero_point} "
+                   f"({c.scale_dtype} scales)")
+        edit.new_nodes += self._lookup(edit, gather, base, p, vocab, hidden, bits, block)
         edit.remove.add(id(gather))
         edit.drop_inits.add(gather.input[0])
         edit.commit()
@@ -137,12 +118,33 @@ class QuantizeEmbedding(Pass):
             changes["weight_rel_error"] = round(error, 5)
         return PassResult(True, changes, [f"{base}: {how}"])
 
-    def _quantize(self, w: np.ndarray) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _lookup(edit: GraphEdit, gather, base: str, p: dict, vocab: int, hidden: int, bits: int, block: int):
+        """GatherBlockQuantized over MatMulNBits-layout blocks: the scales viewed as [V, nb, 1], integer zero points
+        unpacked to [V, nb, 1], a float zero point's remainder R [nb, V] gathered as rows of its transpose."""
+        nb = hidden // block
+        g = GraphBuilder()
+        scales = g.op("Reshape", [p["scales"], g.init(base + ".scales_view", np.array([vocab, nb, 1], np.int64))],
+                      name=base + "/scales")
+        inputs = [p["qweight"], gather.input[1], scales]
+        if p["zero_points"]:
+            edit.new_inits.append(edit.derived(base + ".block_zero_points", (vocab, nb, 1), np.uint8,
+                                               lambda z: _quant.unpack_bits(z.reshape(vocab, -1), bits, nb),
+                                               [p["zero_points"]]))
+            inputs.append(base + ".block_zero_points")
+        blocks = g.op("GatherBlockQuantized", inputs, name=base, domain=MS_DOMAIN, bits=bits, block_size=block,
+                      gather_axis=0, quantize_axis=2, outputs=[base + "/blocks"])
+        if p["residual"] is not None:  # d*(q - 2^(bits-1)) + r per block
+            rows = g.op("Transpose", [p["residual"]], name=base + "/residual_rows", perm=[1, 0])
+            picked = g.op("Gather", [rows, gather.input[1]], name=base + "/residual_picked", axis=0)
+            per_block = g.op("Unsqueeze", [picked, g.init(base + ".last_axis", np.array([-1], np.int64))],
+                             name=base + "/residual_b")
+            blocks = g.op("Add", [blocks, per_block], name=base + "/dequant")
+        g.op("Reshape", [blocks, g.init(base + ".hidden_shape", np.array([0, 0, hidden], np.int64))],
+             name=base + "/hidden", outputs=[gather.output[0]])
+        edit.new_inits += g.initializers
+        return g.nodes
+
+    def _rtn(self, w: np.ndarray) -> _quant.QuantizedWeight:
         c = self.config
-        qw = _quant.rtn(w, c.bits, c.block_size, c.zero_point, c.clip_search)
-        v, nb, _ = qw.q.shape
-        out = {"data": _quant.pack_bits(qw.q, c.bits), "scales": qw.scale.reshape(v, nb, 1).astype(np.float32),
-               "zero_points": qw.zero.reshape(v, nb, 1), "error": _quant.relative_error(qw.dequantize(), w)}
-        if qw.residual is not None:
-            out["residual"] = qw.residual.astype(np.float32)
-        return out
+        return _quant.rtn(w, c.bits, c.block_size, c.zero_point, c.clip_search, SCALE_DTYPES[c.scale_dtype])

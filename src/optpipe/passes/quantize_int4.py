@@ -16,9 +16,11 @@ from ..pipeline import (
     PassContext,
     PassResult,
     Patterns,
+    ScaleDtype,
     calibrated_when,
     register,
 )
+from ..quant import SCALE_DTYPES
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import metadata
 
@@ -52,6 +54,7 @@ class Int4Config(PassConfig):
                                                  "squared error (Hessian-diagonal weighted under GPTQ); exact grids "
                                                  "stay exact")
     int8: Optional[Int8Part] = Field(None, description="mixed precision: these MatMuls go to INT8 instead")
+    scale_dtype: ScaleDtype = "float16"
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 
 
@@ -74,11 +77,12 @@ class QuantizeInt4(Pass):
                                           algorithm=c.algorithm, accuracy_level=c.accuracy_level,
                                           include=c.include, exclude=c.exclude + keep_wide, damp=c.damp,
                                           act_order=c.act_order, sequential=c.sequential,
-                                          clip=c.clip_search)
+                                          clip=c.clip_search, scale_dtype=SCALE_DTYPES[c.scale_dtype])
         if wide:
             wide_changes, wide_notes = quantize_matmuls(
                 state, ctx, bits=8, block=c.int8.block_size, scheme="symmetric", algorithm="rtn",
-                accuracy_level=c.accuracy_level, include=keep_wide, exclude=[])
+                accuracy_level=c.accuracy_level, include=keep_wide, exclude=[],
+                scale_dtype=SCALE_DTYPES[c.scale_dtype])
             changes["skipped"] = {k: v for k, v in changes["skipped"].items() if k not in wide}
             changes["layers_skipped"] = len(changes["skipped"])
             changes["int8"] = {k: wide_changes[k] for k in wide_changes if k != "skipped"}

@@ -31,9 +31,11 @@ from ..pipeline import (
     PassContext,
     PassResult,
     Patterns,
+    ScaleDtype,
     calibrated_when,
     register,
 )
+from ..quant import SCALE_DTYPES
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import MS_DOMAIN, GraphEdit, ensure_opset, prefill_feeds
 
@@ -46,6 +48,7 @@ class Int8Config(PassConfig):
     mode: Literal["weight-only", "dynamic", "static"] = "weight-only"
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weight-only: block along K")
     zero_point: Literal["symmetric", "int", "float"] = "symmetric"
+    scale_dtype: ScaleDtype = Field("float16", description="weight-only: how block scales are stored")
     accuracy_level: Literal[0, 1, 4] = 4
     per_channel: bool = True
     reduce_range: Literal["auto", True, False] = Field(
@@ -71,7 +74,8 @@ class QuantizeInt8(Pass):
         if c.mode == "weight-only":
             changes, notes = quantize_matmuls(state, ctx, bits=8, block=c.block_size, scheme=c.zero_point,
                                               algorithm="rtn", accuracy_level=c.accuracy_level,
-                                              include=c.include, exclude=c.exclude)
+                                              include=c.include, exclude=c.exclude,
+                                              scale_dtype=SCALE_DTYPES[c.scale_dtype])
             return PassResult(changes["layers_quantized"] > 0, changes, notes)
         if c.mode == "dynamic" and _lazy.any_lazy(state.onnx_model):
             return self._dynamic_streaming(state)

@@ -101,8 +101,7 @@ class TorchQuantizeInt4(Pass):
                 qw = _quant.gptq(w, hessians[name], 4, c.block_size, scheme, damp=c.damp, act_order=c.act_order)
             else:
                 qw = _quant.rtn(w, 4, c.block_size, scheme)
-            residual = qw.residual if qw.residual is not None else 0.0
-            minimum = residual - qw.scale * qw.zero.astype(np.float32)  # w = q*scale + minimum per group
+            minimum = qw.minimum if qw.minimum is not None else -qw.scale * qw.zero.astype(np.float32)  # w = q*scale + minimum
             mod = Int4WeightOnlyLinear.from_codes(qw.q.reshape(w.shape), qw.scale, minimum, lin.bias)
             rel.append(_quant.relative_error(mod.dequantize(), lin.weight.detach().float()))
             set_module(model, name, mod)

@@ -17,15 +17,20 @@ import onnx
 from .generation import Generation, OnToken, Pick, decode
 
 
-def session_options(threads: int, optimize: bool = True):
+def session_options(threads: int, optimize: bool | str = True):
+    """`optimize`: True = every ONNX Runtime graph optimization (how artifacts run); "basic" = constant folding
+    and other rewrites that keep each op's arithmetic; False = none (TensorRT-bound graphs, run as written). A
+    cpu-onnx graph needs at least "basic": its float16-stored scales reach MatMulNBits through a Cast that ONNX
+    Runtime must fold, since accuracy_level 4 packs scales only from constants (unfolded, it computes garbage)."""
     import onnxruntime as ort
 
+    levels = {True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.graph_optimization_level = levels[optimize]
     so.log_severity_level = 3
     return so
 
