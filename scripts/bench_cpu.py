@@ -160,6 +160,33 @@ def read_bandwidth(threads: int, gib: float = 1.0) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def onnx_bytes_per_token(path: Path) -> int:
+    """Weight bytes a decode step reads in the *loaded* graph: ONNX Runtime first folds every node whose inputs
+    are all constant (float16-stored scales cast to float32, a float zero point's remainder built from them), so a
+    tensor counts at the size the kernels read, not the size the file stores. DequantizeLinear is not folded (ORT
+    keeps Q/DQ pairs for its fusions); an embedding table only looked up by row does not count."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    lookups = {"Gather", "GatherBlockQuantized"}
+    const: dict[str, tuple[int, int]] = {}  # name -> (elements, bytes per element)
+    for t in m.graph.initializer:
+        const[t.name] = (int(np.prod(t.dims, dtype=np.int64)),
+                         np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
+    runtime_inputs: set[str] = set()
+    for n in m.graph.node:  # an ONNX graph lists its nodes in topological order
+        inputs = [i for i in n.input if i]
+        if inputs and all(i in const for i in inputs) and n.op_type not in lookups | {"DequantizeLinear"}:
+            elements = max(const[i][0] for i in inputs)
+            to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+            size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to)).itemsize if to else const[inputs[0]][1]
+            for o in n.output:
+                const[o] = (elements, size)
+        elif n.op_type not in lookups:
+            runtime_inputs.update(i for i in inputs if i in const)
+    return sum(const[i][0] * const[i][1] for i in runtime_inputs)
+
+
 def bytes_per_token(kind: str, arg: str, model) -> int | None:
     """Weight bytes one decode step reads: every weight but an embedding table only looked up by row."""
     if kind == "torch":
@@ -168,27 +195,51 @@ def bytes_per_token(kind: str, arg: str, model) -> int | None:
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         return total - (0 if head.data_ptr() == emb.data_ptr() else emb.numel() * emb.element_size())
     if kind == "onnx":
-        import onnx
-
-        m = onnx.load(str(Path(arg) / "model.onnx"), load_external_data=False)
-        lookups = {"Gather", "GatherBlockQuantized"}
-        readers: dict[str, set] = {}
-        for n in m.graph.node:
-            for i in n.input:
-                readers.setdefault(i, set()).add(n.op_type)
-        total = 0
-        for t in m.graph.initializer:
-            if readers.get(t.name, set()) <= lookups:
-                continue
-            ext = {e.key: e.value for e in t.external_data}
-            total += int(ext["length"]) if "length" in ext else len(t.raw_data)
-        return total
+        return onnx_bytes_per_token(Path(arg) / "model.onnx")
     if kind == "llama":
         from gguf import GGUFReader
 
         tensors = {t.name: int(t.n_bytes) for t in GGUFReader(arg).tensors}
         return sum(tensors.values()) - (tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0)
     return None
+
+
+def ratio_lines(results: dict, engines: list, a) -> list[str]:
+    """optpipe's rows against one baseline row, round by round: each round ran every engine back to back, so the
+    same round's ratio cancels what the machine did meanwhile; geometric mean and 95% t-interval over the rounds
+    (the speed gate's statistic)."""
+    from optpipe.gates.speed import ratio_interval
+
+    top = f"t{max(a.threads)}"
+    base = a.ratio_against
+    if base is None:
+        within = [name for name, kind, *_ in engines if kind == "llama"
+                  and results[name].get("ppl_delta_pct", float("inf")) <= a.ratio_ppl]
+        if not within:
+            return []
+        base = max(within, key=lambda n: results[n][top]["decode_tok_s"])
+    if base not in results:
+        raise SystemExit(f"--ratio-against {base!r}: no such row (rows: {', '.join(results)})")
+    ours = [name for name, kind, *_ in engines if kind in ("onnx", "torch-artifact", "ipex-artifact")]
+    columns = [("decode tok/s", 1, False), ("tok/CPU-s", 2, False), ("prefill speed", 0, True)]
+    lines = ["", f"Against **{base}**" + ("" if a.ratio_against else
+                                           f" (the fastest llama.cpp row within {a.ratio_ppl:g}% perplexity)")
+             + f": the same round's ratio, geometric mean [95% interval] over {a.rounds} rounds (> 1: optpipe "
+             "faster; prefill speed = its prefill ms ÷ ours).", "",
+             "| engine | " + " | ".join(f"{t}T {c}" for t in a.threads for c, *_ in columns) + " |",
+             "|---|" + "---|" * (len(columns) * len(a.threads))]
+    for name in ours:
+        cells = []
+        for t in a.threads:
+            mine, theirs = results[name][f"t{t}"]["rounds"], results[base][f"t{t}"]["rounds"]
+            for label, i, inverse in columns:
+                ratios = [(y[i] / x[i]) if inverse else (x[i] / y[i]) for x, y in zip(mine, theirs)]
+                g, lo, hi = ratio_interval(ratios)
+                results[name][f"t{t}"][f"vs_base_{label.replace(' ', '_').replace('/', '_per_')}"] = [g, lo, hi]
+                cells.append(f"{g:.2f} [{lo:.2f}, {hi:.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    results["ratio_baseline"] = base
+    return lines
 
 
 REPORTS = {"report.html", "report.md"}  # for people, not loaded: about 5 MB of inlined plotly.js
@@ -230,6 +281,10 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ratio-against", default=None, metavar="LABEL",
+                    help="the row optpipe's rows are divided by, round by round (default: the fastest llama.cpp "
+                         "row within --ratio-ppl of fp32 perplexity at the most threads)")
+    ap.add_argument("--ratio-ppl", type=float, default=3.0, help="perplexity limit (%%) for the default baseline")
     ap.add_argument("--eval-tokens", type=int, default=EVALUATION_TOKENS, help="perplexity text length (tokens)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--speed-only", action="store_true", help="no perplexity (random-weight checkpoints: "
@@ -295,7 +350,8 @@ def main() -> int:
         for name, v in runs.items():
             results[name][f"t{threads}"] = {"prefill_ms": round(statistics.median(x[0] for x in v), 1),
                                             "decode_tok_s": round(statistics.median(x[1] for x in v), 1),
-                                            "tok_per_cpu_s": round(statistics.median(x[2] for x in v), 1)}
+                                            "tok_per_cpu_s": round(statistics.median(x[2] for x in v), 1),
+                                            "rounds": [[round(y, 3) for y in x] for x in v]}
         del runners
     bandwidth = read_bandwidth(max(a.threads))
     for name, kind, arg, _ in engines:
@@ -334,11 +390,13 @@ def main() -> int:
                   f"{100 * r['bandwidth_efficiency']:.0f}%" if per_token else "–"]
         cells += [str(r["peak_rss_mib"]), str(r["size_mb"]) if r["size_mb"] else "–"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ratio_lines(results, engines, a)
     table = "\n".join(lines)
     print(table)
     json_path = Path(a.json) if a.section == "bench_cpu" else Path(a.json).with_name(f"{a.section}.json")
+    baseline = results.pop("ratio_baseline", None)
     json_path.write_text(json.dumps({"date": date, "environment": env, "read_bandwidth_gb_s": round(bandwidth, 2),
-                                     "results": results}, indent=2))
+                                     "ratio_baseline": baseline, "results": results}, indent=2))
     write_section(Path(a.doc), a.section, table)
     return 0
 
