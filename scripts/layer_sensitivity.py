@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--zero-point", default="float", choices=["float", "int", "symmetric"])
+    ap.add_argument("--scale-dtype", default="float16", choices=["float16", "float32"], help="as the pass stores them")
     ap.add_argument("--top", type=int, default=10, help="how many to name in the include list")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     windows = data.token_windows(DataSpec(source="builtin:calibration", window=256, max_tokens=a.tokens), tok, None,
                                  "calibration").windows
     rows = measure(model, windows, bits=a.bits, block_size=a.block, zero_point=a.zero_point,
-                   log=lambda m: print(m, file=sys.stderr))
+                   scale_dtype=a.scale_dtype, log=lambda m: print(m, file=sys.stderr))
     total = sum(r["params"] for r in rows)
     print(f"| layer | projection | mean KL (int{a.bits} alone) | share of decoder weights |\n|---|---|---|---|")
     for r in rows:

@@ -149,7 +149,7 @@ class Tuner:
         spec = self.recipe.search.sensitivity
         config = self.recipe._passes[spec.pass_index].config
         scheme = {"bits": config.bits, "block_size": spec.block_size or config.block_size,
-                  "zero_point": spec.zero_point or config.zero_point}
+                  "zero_point": spec.zero_point or config.zero_point, "scale_dtype": config.scale_dtype}
         calib = self.recipe.calibration.model_copy(update={"max_tokens": spec.tokens})
         key = cache.content_key({"sensitivity": scheme, "calibration": calib.model_dump(mode="json"),
                                  "code": cache.code_fingerprint(), "model": self.recipe.model.model_dump(mode="json"),

@@ -49,7 +49,7 @@ def _mean_kl(model, windows, ref_logp) -> float:
 
 @torch.inference_mode()
 def measure(model, windows, *, bits: int = 4, block_size: int = 32, zero_point: str = "float",
-            clip: bool = True, log=print) -> list[dict]:
+            clip: bool = True, scale_dtype: str = "float16", log=print) -> list[dict]:
     """Every (layer, group): mean KL of that group alone quantized, most sensitive first. Each row carries the
     `pattern` that selects the group's MatMul in the exported graph."""
     model.eval()
@@ -66,7 +66,8 @@ def measure(model, windows, *, bits: int = 4, block_size: int = 32, zero_point: 
             saved = [m.weight.data.clone() for m in mods]
             for m in mods:
                 w = m.weight.data.float().numpy()
-                deq = quant.rtn(w, bits, block_size, zero_point, clip=clip).dequantize()
+                deq = quant.rtn(w, bits, block_size, zero_point, clip=clip,
+                                scale_dtype=quant.SCALE_DTYPES[scale_dtype]).dequantize()
                 m.weight.data.copy_(torch.from_numpy(deq).to(m.weight.dtype))
             rows.append({"layer": i, "projection": label, "mean_kl": _mean_kl(model, windows, ref),
                          "params": sum(m.weight.numel() for m in mods), "pattern": pattern(desc, i, label, members)})
