@@ -218,8 +218,6 @@ def ratio_lines(results: dict, engines: list, a) -> list[str]:
         if not within:
             return []
         base = max(within, key=lambda n: results[n][top]["decode_tok_s"])
-    if base not in results:
-        raise SystemExit(f"--ratio-against {base!r}: no such row (rows: {', '.join(results)})")
     ours = [name for name, kind, *_ in engines if kind in ("onnx", "torch-artifact", "ipex-artifact")]
     columns = [("decode tok/s", 1, False), ("tok/CPU-s", 2, False), ("prefill speed", 0, True)]
     lines = ["", f"Against **{base}**" + ("" if a.ratio_against else
@@ -321,6 +319,8 @@ def main() -> int:
     if have_llama:
         engines += [(label, "llama", str(path), path) for label, path in gguf_engines(a, tmp)]
 
+    if a.ratio_against and a.ratio_against not in [name for name, *_ in engines]:
+        ap.error(f"--ratio-against {a.ratio_against!r}: no such row (rows: {', '.join(n for n, *_ in engines)})")
     results = {name: {"size_mb": round(dir_size(p) / 1e6, 1) if p else None} for name, *_ , p in engines}
     # perplexity (1 thread build of each runner is enough; same token ids everywhere)
     ref_nll = None

@@ -118,11 +118,8 @@ class QuantizedWeight:
         return cls(a["q"], a["scale"], a["zero"], a.get("minimum"))
 
 
-SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
 def stored(x: np.ndarray, scale_dtype, what: str = "scale") -> np.ndarray:
-    """`x` as it will be stored in `scale_dtype`, back in float32. A float16 scale too small to be represented
+    """`x` as it will be stored in `scale_dtype` (a numpy dtype or its name: "float16"), back in float32. A float16 scale too small to be represented
     becomes the smallest float16 (never 0: codes divide by it); one too large cannot be stored and is an error."""
     x = np.asarray(x, np.float32)
     if np.dtype(scale_dtype) == np.float32:

@@ -53,7 +53,7 @@ def test_own_blocks_replace_the_float_table(tiny_llama, bits, scheme, scale_dtyp
     table = state.onnx_model.graph.node[0].input[0]
     reference = copy.deepcopy(state.onnx_model)
     init = initializer_map(reference)[table]
-    deq = _quant.rtn(numpy_helper.to_array(init), bits, 32, scheme, scale_dtype=_quant.SCALE_DTYPES[scale_dtype])
+    deq = _quant.rtn(numpy_helper.to_array(init), bits, 32, scheme, scale_dtype=scale_dtype)
     init.CopyFrom(numpy_helper.from_array(deq.dequantize().astype(np.float32), table))
     res = QuantizeEmbedding(EmbeddingConfig(bits=bits, zero_point=scheme, scale_dtype=scale_dtype)).call(
         state, PassContext())

@@ -119,7 +119,7 @@ def decoded_params(base: str, n: int, nb: int, bits: int, scheme: str, scale_dty
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
                      accuracy_level: int, include: list[str], exclude: list[str], damp: float = _quant.GPTQ_DAMP,
                      act_order: bool = False, sequential: bool = False,
-                     clip: bool = False, scale_dtype=np.float16) -> tuple[dict, list]:
+                     clip: bool = False, scale_dtype="float16") -> tuple[dict, list]:
     model = state.onnx_model
     selected, skipped = select_matmuls(model, include, exclude)
     edit = GraphEdit(model)

@@ -20,7 +20,6 @@ from .. import lazy as _lazy
 from .. import quant as _quant
 from ..errors import BuildError
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, ScaleDtype, register
-from ..quant import SCALE_DTYPES
 from ._nbits import decoded_params, packed, residual_name, stored_parts
 from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata
 
@@ -81,16 +80,15 @@ class QuantizeEmbedding(Pass):
         if head is not None:  # the head's stored blocks and the float32 parameters decoded from them
             a = _attrs(head)
             bits, block = a["bits"], a["block_size"]
-            produced = {o for n in model.graph.node for o in n.output}
             p = {"qweight": head.input[1], "scales": head.input[2],
                  "zero_points": head.input[3] if len(head.input) > 3 and head.input[3] else None,
-                 "residual": residual_name(head.name) if residual_name(head.name) in produced else None}
+                 "residual": residual_name(head.name) if residual_name(head.name) in edit.prod else None}
             how = f"shared with {head.name} ({state.handoff.quantized.get(head.name, f'int{bits} block{block}')})"
         else:
             bits, block = c.bits, c.block_size
             if hidden % block:
                 raise BuildError(f"quantize-embedding block_size: hidden size {hidden} is not a multiple of {block}")
-            dtype = SCALE_DTYPES[c.scale_dtype]
+            dtype = c.scale_dtype
             parts = stored_parts(vocab, hidden // block, block, bits, c.zero_point, dtype)
             if _lazy.is_lazy(src):  # streaming build: quantized when the writer reaches these tensors
                 shared = _lazy.Shared(lambda: packed(self._rtn(_lazy.array(src)), bits, dtype), len(parts))
@@ -147,4 +145,4 @@ class QuantizeEmbedding(Pass):
 
     def _rtn(self, w: np.ndarray) -> _quant.QuantizedWeight:
         c = self.config
-        return _quant.rtn(w, c.bits, c.block_size, c.zero_point, c.clip_search, SCALE_DTYPES[c.scale_dtype])
+        return _quant.rtn(w, c.bits, c.block_size, c.zero_point, c.clip_search, c.scale_dtype)

@@ -20,7 +20,6 @@ from ..pipeline import (
     calibrated_when,
     register,
 )
-from ..quant import SCALE_DTYPES
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import metadata
 
@@ -77,12 +76,12 @@ class QuantizeInt4(Pass):
                                           algorithm=c.algorithm, accuracy_level=c.accuracy_level,
                                           include=c.include, exclude=c.exclude + keep_wide, damp=c.damp,
                                           act_order=c.act_order, sequential=c.sequential,
-                                          clip=c.clip_search, scale_dtype=SCALE_DTYPES[c.scale_dtype])
+                                          clip=c.clip_search, scale_dtype=c.scale_dtype)
         if wide:
             wide_changes, wide_notes = quantize_matmuls(
                 state, ctx, bits=8, block=c.int8.block_size, scheme="symmetric", algorithm="rtn",
                 accuracy_level=c.accuracy_level, include=keep_wide, exclude=[],
-                scale_dtype=SCALE_DTYPES[c.scale_dtype])
+                scale_dtype=c.scale_dtype)
             changes["skipped"] = {k: v for k, v in changes["skipped"].items() if k not in wide}
             changes["layers_skipped"] = len(changes["skipped"])
             changes["int8"] = {k: wide_changes[k] for k in wide_changes if k != "skipped"}

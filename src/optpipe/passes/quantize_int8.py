@@ -35,7 +35,6 @@ from ..pipeline import (
     calibrated_when,
     register,
 )
-from ..quant import SCALE_DTYPES
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import MS_DOMAIN, GraphEdit, ensure_opset, prefill_feeds
 
@@ -75,7 +74,7 @@ class QuantizeInt8(Pass):
             changes, notes = quantize_matmuls(state, ctx, bits=8, block=c.block_size, scheme=c.zero_point,
                                               algorithm="rtn", accuracy_level=c.accuracy_level,
                                               include=c.include, exclude=c.exclude,
-                                              scale_dtype=SCALE_DTYPES[c.scale_dtype])
+                                              scale_dtype=c.scale_dtype)
             return PassResult(changes["layers_quantized"] > 0, changes, notes)
         if c.mode == "dynamic" and _lazy.any_lazy(state.onnx_model):
             return self._dynamic_streaming(state)

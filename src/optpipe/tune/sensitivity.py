@@ -67,7 +67,7 @@ def measure(model, windows, *, bits: int = 4, block_size: int = 32, zero_point: 
             for m in mods:
                 w = m.weight.data.float().numpy()
                 deq = quant.rtn(w, bits, block_size, zero_point, clip=clip,
-                                scale_dtype=quant.SCALE_DTYPES[scale_dtype]).dequantize()
+                                scale_dtype=scale_dtype).dequantize()
                 m.weight.data.copy_(torch.from_numpy(deq).to(m.weight.dtype))
             rows.append({"layer": i, "projection": label, "mean_kl": _mean_kl(model, windows, ref),
                          "params": sum(m.weight.numel() for m in mods), "pattern": pattern(desc, i, label, members)})
