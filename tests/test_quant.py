@@ -237,3 +237,32 @@ def test_unpack_bits_undoes_pack_bits():
     codes = np.random.default_rng(0).integers(0, 16, (3, 7)).astype(np.uint8)
     padded = np.concatenate([codes, np.zeros((3, 1), np.uint8)], axis=1)
     assert (_quant.unpack_bits(_quant.pack_bits(padded, 4), 4, 7) == codes).all()
+
+
+@pytest.mark.parametrize("bits,nb,block", [(4, 18, 32), (4, 3, 32), (4, 48, 32), (8, 6, 16), (2, 5, 16)])
+def test_integer_form_carries_the_float_zero_point_in_digit_blocks(bits, nb, block):
+    """integer_form(d*q + m): the same codes against z = round(-m/d), then the remainder R' = m + d*z as digit
+    blocks; summing each block's digits at position b gives block b's R' to within the last digit's half step
+    (two digits: max|R'| / (2 * levels^2) per row), far below what dropping R' (plain integer zero points) costs."""
+    rng = np.random.default_rng(nb + bits)
+    n, top = 12, (1 << bits) - 1
+    d = rng.uniform(0.01, 0.05, (n, nb)).astype(np.float16).astype(np.float32)
+    m = (-d * rng.uniform(0, top, (n, nb))).astype(np.float16).astype(np.float32)
+    q = rng.integers(0, top + 1, (n, nb, block)).astype(np.uint8)
+    qw = _quant.QuantizedWeight(q, d, np.zeros((n, nb), np.uint8), m)
+    form = _quant.integer_form(qw, bits, np.float16)
+    extra = _quant.remainder_blocks(nb, block)
+    assert form.minimum is None and form.q.shape == (n, nb + extra, block) and form.scale.shape == (n, nb + extra)
+    assert (form.q[:, :nb] == q).all() and (form.scale == form.scale.astype(np.float16)).all()  # stored as float16
+    assert (form.zero[:, nb:] == 1 << (bits - 1)).all()
+    values = (form.q.astype(np.float32) - form.zero[..., None]) * form.scale[..., None]  # [n, blocks, block]
+    digits = values[:, nb:].reshape(n, _quant.REMAINDER_DIGITS, -1).sum(1)[:, :nb]  # R' per block
+    got = values[:, :nb] + digits[..., None]
+    want = q * d[..., None] + m[..., None]
+    r = m + d * np.clip(np.round(-m / d), 0, top)
+    levels = (1 << (bits - 1)) - 1
+    bound = np.abs(r).max(1, keepdims=True) / (2 * levels ** _quant.REMAINDER_DIGITS) * 1.01 + 1e-6 * np.abs(want).max()
+    assert (np.abs(got - want).max(-1) <= bound).all()
+    dropped = np.abs(values[:, :nb] - want).max()
+    assert np.abs(got - want).max() < dropped / (4 if bits == 2 else 20)
+    assert _quant.integer_form(_quant.rtn(want.reshape(n, -1), bits, block, "int"), bits) is not None  # no-op path

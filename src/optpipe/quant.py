@@ -1,9 +1,9 @@
 """Block-wise weight quantization for ONNX Runtime's MatMulNBits: RTN and GPTQ, three zero-point schemes.
 
 Weights are W[N, K] (output, input); blocks of `block` run along K, as MatMulNBits and GGUF both lay them out.
-- `float` zero point: w ≈ d*q + m with a float minimum m (GGUF Q4_1's grid). MatMulNBits only takes uint8
-  zero points on its fast path, so the block runs as d*(q - 2^(bits-1)) and the remainder r = m + 2^(bits-1)*d
-  per (block, column) is added back by a small correction: blocksum(x) @ R.
+- `float` zero point: w ≈ d*q + m with a float minimum m (GGUF Q4_1's grid). MatMulNBits only takes integer
+  zero points on its fast path, so the weight is stored in `integer_form`: d*(q - z) with z = round(-m/d), and
+  the remainder R' = m + d*z (|R'| <= d/2) as two digits in extra blocks that multiply x's block sums.
 - `int` zero point: asymmetric with an integer zero point (what ONNX Runtime's own quantizer writes).
 - `symmetric`: w ≈ d*(q - 2^(bits-1)) (Q4_0 / Q8_0 style; for 4 bits d may be negative to use level -8).
 - `symmetric-positive`: the same with d > 0 and no zero point, as TensorRT's INT4 expects: d is set from
@@ -316,9 +316,45 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return codes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)
 
 
+REMAINDER_DIGITS = 2  # digits of a float zero point's remainder in the integer form: 2 leave under d/400 of it
+
+
+def remainder_blocks(nb: int, block: int) -> int:
+    """Extra blocks (along K) the integer form of a float-zero-point weight has: each digit in whole blocks."""
+    return REMAINDER_DIGITS * -(-nb // block)
+
+
+def integer_form(qw: QuantizedWeight, bits: int, scale_dtype=np.float32) -> QuantizedWeight:
+    """A float-zero-point weight (d*q + m) as integer zero points, which ONNX Runtime's fast kernel takes: the same
+    codes with z = round(-m/d), and the remainder R' = m + d*z (|R'| <= d/2 where the block spans 0) as extra
+    blocks that multiply x's block sums: digit i holds R' - (digits before) in `bits`-bit codes with one scale per
+    row and block, so R'[n, b] = sum_i step_i[n] * (code_i[n, b] - 2^(bits-1)). Other weights are returned as they
+    are. Steps are rounded to `scale_dtype` before their codes are fitted, like every scale."""
+    if qw.minimum is None:
+        return qw
+    n, nb, block = qw.q.shape
+    top, half = (1 << bits) - 1, 1 << (bits - 1)
+    d, m = qw.scale, qw.minimum
+    z = np.clip(np.round(-m / d), 0, top)
+    e = -(-nb // block)
+    rest = np.zeros((n, e * block), np.float32)
+    rest[:, :nb] = m + d * z
+    rest = rest.reshape(n, e, block)
+    codes, steps = [], []
+    for _ in range(REMAINDER_DIGITS):
+        step = stored(np.abs(rest).max(-1) / (half - 1), scale_dtype)  # [n, e]
+        code = np.clip(np.round(rest / np.where(step > 0, step, 1.0)[..., None]) + half, 0, top)
+        rest = rest - (code - half) * step[..., None]
+        codes.append(code.astype(np.uint8))
+        steps.append(step)
+    extra = np.full((n, REMAINDER_DIGITS * e), half, np.uint8)
+    return QuantizedWeight(np.concatenate([qw.q] + codes, 1), np.concatenate([d] + steps, 1).astype(np.float32),
+                           np.concatenate([z.astype(np.uint8), extra], 1), None)
+
+
 def pack_matmulnbits(qw: QuantizedWeight, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(B [N, nb, block*bits/8] uint8, scales [N*nb] float32, zero_points uint8 [N*ceil(nb*bits/8)]);
-    a float minimum is not here: see passes._nbits for how MatMulNBits carries it."""
+    """(B [N, nb, block*bits/8] uint8, scales [N*nb] float32, zero_points uint8 [N*ceil(nb*bits/8)]) of an
+    integer-zero-point weight (a float one goes through `integer_form` first)."""
     n, nb, block = qw.q.shape
     per = 8 // bits
     z = qw.zero

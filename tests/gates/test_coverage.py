@@ -32,6 +32,6 @@ def test_manifest_records_every_linear_precision(tiny_llama, tmp_path):
     cov = res.manifest["gates"]["coverage"]
     assert cov["status"] == "passed"
     # 2 layers x (qkv, o, gate_up, down) quantized; lm_head (excluded by default) stays float
-    # (the float-zero-point correction MatMuls, `<layer>/zp_correction`, belong to their layer: not counted apart)
+    # (the float-zero-point kernel's helpers, e.g. `<layer>/block_sums`, belong to their layer: not counted apart)
     assert cov["by_precision"] == {"float32": 1, "int4": 8} and cov["linears"] == 9
     assert cov["layers"]["lm_head"] == "float32" and cov["quantized_fraction"] == round(8 / 9, 4)

@@ -46,7 +46,8 @@ def ops(state) -> list[str]:
 def test_own_blocks_replace_the_float_table(tiny_llama, bits, scheme, scale_dtype):
     """Without a quantized head the embedding is quantized by RTN: the float table is gone, the lookup is
     GatherBlockQuantized, and the logits are those of the float graph with the RTN-dequantized table in it (scales
-    stored as asked: a float16 table is half the bytes of a float32 one)."""
+    stored as asked: a float16 table is half the bytes of a float32 one). Float zero points are stored in integer
+    form (`quant.integer_form`: their remainder in two digits, within ~d/400), hence a looser bound for them."""
     from onnx import numpy_helper
 
     state = graph(tiny_llama)
@@ -63,12 +64,13 @@ def test_own_blocks_replace_the_float_table(tiny_llama, bits, scheme, scale_dtyp
     assert table not in initializer_map(state.onnx_model)
     assert 0 < res.changes["weight_rel_error"] < (0.01 if bits == 8 else 0.15)
     got = OnnxDecoder.from_proto(state.onnx_model).logits(PROMPT)
-    assert np.abs(got - OnnxDecoder.from_proto(reference).logits(PROMPT)).max() < 1e-4
+    assert np.abs(got - OnnxDecoder.from_proto(reference).logits(PROMPT)).max() < (1e-3 if scheme == "float" else 1e-4)
 
 
-def test_tied_head_blocks_are_shared_and_exact(tiny_llama):
-    """A tied embedding on the Q4_1 grid, its head quantized with float zero points (exact there): the lookup reads
-    the head's qweight itself (no second copy of the blocks) and the logits equal the float graph's."""
+def test_tied_head_blocks_are_shared_and_keep_the_grid(tiny_llama):
+    """A tied embedding on the Q4_1 grid, its head quantized with float zero points (fitted exactly there, stored in
+    integer form): the lookup reads the head's qweight itself (no second copy of the blocks, the remainder's digit
+    blocks included) and the logits stay within the digits' bound of the float graph's."""
     state = graph(tiny_llama, on_grid=True)
     want = OnnxDecoder.from_proto(state.onnx_model).logits(PROMPT)
     QuantizeInt4(Int4Config(accuracy_level=0, include=["lm_head"], exclude=[])).call(state, PassContext())
@@ -81,7 +83,7 @@ def test_tied_head_blocks_are_shared_and_exact(tiny_llama):
     saved = before - sum(t.ByteSize() for t in state.onnx_model.graph.initializer)
     assert saved > 0.9 * 4 * vocab * hidden - 4 * vocab * hidden // 32 * 3  # the float table, less scales/zp/remainder
     got = OnnxDecoder.from_proto(state.onnx_model).logits(PROMPT)
-    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(got - want).max() < 1e-3
 
 
 def test_share_head_off_quantizes_the_embedding_alone(tiny_llama):
@@ -123,10 +125,10 @@ def test_streaming_build_writes_the_same_embedding(tiny_llama, tmp_path, share):
 
 
 @pytest.mark.parametrize("route", ["qwen2 family", "llama generic"])
-def test_other_families_and_the_generic_route_share_the_head_exactly(tiny_qwen2, tiny_llama, route):
+def test_other_families_and_the_generic_route_share_the_head(tiny_qwen2, tiny_llama, route):
     """The lookup is found and shared by what the graph says (a Gather by input_ids, the tie in its metadata),
     not by SmolLM2's names: a Qwen2 graph and a torch.onnx-traced graph share the head's blocks and keep its
-    quantization exactly (head and embedding on the grid: logits equal the float graph's)."""
+    grid (head and embedding on it: logits within the float zero point's digit bound of the float graph's)."""
     from optpipe.passes.export import build_generic_graph
 
     path = tiny_qwen2 if route.startswith("qwen2") else tiny_llama
@@ -142,4 +144,4 @@ def test_other_families_and_the_generic_route_share_the_head_exactly(tiny_qwen2,
     res = QuantizeEmbedding(EmbeddingConfig()).call(state, PassContext())
     assert res.changes["scheme"].startswith("shared with lm_head")
     got = OnnxDecoder.from_proto(state.onnx_model).logits(PROMPT)
-    assert np.abs(got - want).max() < 1e-4
+    assert np.abs(got - want).max() < 1e-3

@@ -24,7 +24,7 @@ def test_every_quantized_form_and_float_weight_is_named_with_its_precision():
         helper.make_node("MatMul", ["x", "w16"], ["f"], name="l0.o_proj"),
         helper.make_node("MatMul", ["x", "w32"], ["g"], name="l0.k_proj"),
         # the float-zero-point remainder of a quantized layer belongs to that layer, not a layer of its own
-        helper.make_node("MatMul", ["x", "w32"], ["h"], name="l0.q_proj/zp_correction"),
+        helper.make_node("MatMul", ["x", "w32"], ["h"], name="l0.q_proj/block_sums"),
         helper.make_node("MatMul", ["x", "y"], ["i"], name="attention_scores"),  # no weight: not a linear
     ]
     inits = [_init("q4", TensorProto.UINT8), _init("q8", TensorProto.UINT8), _init("w8", TensorProto.INT8),

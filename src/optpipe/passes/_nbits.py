@@ -67,53 +67,61 @@ def activation_stats(model: onnx.ModelProto, names: list[str], windows, threads:
 
 
 def stored_parts(n: int, nb: int, block: int, bits: int, scheme: str, scale_dtype) -> list[tuple]:
-    """How one weight is stored for MatMulNBits, as (suffix, key, shape, dtype): packed codes [N, nb, bytes]; scales
-    [N*nb] in `scale_dtype`; integer zero points only for the `int` scheme (the others use the op's default
-    2^(bits-1)); the `float` scheme's minima [nb, N] in `scale_dtype`. The same for the embedding's lookup."""
-    parts = [("qweight", "b", (n, nb, block * bits // 8), np.uint8), ("scales", "scales", (n * nb,), scale_dtype)]
-    if scheme == "int":
-        parts.append(("zero_points", "zp", (n * ((nb * bits + 7) // 8),), np.uint8))
-    if scheme == "float":
-        parts.append(("minimum", "minimum", (nb, n), scale_dtype))
+    """How one weight is stored for MatMulNBits, as (suffix, key, shape, dtype): packed codes [N, blocks, bytes];
+    scales [N*blocks] in `scale_dtype`; zero points for the `int` and `float` schemes (the symmetric ones use the
+    op's default 2^(bits-1)). A float-zero-point weight is stored in `quant.integer_form`: its `blocks` include
+    the remainder's digit blocks. The same for the embedding's lookup."""
+    blocks = nb + (_quant.remainder_blocks(nb, block) if scheme == "float" else 0)
+    parts = [("qweight", "b", (n, blocks, block * bits // 8), np.uint8), ("scales", "scales", (n * blocks,), scale_dtype)]
+    if scheme in ("int", "float"):
+        parts.append(("zero_points", "zp", (n * ((blocks * bits + 7) // 8),), np.uint8))
     return parts
 
 
 def packed(qw: _quant.QuantizedWeight, bits: int, scale_dtype) -> dict[str, np.ndarray]:
     """The arrays of `stored_parts` (by key) for a quantized weight."""
-    b, scales, zp = _quant.pack_matmulnbits(qw, bits)
-    out = {"b": b, "scales": scales.astype(scale_dtype), "zp": zp}
-    if qw.minimum is not None:
-        out["minimum"] = np.ascontiguousarray(qw.minimum.T).astype(scale_dtype)
-    return out
+    b, scales, zp = _quant.pack_matmulnbits(_quant.integer_form(qw, bits, scale_dtype), bits)
+    return {"b": b, "scales": scales.astype(scale_dtype), "zp": zp}
 
 
-def residual_name(base: str) -> str:
-    """The float-zero-point remainder R [nb, N] of weight `base` (d*q + m == d*(q - 2^(bits-1)) + R)."""
-    return base + "/zp_residual"
+def stored_names(base: str, edit: GraphEdit) -> dict:
+    """What `decoded_params` gave the kernel of weight `base`, for a reader sharing its stored blocks."""
+    scales = base + "/scales_f32" if base + "/scales_f32" in edit.prod else base + ".scales"
+    return {"qweight": base + ".qweight", "scales": scales,
+            "zero_points": base + ".zero_points" if base + ".zero_points" in edit.inits else None}
 
 
-def decoded_params(base: str, n: int, nb: int, bits: int, scheme: str, scale_dtype):
-    """Nodes turning the stored parameters into what the kernels read: float32 scales and, for float zero points,
-    R = m + 2^(bits-1) * d as [nb, N]. They read initializers only, so ONNX Runtime computes them once, when the
-    session is created (constant folding): the file holds float16, the kernels get float32, a step pays nothing.
-    Returns (nodes, initializers, names: qweight, scales, zero_points (or None), residual (or None))."""
-    g = GraphBuilder()
+def decoded_params(base: str, bits: int, scheme: str, scale_dtype):
+    """Nodes turning the stored parameters into what the kernels read: float32 scales. They read initializers only,
+    so ONNX Runtime computes them once, when the session is created (constant folding): the file holds float16,
+    the kernels get float32, a step pays nothing. Returns (nodes, names: qweight, scales, zero_points or None)."""
     names = {"qweight": base + ".qweight", "scales": base + ".scales",
-             "zero_points": base + ".zero_points" if scheme == "int" else None, "residual": None}
+             "zero_points": base + ".zero_points" if scheme in ("int", "float") else None}
+    nodes = []
     if np.dtype(scale_dtype) != np.float32:
-        names["scales"] = g.op("Cast", [base + ".scales"], name=base + "/scales_f32", to=FLOAT)
-    if scheme == "float":
-        minimum = base + ".minimum"
-        if np.dtype(scale_dtype) != np.float32:
-            minimum = g.op("Cast", [minimum], name=base + "/minimum_f32", to=FLOAT)
-        grid = g.op("Reshape", [names["scales"], g.init(base + ".scales_grid", np.array([n, nb], np.int64))],
-                    name=base + "/scales_grid")
-        by_block = g.op("Transpose", [grid], name=base + "/scales_by_block", perm=[1, 0])
-        offset = g.op("Mul", [by_block, g.init(base + ".default_zero", np.array(1 << (bits - 1), np.float32))],
-                      name=base + "/zero_offset")
-        names["residual"] = g.op("Add", [minimum, offset], name=residual_name(base),
-                                 outputs=[residual_name(base)])
-    return g.nodes, g.initializers, names
+        nodes.append(helper.make_node("Cast", [names["scales"]], [base + "/scales_f32"], name=base + "/scales_f32",
+                                      to=FLOAT))
+        names["scales"] = base + "/scales_f32"
+    return nodes, names
+
+
+def _block_sums(edit: GraphEdit, made: set, k: int, block: int, blocks: int) -> str:
+    """A [K, blocks*block] 0/1 matrix (x @ it = x's block sums, zero-padded to whole blocks), built by constant
+    folding at session creation, one per (K, block) in the graph."""
+    name = f"block_sums_{k}x{blocks * block}"
+    if name not in made and name not in edit.prod:
+        g = GraphBuilder()
+        rows = g.op("Range", [g.scalar(name + ".zero", 0, np.int64), g.scalar(name + ".k", k, np.int64),
+                              g.scalar(name + ".one", 1, np.int64)], name=name + "/rows")
+        block_of_row = g.op("Div", [rows, g.scalar(name + ".block", block, np.int64)], name=name + "/row_block")
+        column = g.op("Unsqueeze", [block_of_row, g.init(name + ".axis", np.array([1], np.int64))], name=name + "/column")
+        cols = g.op("Range", [name + ".zero", g.scalar(name + ".width", blocks * block, np.int64), name + ".one"],
+                    name=name + "/cols")
+        g.op("Cast", [g.op("Equal", [column, cols], name=name + "/equal")], name=name, outputs=[name], to=FLOAT)
+        edit.new_nodes += g.nodes
+        edit.new_inits += g.initializers
+        made.add(name)
+    return name
 
 
 def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: int, scheme: str, algorithm: str,
@@ -131,8 +139,6 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             skipped[node.name] = f"K={k} is not a multiple of block_size {block}"
         else:
             usable.append(node)
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(model.graph.value_info) + list(model.graph.input)
-             if v.type.tensor_type.HasField("shape")}
     hessians, spill, rel_errors, walked = {}, None, [], {}
     lazy = any(_lazy.is_lazy(inits[n.input[1]]) for n in usable)
     act_block = block if accuracy_level == 4 else None
@@ -154,7 +160,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
         hessians = activation_stats(model, sorted({n.input[0] for n in usable}), ctx.calibration_windows(),
                                     ctx.threads, "hessian")
     new_nodes, new_inits = edit.new_nodes, edit.new_inits
-    streamed = 0
+    streamed, indicators = 0, set()
     for node in track(usable, desc=f"quantize int{bits} ({algorithm})", unit="layer"):
         src = inits[node.input[1]]
         k, n = src.dims
@@ -182,27 +188,19 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                 rel_errors.append(_quant.relative_error(qw.dequantize(), w))
             arrays = packed(qw, bits, scale_dtype)
             new_inits += [numpy_helper.from_array(arrays[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
-        decode, decode_inits, p = decoded_params(base, n, nb, bits, scheme, scale_dtype)
+        decode, p = decoded_params(base, bits, scheme, scale_dtype)
         new_nodes += decode
-        new_inits += decode_inits
-        out = node.output[0]
-        mm_out = out if p["residual"] is None else base + "/nbits_out"
+        x, extra = node.input[0], parts[0][2][1] - nb
+        if extra:  # the integer form's remainder digits read x's block sums: [x, blocksums(x) once per digit]
+            sums = _block_sums(edit, indicators, k, block, extra // _quant.REMAINDER_DIGITS)
+            x = base + "/with_block_sums"
+            new_nodes += [helper.make_node("MatMul", [node.input[0], sums], [base + "/block_sums"], name=base + "/block_sums"),
+                          helper.make_node("Concat", [node.input[0]] + [base + "/block_sums"] * _quant.REMAINDER_DIGITS, [x],
+                                           name=x, axis=-1)]
         new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], p["qweight"], p["scales"]] + ([p["zero_points"]] if p["zero_points"] else []),
-            [mm_out], name=base, domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level))
-        if p["residual"] is not None:
-            # [..., K] -> [..., nb, block]: the family export's inputs are [B, S, K]; a traced graph says its ranks
-            lead = ranks.get(node.input[0], 3) - 1
-            new_inits += [numpy_helper.from_array(np.array([0] * lead + [nb, block], np.int64), base + ".block_shape"),
-                          numpy_helper.from_array(np.array([-1], np.int64), base + ".last_axis")]
-            new_nodes += [
-                helper.make_node("Reshape", [node.input[0], base + ".block_shape"], [base + "/blocks"], name=base + "/blocks"),
-                helper.make_node("ReduceSum", [base + "/blocks", base + ".last_axis"], [base + "/block_sums"],
-                                 name=base + "/block_sums", keepdims=0),
-                helper.make_node("MatMul", [base + "/block_sums", p["residual"]], [base + "/zp_correction"],
-                                 name=base + "/zp_correction"),
-                helper.make_node("Add", [mm_out, base + "/zp_correction"], [out], name=base + "/zp_add"),
-            ]
+            "MatMulNBits", [x, p["qweight"], p["scales"]] + ([p["zero_points"]] if p["zero_points"] else []),
+            [node.output[0]], name=base, domain=MS_DOMAIN, K=k + extra * block, N=n, bits=bits, block_size=block,
+            accuracy_level=accuracy_level))
         edit.remove.add(id(node))
         edit.drop_inits.add(node.input[1])
     edit.commit()
@@ -219,7 +217,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     elif streamed:
         notes.append(f"{streamed} weights quantized while the artifact is written (streaming build)")
     if scheme == "float" and usable:
-        notes.append("float zero points: MatMulNBits' default zero point + a per-block remainder correction")
+        notes.append(f"float zero points stored as integer zero points + the remainder in {_quant.REMAINDER_DIGITS} "
+                     f"{bits}-bit digit blocks read against the input's block sums (one MatMulNBits per linear)")
     if np.dtype(scale_dtype) != np.float32 and usable:
         notes.append(f"scales stored in {np.dtype(scale_dtype).name}, cast to float32 when the model is loaded")
     return changes, notes

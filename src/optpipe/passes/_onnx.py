@@ -42,6 +42,11 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def scalar(self, name: str, value, dtype) -> str:
+        """A rank-0 initializer (`init` makes arrays at least 1-D; Range wants true scalars)."""
+        self.initializers.append(numpy_helper.from_array(np.array(value, dtype), name))
+        return name
+
 
 def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}

@@ -2,8 +2,8 @@
 
 Weight-only quantizers leave the token embedding in fp32: for SmolLM2 that is 113 MB, half the INT4 artifact. With a
 tied head already in MatMulNBits (a quantizer ran on `lm_head` before this pass), the lookup reads the head's own
-packed blocks, so the file stores them once; the embedding then equals the head's quantized weight exactly, whatever
-scheme fitted it (float zero points via a gathered per-block remainder). Otherwise the embedding is quantized by RTN
+packed blocks, so the file stores them once; the embedding then equals the head's quantized weight as the kernel
+reads it, whatever scheme fitted it (float zero points: their remainder's digit blocks are gathered too). Otherwise the embedding is quantized by RTN
 and stored as MatMulNBits stores a weight (passes._nbits), so both cases share one lookup.
 Run it after the weight quantizers: a sequential GPTQ walk reads the float embedding.
 """
@@ -20,7 +20,7 @@ from .. import lazy as _lazy
 from .. import quant as _quant
 from ..errors import BuildError
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, ScaleDtype, register
-from ._nbits import decoded_params, packed, residual_name, stored_parts
+from ._nbits import decoded_params, packed, stored_names, stored_parts
 from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata
 
 
@@ -48,8 +48,12 @@ def _tied_head(model: onnx.ModelProto, vocab: int, hidden: int) -> onnx.NodeProt
     """The MatMulNBits computing logits from the tied embedding, when export recorded the tie."""
     if metadata(model).get("optpipe.tied_embeddings") != "1":
         return None
-    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN
-             and (_attrs(n)["N"], _attrs(n)["K"]) == (vocab, hidden)]
+    def reads(n):  # a float-zero-point weight's kernel also reads its remainder's digit blocks
+        a = _attrs(n)
+        return a["N"] == vocab and a["K"] in (hidden, hidden + a["block_size"] * _quant.remainder_blocks(
+            hidden // a["block_size"], a["block_size"]))
+
+    heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN and reads(n)]
     return heads[0] if len(heads) == 1 else None
 
 
@@ -80,9 +84,7 @@ class QuantizeEmbedding(Pass):
         if head is not None:  # the head's stored blocks and the float32 parameters decoded from them
             a = _attrs(head)
             bits, block = a["bits"], a["block_size"]
-            p = {"qweight": head.input[1], "scales": head.input[2],
-                 "zero_points": head.input[3] if len(head.input) > 3 and head.input[3] else None,
-                 "residual": residual_name(head.name) if residual_name(head.name) in edit.prod else None}
+            p = stored_names(head.name, edit)
             how = f"shared with {head.name} ({state.handoff.quantized.get(head.name, f'int{bits} block{block}')})"
         else:
             bits, block = c.bits, c.block_size
@@ -100,9 +102,8 @@ class QuantizeEmbedding(Pass):
                 error = _quant.relative_error(qw.dequantize(), w)
                 arrays = packed(qw, bits, dtype)
                 edit.new_inits += [numpy_helper.from_array(arrays[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
-            decode, decode_inits, p = decoded_params(base, vocab, hidden // block, bits, c.zero_point, dtype)
+            decode, p = decoded_params(base, bits, c.zero_point, dtype)
             edit.new_nodes += decode
-            edit.new_inits += decode_inits
             how = (f"int{bits} rtn{' clipped' if c.clip_search else ''} block{block} {c.zero_point} "
                    f"({c.scale_dtype} scales)")
         edit.new_nodes += self._lookup(edit, gather, base, p, vocab, hidden, bits, block)
@@ -118,28 +119,40 @@ class QuantizeEmbedding(Pass):
 
     @staticmethod
     def _lookup(edit: GraphEdit, gather, base: str, p: dict, vocab: int, hidden: int, bits: int, block: int):
-        """GatherBlockQuantized over MatMulNBits-layout blocks: the scales viewed as [V, nb, 1], integer zero points
-        unpacked to [V, nb, 1], a float zero point's remainder R [nb, V] gathered as rows of its transpose."""
+        """GatherBlockQuantized over MatMulNBits-layout blocks: the scales viewed as [V, blocks, 1], zero points
+        unpacked to [V, blocks, 1]. A float-zero-point weight (`quant.integer_form`) has its remainder's digit
+        blocks after the weight's: summed over digits, position b of them is block b's remainder, added back."""
         nb = hidden // block
+        blocks_stored = edit.inits[p["qweight"]].dims[1] if p["qweight"] in edit.inits else next(
+            t.dims[1] for t in edit.new_inits if t.name == p["qweight"])
+        extra = blocks_stored - nb
         g = GraphBuilder()
-        scales = g.op("Reshape", [p["scales"], g.init(base + ".scales_view", np.array([vocab, nb, 1], np.int64))],
-                      name=base + "/scales")
+        shape = lambda name, dims: g.init(f"{base}.{name}", np.array(dims, np.int64))  # noqa: E731
+        scales = g.op("Reshape", [p["scales"], shape("scales_view", [vocab, blocks_stored, 1])], name=base + "/scales")
         inputs = [p["qweight"], gather.input[1], scales]
         if p["zero_points"]:
-            edit.new_inits.append(edit.derived(base + ".block_zero_points", (vocab, nb, 1), np.uint8,
-                                               lambda z: _quant.unpack_bits(z.reshape(vocab, -1), bits, nb),
+            edit.new_inits.append(edit.derived(base + ".block_zero_points", (vocab, blocks_stored, 1), np.uint8,
+                                               lambda z: _quant.unpack_bits(z.reshape(vocab, -1), bits, blocks_stored),
                                                [p["zero_points"]]))
             inputs.append(base + ".block_zero_points")
         blocks = g.op("GatherBlockQuantized", inputs, name=base, domain=MS_DOMAIN, bits=bits, block_size=block,
                       gather_axis=0, quantize_axis=2, outputs=[base + "/blocks"])
-        if p["residual"] is not None:  # d*(q - 2^(bits-1)) + r per block
-            rows = g.op("Transpose", [p["residual"]], name=base + "/residual_rows", perm=[1, 0])
-            picked = g.op("Gather", [rows, gather.input[1]], name=base + "/residual_picked", axis=0)
-            per_block = g.op("Unsqueeze", [picked, g.init(base + ".last_axis", np.array([-1], np.int64))],
-                             name=base + "/residual_b")
-            blocks = g.op("Add", [blocks, per_block], name=base + "/dequant")
-        g.op("Reshape", [blocks, g.init(base + ".hidden_shape", np.array([0, 0, hidden], np.int64))],
-             name=base + "/hidden", outputs=[gather.output[0]])
+        if extra:
+            digits, block_axis = _quant.REMAINDER_DIGITS, shape("block_axis", [-2])
+
+            def part(name, start, end):
+                return g.op("Slice", [blocks, shape(name + "_start", [start]), shape(name + "_end", [end]), block_axis],
+                            name=f"{base}/{name}")
+            weight, rest = part("weight", 0, nb), part("remainder_digits", nb, blocks_stored)
+            rest = g.op("Reshape", [rest, shape("digit_rows", [0, 0, digits, extra // digits * block])],
+                        name=base + "/digit_rows")
+            rest = g.op("ReduceSum", [rest, shape("digit_axis", [2])], name=base + "/remainder_sum", keepdims=0)
+            rest = g.op("Slice", [rest, shape("remainder_start", [0]), shape("remainder_end", [nb]),
+                                  shape("last_axis", [-1])], name=base + "/remainder")
+            rest = g.op("Unsqueeze", [rest, f"{base}.last_axis"], name=base + "/remainder_b")
+            blocks = g.op("Add", [weight, rest], name=base + "/dequant")
+        g.op("Reshape", [blocks, shape("hidden_shape", [0, 0, hidden])], name=base + "/hidden",
+             outputs=[gather.output[0]])
         edit.new_inits += g.initializers
         return g.nodes
 
