@@ -161,30 +161,28 @@ def read_bandwidth(threads: int, gib: float = 1.0) -> float:
 
 
 def onnx_bytes_per_token(path: Path) -> int:
-    """Weight bytes a decode step reads in the *loaded* graph: ONNX Runtime first folds every node whose inputs
-    are all constant (float16-stored scales cast to float32, a float zero point's remainder built from them), so a
-    tensor counts at the size the kernels read, not the size the file stores. DequantizeLinear is not folded (ORT
-    keeps Q/DQ pairs for its fusions); an embedding table only looked up by row does not count."""
-    import onnx
+    """Weight bytes a decode step reads in the *loaded* graph: the graph as ONNX Runtime leaves it after constant
+    folding (float16-stored scales cast to float32, the block-sum matrices built), saved by ONNX Runtime itself, so
+    a tensor counts at the size the kernels read, not the size the file stores; an embedding table only looked up
+    by row does not count."""
+    import tempfile
 
-    m = onnx.load(str(path), load_external_data=False)
-    lookups = {"Gather", "GatherBlockQuantized"}
-    const: dict[str, tuple[int, int]] = {}  # name -> (elements, bytes per element)
-    for t in m.graph.initializer:
-        const[t.name] = (int(np.prod(t.dims, dtype=np.int64)),
-                         np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
-    runtime_inputs: set[str] = set()
-    for n in m.graph.node:  # an ONNX graph lists its nodes in topological order
-        inputs = [i for i in n.input if i]
-        if inputs and all(i in const for i in inputs) and n.op_type not in lookups | {"DequantizeLinear"}:
-            elements = max(const[i][0] for i in inputs)
-            to = next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
-            size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to)).itemsize if to else const[inputs[0]][1]
-            for o in n.output:
-                const[o] = (elements, size)
-        elif n.op_type not in lookups:
-            runtime_inputs.update(i for i in inputs if i in const)
-    return sum(const[i][0] * const[i][1] for i in runtime_inputs)
+    import onnx
+    import onnxruntime as ort
+
+    from optpipe.runtime.ort_decoder import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(1, optimize="basic")
+        so.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "folded.data")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        m = onnx.load(str(Path(tmp) / "folded.onnx"), load_external_data=False)
+    size = {t.name: int(np.prod(t.dims, dtype=np.int64)) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(
+        t.data_type)).itemsize for t in m.graph.initializer}
+    read = {i for n in m.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for i in n.input
+            if i in size}
+    return sum(size[i] for i in read)
 
 
 def bytes_per_token(kind: str, arg: str, model) -> int | None:

@@ -29,14 +29,13 @@ def _int4(path, tmp, scale_dtype) -> tuple[Path, int]:
 
 
 def test_float16_storage_is_read_as_float32_after_folding(tiny_llama, tmp_path):
-    """Float16 scales and minima are cast (and the remainder built) when ONNX Runtime folds constants: the file
-    is smaller, the bytes a decode step reads are those of float32 storage, and the tied embedding (a lookup of the
-    head's blocks) adds nothing."""
+    """Float16 scales are cast to float32 when ONNX Runtime folds constants: the file is smaller, the bytes a decode
+    step reads are those of float32 storage, and the tied embedding (a lookup of the head's blocks) adds nothing."""
     f16, stored16 = _int4(tiny_llama, tmp_path, "float16")
     f32, stored32 = _int4(tiny_llama, tmp_path, "float32")
     assert stored16 < stored32
     assert onnx_bytes_per_token(f16) == onnx_bytes_per_token(f32)
     m = onnx.load(str(f32))
     inits = {t.name: len(t.raw_data) for t in m.graph.initializer}
-    head = inits["lm_head.qweight"] + inits["lm_head.scales"] + inits["lm_head.minimum"]
+    head = inits["lm_head.qweight"] + inits["lm_head.scales"] + inits["lm_head.zero_points"]
     assert onnx_bytes_per_token(f32) > head  # the head is read every step, the embedding table is not
