@@ -71,11 +71,16 @@ def stored_parts(n: int, nb: int, block: int, bits: int, scheme: str, scale_dtyp
     scales [N*blocks] in `scale_dtype`; zero points for the `int` and `float` schemes (the symmetric ones use the
     op's default 2^(bits-1)). A float-zero-point weight is stored in `quant.integer_form`: its `blocks` include
     the remainder's digit blocks. The same for the embedding's lookup."""
-    blocks = nb + (_quant.remainder_blocks(nb, block) if scheme == "float" else 0)
+    blocks = kernel_k(nb * block, block, scheme) // block
     parts = [("qweight", "b", (n, blocks, block * bits // 8), np.uint8), ("scales", "scales", (n * blocks,), scale_dtype)]
     if scheme in ("int", "float"):
         parts.append(("zero_points", "zp", (n * ((blocks * bits + 7) // 8),), np.uint8))
     return parts
+
+
+def kernel_k(k: int, block: int, scheme: str) -> int:
+    """The K a weight's MatMulNBits reads: the weight's, plus a float zero point's remainder digit blocks."""
+    return k + (_quant.remainder_blocks(k // block, block) * block if scheme == "float" else 0)
 
 
 def packed(qw: _quant.QuantizedWeight, bits: int, scale_dtype) -> dict[str, np.ndarray]:
@@ -190,7 +195,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
             new_inits += [numpy_helper.from_array(arrays[key], f"{base}.{suffix}") for suffix, key, _, _ in parts]
         decode, p = decoded_params(base, bits, scheme, scale_dtype)
         new_nodes += decode
-        x, extra = node.input[0], parts[0][2][1] - nb
+        x, extra = node.input[0], (kernel_k(k, block, scheme) - k) // block
         if extra:  # the integer form's remainder digits read x's block sums: [x, blocksums(x) once per digit]
             sums = _block_sums(edit, indicators, k, block, extra // _quant.REMAINDER_DIGITS)
             x = base + "/with_block_sums"
@@ -199,7 +204,7 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
                                            name=x, axis=-1)]
         new_nodes.append(helper.make_node(
             "MatMulNBits", [x, p["qweight"], p["scales"]] + ([p["zero_points"]] if p["zero_points"] else []),
-            [node.output[0]], name=base, domain=MS_DOMAIN, K=k + extra * block, N=n, bits=bits, block_size=block,
+            [node.output[0]], name=base, domain=MS_DOMAIN, K=kernel_k(k, block, scheme), N=n, bits=bits, block_size=block,
             accuracy_level=accuracy_level))
         edit.remove.add(id(node))
         edit.drop_inits.add(node.input[1])

@@ -154,13 +154,16 @@ class GraphEdit:
 
         return _lazy.array(self.inits[name])
 
+    def tensor(self, name: str) -> onnx.TensorProto:
+        """An initializer of the graph or one added to this edit."""
+        return self.inits[name] if name in self.inits else next(t for t in self.new_inits if t.name == name)
+
     def derived(self, new_name: str, shape, dtype, fn, names: list[str]) -> onnx.TensorProto:
         """fn(*arrays of initializers `names` (the graph's or ones added to this edit)) as a new initializer: computed
         now, or, if any of them is lazy, when it is written (a streaming build)."""
         from .. import lazy as _lazy
 
-        added = {t.name: t for t in self.new_inits}
-        srcs = [self.inits[n] if n in self.inits else added[n] for n in names]
+        srcs = [self.tensor(n) for n in names]
         shaped = lambda *a: np.asarray(fn(*a)).astype(dtype).reshape(shape)  # noqa: E731
         if any(_lazy.is_lazy(t) for t in srcs):
             return _lazy.derived(new_name, shape, dtype, shaped, *srcs)

@@ -20,7 +20,7 @@ from .. import lazy as _lazy
 from .. import quant as _quant
 from ..errors import BuildError
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, ScaleDtype, register
-from ._nbits import decoded_params, packed, stored_names, stored_parts
+from ._nbits import decoded_params, kernel_k, packed, stored_names, stored_parts
 from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata
 
 
@@ -50,8 +50,7 @@ def _tied_head(model: onnx.ModelProto, vocab: int, hidden: int) -> onnx.NodeProt
         return None
     def reads(n):  # a float-zero-point weight's kernel also reads its remainder's digit blocks
         a = _attrs(n)
-        return a["N"] == vocab and a["K"] in (hidden, hidden + a["block_size"] * _quant.remainder_blocks(
-            hidden // a["block_size"], a["block_size"]))
+        return a["N"] == vocab and a["K"] in {kernel_k(hidden, a["block_size"], s) for s in ("int", "float")}
 
     heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN and reads(n)]
     return heads[0] if len(heads) == 1 else None
@@ -123,8 +122,7 @@ class QuantizeEmbedding(Pass):
         unpacked to [V, blocks, 1]. A float-zero-point weight (`quant.integer_form`) has its remainder's digit
         blocks after the weight's: summed over digits, position b of them is block b's remainder, added back."""
         nb = hidden // block
-        blocks_stored = edit.inits[p["qweight"]].dims[1] if p["qweight"] in edit.inits else next(
-            t.dims[1] for t in edit.new_inits if t.name == p["qweight"])
+        blocks_stored = edit.tensor(p["qweight"]).dims[1]
         extra = blocks_stored - nb
         g = GraphBuilder()
         shape = lambda name, dims: g.init(f"{base}.{name}", np.array(dims, np.int64))  # noqa: E731
