@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from optpipe import models
+from optpipe.passes._onnx import tensor_ranks
 from optpipe.passes.export import ExportConfig, build_decoder_graph, check_against_torch
 from optpipe.passes.fuse import Fuse, FuseConfig
 from optpipe.pipeline import ModelState, PassContext
@@ -31,5 +32,9 @@ def test_export_matches_torch_and_fuse_preserves_logits(fixture, request):
     assert res.changes["skip_rmsnorm"] == 4 and res.changes["rmsnorm"] == 1
     ops = {n.op_type for n in state.onnx_model.graph.node}
     assert "GroupQueryAttention" in ops and not state.onnx_model.functions
+    # the hidden states' rank is followed through the fused ops to every linear (the float-zero-point kernel's
+    # block sums use it for a constant view)
+    ranks = tensor_ranks(state.onnx_model)
+    assert {ranks.get(n.input[0]) for n in state.onnx_model.graph.node if n.op_type == "MatMul"} == {3}
     fused = OnnxDecoder.from_proto(state.onnx_model).logits(ids)
     assert np.abs(fused - ref).max() < 1e-3

@@ -12,12 +12,13 @@ from optpipe.quant import REMAINDER_DIGITS, remainder_blocks
 from optpipe.runtime.ort_decoder import session_options
 
 
-def one_linear(w_kn: np.ndarray) -> onnx.ModelProto:
+def one_linear(w_kn: np.ndarray, x_shape: list | None = None) -> onnx.ModelProto:
+    """x @ W; x's shape as declared (None: no shape, so its rank is unknown to the pass)."""
     k, n = w_kn.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "lin.weight"], ["y"], name="lin")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "t", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "t", n])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "t", k] if x_shape is None else x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(w_kn, "lin.weight")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
@@ -78,3 +79,28 @@ def test_float_zero_point_is_stored_in_integer_form_with_digit_blocks():
     stored = {t.name: t for t in state.onnx_model.graph.initializer if t.name.startswith("lin.")}
     assert set(stored) == {"lin.qweight", "lin.scales", "lin.zero_points"}  # the integer form: nothing else
     assert stored["lin.qweight"].dims == [8, 20, 16] and stored["lin.scales"].data_type == TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, None])
+def test_block_sums_read_nothing_but_x_whatever_its_rank(rank):
+    """The kernel's extra input is x's block sums by Reshape + ReduceSum (+ Pad to whole digit blocks): no 0/1
+    matrix to read each step. Declared ranks get a constant view; an unknown rank (no shape on x) a view built
+    from x's shape. Either way the output matches the weights the digits encode."""
+    rng = np.random.default_rng(7)
+    k, n = 576, 24
+    w = grid_weight(rng, n, k, 32, 4)
+    x = rng.standard_normal((2, 3, 4, k)[4 - (rank or 3):]).astype(np.float32)
+    declared = None if rank is None else [f"d{i}" for i in range(rank - 1)] + [k]
+    model = one_linear(np.ascontiguousarray(w.T), declared)
+    if rank is None:
+        model.graph.input[0].type.tensor_type.ClearField("shape")
+    state = ModelState("onnx", onnx_model=model)
+    quantize_matmuls(state, PassContext(), bits=4, block=32, scheme="float", algorithm="rtn", accuracy_level=0,
+                     include=[], exclude=[])
+    g = state.onnx_model.graph
+    assert max(int(np.prod(t.dims)) for t in g.initializer if not t.name.startswith("lin.")) <= 2 * 4
+    assert [nd.op_type for nd in g.node if nd.op_type not in ("Cast",)] == (
+        (["Shape", "Concat"] if rank is None else []) + ["Reshape", "ReduceSum", "Pad", "Concat", "MatMulNBits"])
+    got = run(state.onnx_model, x)
+    assert got.shape == x.shape[:-1] + (n,)
+    assert np.abs(got - x @ w.T).max() <= 1e-3 * np.abs(x @ w.T).max()

@@ -42,11 +42,6 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def scalar(self, name: str, value, dtype) -> str:
-        """A rank-0 initializer (`init` makes arrays at least 1-D; Range wants true scalars)."""
-        self.initializers.append(numpy_helper.from_array(np.array(value, dtype), name))
-        return name
-
 
 def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
@@ -62,6 +57,36 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
 
 def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
+
+
+# how an op's output rank follows from its inputs': enough to follow a decoder's hidden states from input_ids to
+# every linear (onnx shape inference stops at the contrib ops: normalizations, attention, MatMulNBits)
+_RANK_OF_FIRST_INPUT = {"Sqrt", "Neg", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "QuickGelu", "Cast",
+                        "Identity", "Softmax", "Split", "Concat", "LayerNormalization", "SimplifiedLayerNormalization",
+                        "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "MatMulNBits",
+                        "GroupQueryAttention", "MultiHeadAttention"}
+_RANK_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "MatMul"}
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Ranks of the graph's tensors where they are declared (inputs, outputs, value_info, initializers) or follow
+    from them through the ops above and Gather; other tensors are left out (unknown)."""
+    g = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.output, *g.value_info]
+             if v.type.tensor_type.HasField("shape")}
+    ranks.update({t.name: len(t.dims) for t in g.initializer})
+    for n in g.node:
+        if not n.output or n.output[0] in ranks or not n.input or n.input[0] not in ranks:
+            continue
+        inputs = [i for i in n.input if i]
+        if n.op_type in ("Gather", "GatherBlockQuantized") and inputs[1] in ranks:
+            ranks[n.output[0]] = ranks[inputs[0]] + ranks[inputs[1]] - 1
+        elif n.op_type in _RANK_OF_FIRST_INPUT:
+            attention = n.op_type in ("GroupQueryAttention", "MultiHeadAttention")  # then its caches (rank 4)
+            ranks.update({o: ranks[inputs[0]] for o in (n.output[:1] if attention else n.output) if o})
+        elif n.op_type in _RANK_BROADCAST and all(i in ranks for i in inputs):
+            ranks[n.output[0]] = max(ranks[i] for i in inputs)
+    return ranks
 
 
 def ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
