@@ -1,4 +1,4 @@
-"""The ONNX graph helpers every ONNX pass edits through (passes/_onnx.py): GraphEdit, toposort, opsets, metadata."""
+"""The ONNX graph helpers every ONNX pass edits through (passes/_onnx.py): GraphEdit, toposort, opsets, metadata, ranks."""
 import numpy as np
 import onnx
 import pytest
@@ -11,6 +11,7 @@ from optpipe.passes._onnx import (
     metadata,
     producers,
     set_metadata,
+    tensor_ranks,
     toposort,
 )
 from optpipe.runtime.ort_decoder import session_options
@@ -74,3 +75,25 @@ def test_opsets_only_rise_and_metadata_keys_use_dots():
     set_metadata(model, optpipe__kv_cache="static", optpipe__max_length=64)
     set_metadata(model, optpipe__max_length=128)
     assert metadata(model) == {"optpipe.kv_cache": "static", "optpipe.max_length": "128"}
+
+
+def test_tensor_ranks_follow_declared_ranks_and_never_guess():
+    """Ranks flow from declarations through known ops (Gather adds the ids' rank, broadcasting takes the largest);
+    an op of another domain, a MatMul with a vector, or an op the table does not know leaves its output unknown."""
+    v, h = 10, 4
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]),
+             helper.make_node("Mul", ["gamma", "x"], ["xn"]),
+             helper.make_node("MatMul", ["xn", "w"], ["y"]),
+             helper.make_node("MatMul", ["xn", "vec"], ["dot"]),
+             helper.make_node("Attention", ["y"], ["custom"], domain="optpipe"),
+             helper.make_node("Transpose", ["y"], ["t"]),
+             helper.make_node("Split", ["y"], ["y0", "y1"], axis=-1, num_outputs=2)]
+    inits = [numpy_helper.from_array(np.zeros((v, h), np.float32), "emb"),
+             numpy_helper.from_array(np.ones(h, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros((h, 2), np.float32), "w"),
+             numpy_helper.from_array(np.zeros(h, np.float32), "vec")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "s"])], [],
+                              inits)
+    ranks = tensor_ranks(helper.make_model(graph))
+    assert {k: ranks.get(k) for k in ("x", "xn", "y", "y0", "y1", "dot", "custom", "t")} == {
+        "x": 3, "xn": 3, "y": 3, "y0": 3, "y1": 3, "dot": None, "custom": None, "t": None}

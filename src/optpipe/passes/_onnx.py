@@ -70,21 +70,24 @@ _RANK_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "MatMul"}
 
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Ranks of the graph's tensors where they are declared (inputs, outputs, value_info, initializers) or follow
-    from them through the ops above and Gather; other tensors are left out (unknown)."""
+    from them through the ops above and Gather; other tensors (other ops or domains, a MatMul with a vector) are
+    left out: unknown, never guessed."""
     g = model.graph
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.input, *g.output, *g.value_info]
              if v.type.tensor_type.HasField("shape")}
     ranks.update({t.name: len(t.dims) for t in g.initializer})
     for n in g.node:
-        if not n.output or n.output[0] in ranks or not n.input or n.input[0] not in ranks:
+        if (not n.output or n.output[0] in ranks or not n.input or n.input[0] not in ranks
+                or n.domain not in ("", "ai.onnx", MS_DOMAIN)):
             continue
         inputs = [i for i in n.input if i]
-        if n.op_type in ("Gather", "GatherBlockQuantized") and inputs[1] in ranks:
+        if n.op_type == "Gather" and inputs[1] in ranks:
             ranks[n.output[0]] = ranks[inputs[0]] + ranks[inputs[1]] - 1
         elif n.op_type in _RANK_OF_FIRST_INPUT:
             attention = n.op_type in ("GroupQueryAttention", "MultiHeadAttention")  # then its caches (rank 4)
             ranks.update({o: ranks[inputs[0]] for o in (n.output[:1] if attention else n.output) if o})
-        elif n.op_type in _RANK_BROADCAST and all(i in ranks for i in inputs):
+        elif n.op_type in _RANK_BROADCAST and all(i in ranks for i in inputs) and not (
+                n.op_type == "MatMul" and min(ranks[i] for i in inputs) < 2):
             ranks[n.output[0]] = max(ranks[i] for i in inputs)
     return ranks
 
