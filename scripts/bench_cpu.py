@@ -162,7 +162,7 @@ def read_bandwidth(threads: int, gib: float = 1.0) -> float:
 
 def onnx_bytes_per_token(path: Path) -> int:
     """Weight bytes a decode step reads in the *loaded* graph: the graph as ONNX Runtime leaves it after constant
-    folding (float16-stored scales cast to float32, the block-sum matrices built), saved by ONNX Runtime itself, so
+    folding (float16-stored scales cast to float32, anything else built from constants), saved by ONNX Runtime, so
     a tensor counts at the size the kernels read, not the size the file stores; an embedding table only looked up
     by row does not count."""
     import tempfile

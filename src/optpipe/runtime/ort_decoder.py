@@ -189,5 +189,6 @@ def graph_precisions(model: onnx.ModelProto) -> dict[str, str]:
                 out[n.name] = _INT_TYPES[inits[dq_source[w]]]
             elif w in inits:
                 out[n.name] = onnx.helper.tensor_dtype_to_np_dtype(inits[w]).name
-    # a helper of a quantized layer (e.g. `<layer>/block_sums`, the float-zero-point kernel's extra input) is part of it
+    # a helper MatMul of a quantized layer is part of it (session 15's artifacts took a float-zero-point kernel's
+    # block sums as `<layer>/block_sums`, x @ a 0/1 matrix; newer ones build them without a MatMul)
     return {k: v for k, v in out.items() if not (k.rsplit("/", 1)[0] in out and k.rsplit("/", 1)[0] != k)}
