@@ -45,7 +45,8 @@ def test_pass_order_is_checked():
 
 
 def test_every_pass_module_is_registered_by_the_package():
-    """A pass module the package does not import is only registered when something else imports it first."""
+    """The package imports every public module of optpipe/passes (no list to forget), and each one's passes register
+    themselves by being defined."""
     import subprocess
     import sys
     from pathlib import Path
@@ -131,3 +132,25 @@ def test_shipped_recipes_this_cpu_can_build(flags, refused, monkeypatch):
 def test_torch_pass_is_refused_for_onnx_target(tiny_llama):
     with pytest.raises(optpipe.RecipeError, match=r"passes\[0\] \(bf16-autocast\): not available for target cpu-onnx"):
         recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "bf16-autocast"}, {"name": "export"}]))
+
+
+def test_a_pass_registers_itself_only_where_built_ins_live():
+    """Defining a Pass subclass in optpipe.passes registers it (no decorator to forget); one defined anywhere else
+    (a test, a `path:` plugin file) is not, so it cannot shadow a built-in by being imported. Intermediate bases
+    without a name (TorchPass, OnnxQuantizePass) are not passes of their own."""
+    import types
+
+    import optpipe.pipeline as p
+
+    before = p.registered_passes()
+    fake = types.ModuleType("optpipe.passes.zz_test_only")
+    exec("from optpipe.pipeline import TorchPass\n"
+         "class ZzTestOnly(TorchPass):\n    name = 'zz-test-only'\n", fake.__dict__)
+    elsewhere = type("Elsewhere", (p.Pass,), {"name": "export", "__module__": "tests.somewhere"})
+    try:
+        after = p.registered_passes()
+        assert [c.__name__ for c in after["zz-test-only"]] == ["ZzTestOnly"]
+        assert elsewhere not in after["export"] and after["export"] == before["export"]
+        assert not any(c in (p.TorchPass, p.OnnxQuantizePass) for impls in after.values() for c in impls)
+    finally:
+        p._REGISTRY.pop("zz-test-only", None)

@@ -14,13 +14,7 @@ from . import artifact, data, htmlreport, hw, models, preflight, references
 from .errors import GateFailed, RecipeError
 from .gates import GateResult, accuracy, coverage, generation, speed
 from .gates import tasks as task_gate
-from .pipeline import (
-    ModelState,
-    PassContext,
-    check_machine,
-    run_passes,
-    validate_pass_chain,
-)
+from .pipeline import ModelState, PassContext, check_machine, run_passes, validate_pass_chain
 from .recipe import AccuracyGate, DataSpec, Recipe, RegressionGate, load_recipe, recipe_from_dict
 from .targets import get_target
 

@@ -132,6 +132,13 @@ class Pass:
     once: ClassVar[bool] = False  # may appear at most once in a recipe (e.g. export, static-kv-cache)
     topology: ClassVar[bool] = False  # reads the layer topology: the model's family needs an architecture description
 
+    def __init_subclass__(cls, **kwargs):
+        """A built-in pass registers itself by being defined (nothing to forget); plugins come by entry point or
+        `path:`, and a subclass defined elsewhere (a test, a plugin file) is not registered by existing."""
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls) and cls.__module__.startswith(f"{__package__}.passes."):
+            _register(cls)
+
     def __init__(self, config: PassConfig):
         self.config = config
 
@@ -146,6 +153,18 @@ class Pass:
         without weights). Run by `validate` and before a build loads anything; the caller names the pass."""
 
 
+
+class TorchPass(Pass):
+    """A pass that edits the PyTorch model in place (before export, or for the cpu-torch / cpu-ipex targets)."""
+    input_stage: ClassVar[str] = "torch"
+    output_stage: ClassVar[str] = "torch"
+
+
+class OnnxQuantizePass(Pass):
+    """A pass that replaces an exported graph's weights by a quantized form."""
+    requires: ClassVar[frozenset[str]] = frozenset({"onnx"})
+    provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+
 _REGISTRY: dict[str, list[type[Pass]]] = {}
 
 
@@ -156,10 +175,10 @@ def calibrated_when(**options) -> property:
     return property(needs)
 
 
-def register(cls: type[Pass]) -> type[Pass]:
+def _register(cls: type[Pass]) -> None:
     """One name may have one implementation per target (e.g. `quantize-int4` for cpu-onnx and cpu-torch)."""
-    _REGISTRY.setdefault(cls.name, []).append(cls)
-    return cls
+    if cls not in _REGISTRY.setdefault(cls.name, []):
+        _REGISTRY[cls.name].append(cls)
 
 
 ENTRY_POINT_GROUP = "optpipe.passes"
@@ -192,8 +211,7 @@ def _load_entry_points() -> None:
                               f"{type(e).__name__}: {e}") from None
         if not (isinstance(cls, type) and issubclass(cls, Pass)):
             raise RecipeError(f"entry point {ep.name} ({ep.value}) is not a Pass subclass")
-        if cls not in _REGISTRY.get(cls.name, []):
-            register(cls)
+        _register(cls)
 
 
 def describe_passes() -> dict[str, list[dict]]:

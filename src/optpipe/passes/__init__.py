@@ -1,19 +1,7 @@
-"""Built-in passes; importing this package registers them."""
-from . import (  # noqa: F401
-    awq,
-    export,
-    fp16,
-    fuse,
-    ipex_optimize,
-    qdq_int4,
-    qdq_int8,
-    quantize_embedding,
-    quantize_int4,
-    quantize_int8,
-    smoothquant,
-    static_kv_cache,
-    torch_bf16,
-    torch_fuse,
-    torch_quantize,
-    torch_static_kv_cache,
-)
+"""Built-in passes: every public module here is imported, and each Pass subclass it defines registers itself."""
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -10,15 +10,7 @@ from .. import quant as _quant
 from ..layerwise import EffectiveWeight
 from ..pipeline import ModelState, PassContext
 from ..progress import track
-from ._onnx import (
-    FLOAT,
-    MS_DOMAIN,
-    GraphEdit,
-    ensure_opset,
-    initializer_map,
-    prefill_feeds,
-    tensor_ranks,
-)
+from ._onnx import FLOAT, MS_DOMAIN, GraphEdit, ensure_opset, initializer_map, prefill_feeds, tensor_ranks
 
 
 def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str]):

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from .. import arch
 from .. import quant as _quant
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass
 from ..progress import track
 from ._torch_calib import capture_inputs
 
@@ -47,13 +47,10 @@ def _groups(model, desc, head: bool):
         yield g.name, g, model.get_submodule(g.source), [model.get_submodule(m) for m in g.members], None
 
 
-@register
-class Awq(Pass):
+class Awq(TorchPass):
     name = "awq"
     topology = True
     Config = AwqConfig
-    input_stage = "torch"
-    output_stage = "torch"
     needs = frozenset({"calibration"})
     provides = frozenset({"awq"})
 

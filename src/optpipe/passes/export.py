@@ -23,7 +23,7 @@ from .. import arch as _arch_desc
 from .. import lazy as _lazy
 from ..errors import BuildError
 from ..models import rotary_module
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult
 from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder, set_metadata
 
 NEG = float(np.finfo(np.float32).min)
@@ -350,7 +350,6 @@ def route(method: str, model_type: str | None) -> str:
     return "family" if model_type in _arch_desc.supported() else "generic"
 
 
-@register
 class Export(Pass):
     name = "export"
     streams = True

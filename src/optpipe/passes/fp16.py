@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult
 from ._onnx import set_metadata
 
 NON_FLOAT_INPUTS = {"attention_mask"}  # the export functions' only integer input
@@ -30,7 +30,6 @@ def _to_fp16(t: onnx.TensorProto) -> onnx.TensorProto:
     return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name)
 
 
-@register
 class Fp16(Pass):
     targets = frozenset({"gpu-tensorrt"})  # TensorRT's QDQ/fp16 route; cpu-onnx has its own quantizers
     name = "fp16"

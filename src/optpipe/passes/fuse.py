@@ -16,16 +16,8 @@ from onnx import helper, numpy_helper
 
 from .. import arch
 from ..errors import BuildError
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
-from ._onnx import (
-    FN_DOMAIN,
-    INT32,
-    MS_DOMAIN,
-    GraphEdit,
-    drop_unused_functions,
-    ensure_opset,
-    metadata,
-)
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult
+from ._onnx import FN_DOMAIN, INT32, MS_DOMAIN, GraphEdit, drop_unused_functions, ensure_opset, metadata
 
 
 class FuseConfig(PassConfig):
@@ -76,7 +68,6 @@ class _Graph(GraphEdit):
         return out, [self.inits[mm.input[1]].dims[1] for mm, _ in parts]
 
 
-@register
 class Fuse(Pass):
     targets = frozenset({"cpu-onnx"})  # ORT contrib kernels; TensorRT takes the unfused graph
     name = "fuse"

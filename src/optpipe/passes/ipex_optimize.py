@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass
 
 
 class IpexConfig(PassConfig):
@@ -23,12 +23,9 @@ class IpexConfig(PassConfig):
     deployment_mode: bool = Field(True, description="trace to TorchScript at load (IPEX's fast path)")
 
 
-@register
-class IpexOptimize(Pass):
+class IpexOptimize(TorchPass):
     name = "ipex-optimize"
     Config = IpexConfig
-    input_stage = "torch"
-    output_stage = "torch"
     provides = frozenset({"ipex"})
     targets = frozenset({"cpu-ipex"})
 

@@ -11,13 +11,12 @@ from .. import quant as _quant
 from ..pipeline import (
     Damp,
     ModelState,
-    Pass,
+    OnnxQuantizePass,
     PassConfig,
     PassContext,
     PassResult,
     Patterns,
     calibrated_when,
-    register,
 )
 from ..progress import track
 from ._nbits import activation_stats, select_matmuls
@@ -36,13 +35,10 @@ class QdqInt4Config(PassConfig):
                                                 "linears before it already quantized (one walk through the model)")
 
 
-@register
-class QdqInt4(Pass):
+class QdqInt4(OnnxQuantizePass):
     targets = frozenset({"gpu-tensorrt"})  # TensorRT's QDQ/fp16 route; cpu-onnx has its own quantizers
     name = "qdq-int4"
     Config = QdqInt4Config
-    requires = frozenset({"onnx"})
-    provides = frozenset({"quantized"})
 
     needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]
 

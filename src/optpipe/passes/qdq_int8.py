@@ -8,15 +8,7 @@ from onnx import numpy_helper
 from pydantic import Field
 
 from .. import quant as _quant
-from ..pipeline import (
-    ModelState,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    Patterns,
-    register,
-)
+from ..pipeline import ModelState, OnnxQuantizePass, PassConfig, PassContext, PassResult, Patterns
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
 from ._qdq import quantize_activation, replace_weight
@@ -28,13 +20,10 @@ class QdqInt8Config(PassConfig):
     activation_margin: float = Field(1.0, gt=0, le=2, description="multiplies the calibrated |x| max")
 
 
-@register
-class QdqInt8(Pass):
+class QdqInt8(OnnxQuantizePass):
     targets = frozenset({"gpu-tensorrt"})  # TensorRT's QDQ/fp16 route; cpu-onnx has its own quantizers
     name = "qdq-int8"
     Config = QdqInt8Config
-    requires = frozenset({"onnx"})
-    provides = frozenset({"quantized"})
     needs = frozenset({"calibration"})
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:

@@ -19,7 +19,7 @@ from pydantic import Field
 from .. import lazy as _lazy
 from .. import quant as _quant
 from ..errors import BuildError
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, ScaleDtype, register
+from ..pipeline import ModelState, OnnxQuantizePass, PassConfig, PassContext, PassResult, ScaleDtype
 from ._nbits import decoded_params, kernel_k, packed, stored_names, stored_parts
 from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata
 
@@ -60,13 +60,10 @@ def _attrs(node: onnx.NodeProto) -> dict[str, int]:
     return {a.name: a.i for a in node.attribute}
 
 
-@register
-class QuantizeEmbedding(Pass):
+class QuantizeEmbedding(OnnxQuantizePass):
     name = "quantize-embedding"
     streams = True
     Config = EmbeddingConfig
-    requires = frozenset({"onnx"})
-    provides = frozenset({"quantized"})
     targets = frozenset({"cpu-onnx"})
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:

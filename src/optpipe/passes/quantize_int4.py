@@ -11,14 +11,13 @@ from ..errors import BuildError
 from ..pipeline import (
     Damp,
     ModelState,
-    Pass,
+    OnnxQuantizePass,
     PassConfig,
     PassContext,
     PassResult,
     Patterns,
     ScaleDtype,
     calibrated_when,
-    register,
 )
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import metadata
@@ -57,13 +56,10 @@ class Int4Config(PassConfig):
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 
 
-@register
-class QuantizeInt4(Pass):
+class QuantizeInt4(OnnxQuantizePass):
     name = "quantize-int4"
     streams = True
     Config = Int4Config
-    requires = frozenset({"onnx"})
-    provides = frozenset({"quantized"})
     targets = frozenset({"cpu-onnx"})
 
     needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]

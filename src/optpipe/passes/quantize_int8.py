@@ -26,14 +26,13 @@ from ..errors import BuildError
 from ..layerwise import EffectiveWeight
 from ..pipeline import (
     ModelState,
-    Pass,
+    OnnxQuantizePass,
     PassConfig,
     PassContext,
     PassResult,
     Patterns,
     ScaleDtype,
     calibrated_when,
-    register,
 )
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import MS_DOMAIN, GraphEdit, ensure_opset, prefill_feeds
@@ -57,13 +56,10 @@ class Int8Config(PassConfig):
     exclude: Patterns = Field(default_factory=list)
 
 
-@register
-class QuantizeInt8(Pass):
+class QuantizeInt8(OnnxQuantizePass):
     name = "quantize-int8"
     streams = True
     Config = Int8Config
-    requires = frozenset({"onnx"})
-    provides = frozenset({"quantized"})
     targets = frozenset({"cpu-onnx"})
 
     needs = calibrated_when(mode="static")  # type: ignore[assignment]

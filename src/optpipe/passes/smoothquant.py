@@ -14,7 +14,7 @@ from pydantic import Field
 
 from .. import arch
 from ..layerwise import channel_absmax, walk
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass
 from ._torch_calib import capture_inputs
 
 
@@ -33,14 +33,11 @@ def smoothing_scale(amax: torch.Tensor, weights, alpha: float) -> torch.Tensor:
     return ((amax.clamp(min=1e-5) ** alpha) / (w_max.clamp(min=1e-5) ** (1 - alpha))).clamp(min=1e-5)
 
 
-@register
-class SmoothQuant(Pass):
+class SmoothQuant(TorchPass):
     name = "smoothquant"
     topology = True
     streams = True
     Config = SmoothQuantConfig
-    input_stage = "torch"
-    output_stage = "torch"
     needs = frozenset({"calibration"})
     provides = frozenset({"smoothed"})
 

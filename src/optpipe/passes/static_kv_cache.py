@@ -11,15 +11,7 @@ from pydantic import Field
 
 from ..errors import BuildError
 from ..handoff import KVCacheLayout
-from ..pipeline import (
-    ModelState,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    check_cache_length,
-    register,
-)
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, check_cache_length
 from ._onnx import initializer_map, metadata, set_metadata
 
 
@@ -27,7 +19,6 @@ class StaticKVConfig(PassConfig):
     max_length: int = Field(2048, ge=16, description="prompt + generated tokens the buffer holds")
 
 
-@register
 class StaticKVCache(Pass):
     name = "static-kv-cache"
     streams = True

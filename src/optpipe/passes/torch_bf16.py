@@ -17,7 +17,7 @@ from pydantic import Field
 
 from .. import hw
 from ..errors import RecipeError
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass
 
 
 class Bf16Config(PassConfig):
@@ -44,12 +44,9 @@ def bf16_shortfall() -> str | None:
     return None
 
 
-@register
-class Bf16Autocast(Pass):
+class Bf16Autocast(TorchPass):
     name = "bf16-autocast"
     Config = Bf16Config
-    input_stage = "torch"
-    output_stage = "torch"
     provides = frozenset({"bf16"})
     targets = frozenset({"cpu-torch", "cpu-ipex"})
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import arch
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, register
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass
 from ..runtime.torch_modules import fuse_projections
 
 
@@ -31,13 +31,10 @@ def fusable(model) -> list[tuple[str, str, tuple[str, ...]]]:
     return out
 
 
-@register
-class TorchFuse(Pass):
+class TorchFuse(TorchPass):
     name = "fuse"
     topology = True
     Config = PassConfig
-    input_stage = "torch"
-    output_stage = "torch"
     provides = frozenset({"fused-projections"})
     targets = frozenset({"cpu-torch"})
 

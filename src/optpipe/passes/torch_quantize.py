@@ -12,25 +12,9 @@ import numpy as np
 from pydantic import Field
 
 from .. import quant as _quant
-from ..pipeline import (
-    Damp,
-    ModelState,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    Patterns,
-    calibrated_when,
-    register,
-)
+from ..pipeline import Damp, ModelState, PassConfig, PassContext, PassResult, Patterns, TorchPass, calibrated_when
 from ..progress import track
-from ..runtime.torch_modules import (
-    Int4WeightOnlyLinear,
-    Int8Linear,
-    select_linears,
-    set_module,
-    untie_lm_head,
-)
+from ..runtime.torch_modules import Int4WeightOnlyLinear, Int8Linear, select_linears, set_module, untie_lm_head
 from ._torch_calib import capture_inputs
 
 
@@ -66,12 +50,9 @@ def _record(state: ModelState, quantized: dict[str, str], skipped: dict[str, str
             "skipped": skipped}
 
 
-@register
-class TorchQuantizeInt4(Pass):
+class TorchQuantizeInt4(TorchPass):
     name = "quantize-int4"
     Config = TorchInt4Config
-    input_stage = "torch"
-    output_stage = "torch"
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-torch"})
 
@@ -110,12 +91,9 @@ class TorchQuantizeInt4(Pass):
                           ["scales and zero points are stored in bf16 (what the CPU int4 kernel takes)"])
 
 
-@register
-class TorchQuantizeInt8(Pass):
+class TorchQuantizeInt8(TorchPass):
     name = "quantize-int8"
     Config = TorchInt8Config
-    input_stage = "torch"
-    output_stage = "torch"
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-torch"})
 

@@ -7,15 +7,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..handoff import KVCacheLayout
-from ..pipeline import (
-    ModelState,
-    Pass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    check_cache_length,
-    register,
-)
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass, check_cache_length
 
 
 class TorchStaticKVConfig(PassConfig):
@@ -24,12 +16,9 @@ class TorchStaticKVConfig(PassConfig):
                                             "costs a compile of a minute or more on load")
 
 
-@register
-class TorchStaticKVCache(Pass):
+class TorchStaticKVCache(TorchPass):
     name = "static-kv-cache"
     Config = TorchStaticKVConfig
-    input_stage = "torch"
-    output_stage = "torch"
     provides = frozenset({"static-kv-cache"})
     targets = frozenset({"cpu-torch"})
     once = True

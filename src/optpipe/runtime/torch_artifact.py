@@ -6,13 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ArtifactError
-from .torch_modules import (
-    QUANTIZED_MODULES,
-    TorchRunner,
-    build_quantized,
-    fuse_projections,
-    set_module,
-)
+from .torch_modules import QUANTIZED_MODULES, TorchRunner, build_quantized, fuse_projections, set_module
 
 WEIGHTS_FILE = "weights.safetensors"
 LAYOUT_FILE = "quantization.json"

@@ -17,13 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.torch_artifact import (
-    LAYOUT_FILE,
-    RUNTIME_FILE,
-    TOKENIZER_DIR,
-    WEIGHTS_FILE,
-    load_torch_artifact,
-)
+from ..runtime.torch_artifact import LAYOUT_FILE, RUNTIME_FILE, TOKENIZER_DIR, WEIGHTS_FILE, load_torch_artifact
 from ..runtime.torch_modules import TorchRunner, quantized_layout
 from .base import TargetBase
 
