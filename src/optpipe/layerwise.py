@@ -152,7 +152,8 @@ def _set_weights(layer, names: tuple[str, ...], w: torch.Tensor, act_int8_block:
     mods = [layer.get_submodule(n) for n in names]
     sizes = [m.out_features for m in mods]
     if sum(sizes) != w.shape[0] or any(m.in_features != w.shape[1] for m in mods):
-        raise ValueError(f"weight for {'+'.join(names)}: {list(w.shape)} does not fit {names} ({sizes} x {mods[0].in_features})")
+        raise ValueError(f"weight for {'+'.join(names)}: {list(w.shape)} does not fit their {sizes} rows x "
+                         f"{mods[0].in_features} columns")
     for m, part in zip(mods, torch.split(w, sizes)):
         m.weight = torch.nn.Parameter(part.contiguous(), requires_grad=False)
         if act_int8_block:

@@ -113,32 +113,6 @@ def test_layer_by_layer_reference_decodes_like_transformers(family_model):
     assert layerwise.generate(prompt, 12).tokens == hf_greedy(model, prompt)[:12]
 
 
-def test_groups_follow_the_description():
-    """o_proj reads v_proj's rows per query head: under grouped-query attention several o columns read one v row
-    (`source_index`); the head is a group of its own only when it is not tied to the embedding."""
-    from transformers import AutoConfig
-
-    desc = arch.describe("qwen3")
-    gqa = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=3,
-                               tie_word_embeddings=False)
-    mha = AutoConfig.for_model("qwen3", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
-    for config in (gqa, mha):
-        assert [g.name for g in desc.groups(config)] == ["attn_qkv", "attn_o", "mlp_gate_up", "mlp_down"]
-    attn_o = desc.groups(gqa)[1]
-    assert desc.source_index(attn_o, gqa).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
-    assert desc.source_index(attn_o, mha) is None and desc.source_index(desc.groups(gqa)[0], gqa) is None
-    assert desc.head_group(gqa).members == ("lm_head",) and desc.head_group(gqa).source == "model.norm"
-    assert desc.head_group(mha) is None
-    assert desc.input_of("self_attn.qkv_proj") == desc.input_of("self_attn.v_proj") == "self_attn.q_proj"
-    with pytest.raises(KeyError):
-        desc.input_of("self_attn.q_norm")
-
-
-def test_unknown_family_is_named_with_the_described_ones():
-    with pytest.raises(arch.UnsupportedArchitecture, match="'gpt2' has no architecture description.*llama"):
-        arch.describe({"model_type": "gpt2"})
-
-
 # float32 scales: the in-memory and streaming builds measure GPTQ's Hessians two ways (ONNX Runtime; torch layer by
 # layer) that agree to ~1e-6, which float32 scales carry through to ~1e-3 logits; float16 rounding is a step
 # function, so the same tiny difference can flip a block's scale to the next float16 and GPTQ then picks other
