@@ -17,6 +17,8 @@ import uuid
 from functools import lru_cache
 from pathlib import Path
 
+from .prefix import chain
+
 DEFAULT_DIR = "~/.cache/optpipe/tune"
 
 
@@ -52,7 +54,7 @@ def model_fingerprint(location: str | None) -> list:
 def build_key(recipe, model_location: str | None) -> str:
     return content_key({"code": code_fingerprint(), "model": recipe.model.model_dump(mode="json"),
                  "model_files": model_fingerprint(model_location), "target": recipe.target,
-                 "passes": [{"name": p.name, "path": p.path, **p.options} for p in recipe.passes],
+                 "passes": chain(recipe),
                  "calibration": recipe.calibration.model_dump(mode="json"), "seed": recipe.seed})
 
 

@@ -16,10 +16,14 @@ import onnx
 from ..pipeline import ModelState
 
 
+def chain(recipe, upto: int | None = None) -> list[dict]:
+    """The recipe's passes (the first `upto` + 1) with their options: what decides the model they build."""
+    return [{"name": p.name, "path": p.path, **p.options} for p in recipe.passes[:None if upto is None else upto + 1]]
+
+
 def signature(recipe, upto: int) -> str:
     """The first `upto` + 1 passes with their options: equal signatures build equal states."""
-    return json.dumps([{"name": p.name, "path": p.path, **p.options} for p in recipe.passes[:upto + 1]],
-                      sort_keys=True, default=str)
+    return json.dumps(chain(recipe, upto), sort_keys=True, default=str)
 
 
 def copy_state(state: ModelState) -> ModelState:
