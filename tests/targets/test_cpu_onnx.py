@@ -1,18 +1,14 @@
 """cpu-onnx target: one model file, one external-data file, the tokenizer and genai_config.json beside them; loads
-back to the same logits, in optpipe's runner and in onnxruntime-genai's."""
-import importlib.util
+back to the same logits (onnxruntime-genai running the same directory: test_genai.py)."""
 import json
 
 import numpy as np
 import onnx
-import pytest
 
 from optpipe import models
 from optpipe.handoff import KVCacheLayout
 from optpipe.passes.export import ExportConfig, build_decoder_graph
-from optpipe.passes.fuse import Fuse, FuseConfig
-from optpipe.passes.static_kv_cache import StaticKVCache, StaticKVConfig
-from optpipe.pipeline import ModelState, PassContext
+from optpipe.pipeline import ModelState
 from optpipe.recipe import ModelSpec
 from optpipe.runtime.ort_decoder import OnnxDecoder
 from optpipe.targets.cpu_onnx import DATA_FILE, MODEL_FILE, TOKENIZER_DIR, CpuOnnxTarget
@@ -43,39 +39,3 @@ def test_save_writes_one_data_file_and_says_what_it_holds(tiny_llama, tmp_path):
     assert external == {DATA_FILE}
     got = CpuOnnxTarget().load(tmp_path / "art", threads=1).logits(prompt)
     np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
-@pytest.mark.parametrize("static,quantized", [(True, False), (False, False), (True, True)])
-def test_the_artifact_runs_in_onnxruntime_genai_unchanged(tiny_llama, tmp_path, static, quantized):
-    """onnxruntime-genai's C++ loop on the saved directory: the same greedy tokens as optpipe's runner (also with
-    INT4 MatMulNBits and the embedding in GatherBlockQuantized reading the head's blocks)."""
-    import onnxruntime_genai as og
-
-    from optpipe.passes.quantize_embedding import EmbeddingConfig, QuantizeEmbedding
-    from optpipe.passes.quantize_int4 import Int4Config, QuantizeInt4
-
-    model, tokenizer, _ = models.load(ModelSpec(source=str(tiny_llama)))
-    state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=128)), tokenizer=tokenizer)
-    Fuse(FuseConfig()).call(state, PassContext())
-    if static:
-        StaticKVCache(StaticKVConfig(max_length=96)).call(state, PassContext())
-    if quantized:
-        QuantizeInt4(Int4Config(exclude=[])).call(state, PassContext())
-        QuantizeEmbedding(EmbeddingConfig()).call(state, PassContext())
-        assert "GatherBlockQuantized" in {n.op_type for n in state.onnx_model.graph.node}
-    CpuOnnxTarget().save(state, tmp_path / "art")
-    prompt = np.arange(20, 44)
-    want = CpuOnnxTarget().load(tmp_path / "art", threads=1).generate(prompt, 24).tokens
-    genai = og.Model(str(tmp_path / "art"))
-    params = og.GeneratorParams(genai)
-    params.set_search_options(max_length=prompt.size + 24, do_sample=False)
-    generator = og.Generator(genai, params)
-    generator.append_tokens(prompt.reshape(1, -1).astype(np.int32))
-    got = []
-    while not generator.is_done() and len(got) < 24:
-        generator.generate_next_token()
-        got.append(int(generator.get_next_tokens()[0]))
-    assert got == list(want)[:len(got)] and len(got) >= 16
-    assert json.loads((tmp_path / "art" / "genai_config.json").read_text())["search"]["past_present_share_buffer"] \
-        is static

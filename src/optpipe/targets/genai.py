@@ -20,13 +20,13 @@ def genai_config(meta: dict[str, str], model_file: str, tokenizer=None) -> dict:
         value = getattr(tokenizer, name, None) if tokenizer is not None else None
         return value if isinstance(value, int) else None
 
-    eos, bos = token("eos_token_id"), token("bos_token_id")
+    eos = 2 if token("eos_token_id") is None else token("eos_token_id")  # genai's usual ids when none is known
+    bos = 1 if token("bos_token_id") is None else token("bos_token_id")
+    pad = eos if token("pad_token_id") is None else token("pad_token_id")
     session = {"log_id": "onnxruntime-genai", "provider_options": []}
     model = {
         "type": meta.get("optpipe.model_type", "llama"), "vocab_size": int(meta["optpipe.vocab_size"]),
-        "context_length": context, "bos_token_id": bos if bos is not None else 1,
-        "eos_token_id": eos if eos is not None else 2,
-        "pad_token_id": token("pad_token_id") if token("pad_token_id") is not None else (eos if eos is not None else 0),
+        "context_length": context, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
         "decoder": {
             "session_options": session, "filename": model_file, "head_size": int(meta["optpipe.head_dim"]),
             # heads x head size: what onnxruntime-genai reads it as for decoder-only models (Gemma's differs from
