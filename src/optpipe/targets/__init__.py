@@ -1,16 +1,19 @@
 """Targets: how an artifact is saved, loaded and run. One module a target."""
 from __future__ import annotations
 
+import importlib
+import sys
+
 from ..errors import RecipeError
 from .base import Runner, Target  # noqa: F401
 
-TARGETS = ("cpu-onnx", "cpu-torch", "cpu-ipex", "gpu-tensorrt")
+# name -> module.class; a target's module is imported only when it is used
+TARGETS = {"cpu-onnx": "cpu_onnx.CpuOnnxTarget", "cpu-torch": "cpu_torch.CpuTorchTarget",
+           "cpu-ipex": "cpu_ipex.CpuIpexTarget", "gpu-tensorrt": "gpu_tensorrt.GpuTensorRTTarget"}
 
 
 def describe_targets() -> dict[str, dict]:
     """`optpipe targets`: each target's final stage and what its artifact is (the module's first docstring line)."""
-    import sys
-
     out = {}
     for name in TARGETS:
         t = get_target(name)
@@ -19,21 +22,8 @@ def describe_targets() -> dict[str, dict]:
     return out
 
 
-def get_target(name: str):
-    if name == "cpu-onnx":
-        from .cpu_onnx import CpuOnnxTarget
-
-        return CpuOnnxTarget()
-    if name == "cpu-torch":
-        from .cpu_torch import CpuTorchTarget
-
-        return CpuTorchTarget()
-    if name == "cpu-ipex":
-        from .cpu_ipex import CpuIpexTarget
-
-        return CpuIpexTarget()
-    if name == "gpu-tensorrt":
-        from .gpu_tensorrt import GpuTensorRTTarget
-
-        return GpuTensorRTTarget()
-    raise RecipeError(f"unknown target {name!r}")
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise RecipeError(f"unknown target {name!r} (known: {', '.join(TARGETS)})")
+    module, cls = TARGETS[name].split(".")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
