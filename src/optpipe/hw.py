@@ -1,6 +1,7 @@
 """What this CPU can do, read at run time (never assume Intel): ISA flags, physical cores, library versions."""
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 from functools import lru_cache
@@ -8,28 +9,31 @@ from functools import lru_cache
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=None)
+def _cpuinfo(key: str) -> str | None:
+    """The first `key: value` line of /proc/cpuinfo (None where there is none, e.g. not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
 def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
-@lru_cache(maxsize=1)
 def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def importable(module: str) -> bool:
+    """An optional dependency imports here (lm-eval for task gates, Ray for distributed tuning)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=1)

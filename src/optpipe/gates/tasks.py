@@ -18,6 +18,7 @@ from unittest import mock
 
 import numpy as np
 
+from .. import hw
 from . import GateResult
 from .accuracy import log_softmax
 
@@ -25,11 +26,7 @@ INSTALL_HINT = "pip install 'optpipe[lmeval]' (lm-eval)"
 
 
 def available() -> bool:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return hw.importable("lm_eval")
 
 
 @lru_cache(maxsize=1)

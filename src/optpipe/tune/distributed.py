@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import platform
 
+from .. import hw
 from ..errors import BuildError, RecipeError
 
 INSTALL_HINT = "pip install 'optpipe[distributed]'"
 
 
 def available() -> bool:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return hw.importable("ray")
 
 
 class QualityWorker:
