@@ -4,10 +4,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import RecipeError
 
@@ -34,18 +43,16 @@ def expand_env(value: str) -> str:
     return _ENV.sub(sub, value)
 
 
+EnvStr = Annotated[str, AfterValidator(expand_env)]  # a path or name that may say ${VAR:-default}
+
+
 class ModelSpec(Strict):
-    source: str = Field(description="builtin:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
+    source: EnvStr = Field(description="builtin:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
     gguf_file: Optional[str] = None
     trust_remote_code: bool = False
     revision: Optional[str] = None
     streaming: bool = Field(False, description="read a local safetensors checkpoint tensor by tensor (models larger "
                                               "than memory): no model in memory, fp32 reference layer by layer")
-
-    @field_validator("source")
-    @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_env(v)
 
 
 # Default token budgets. Evaluation: SmolLM2-135M's accuracy gate (fp32 reference + candidate, 12 windows of 512)
@@ -57,7 +64,7 @@ CALIBRATION_TOKENS = 8192
 
 
 class DataSpec(Strict):
-    source: str = Field(description="builtin:calibration | builtin:evaluation | a local .txt/.jsonl/.parquet | a hub dataset")
+    source: EnvStr = Field(description="builtin:calibration | builtin:evaluation | a local .txt/.jsonl/.parquet | a hub dataset")
     split: str = "train"
     text_field: str = "text"
     config_name: Optional[str] = None
@@ -65,11 +72,6 @@ class DataSpec(Strict):
         None, ge=16, le=10_000_000, description=f"tokens taken from the source (default: {EVALUATION_TOKENS} for "
                                                 f"evaluation, {CALIBRATION_TOKENS} for calibration)")
     window: int = Field(512, ge=16, le=32768, description="tokens per sequence (perplexity window / calibration sample)")
-
-    @field_validator("source")
-    @classmethod
-    def _expand(cls, v: str) -> str:
-        return expand_env(v)
 
 
 BUILTIN_REFERENCES = ("fp32-eager", "fp32-onnx")
@@ -83,6 +85,9 @@ def _reference(v: str) -> str:
     if not v:
         raise ValueError(f"must be {' | '.join(BUILTIN_REFERENCES)} | the path of an artifact directory")
     return v
+
+
+Reference = Annotated[str, AfterValidator(_reference)]
 
 
 def is_artifact_reference(v: str) -> bool:
@@ -100,7 +105,7 @@ class TaskGate(Strict):
 
 
 class AccuracyGate(Strict):
-    reference: str = Field("fp32-eager", description="what the candidate's next-token distributions are compared "
+    reference: Reference = Field("fp32-eager", description="what the candidate's next-token distributions are compared "
                                                      "with: " + REFERENCE_HELP)
     max_ppl_delta_pct: float = Field(3.0, ge=0, le=1000,
                                      description="relative perplexity increase vs the fp32 reference, percent")
@@ -115,14 +120,9 @@ class AccuracyGate(Strict):
     task_paths: list[str] = Field(default_factory=list, description="directories of task YAML files (relative: "
                                                                     "beside the recipe); only these are indexed")
 
-    @field_validator("reference")
-    @classmethod
-    def _check_reference(cls, v: str) -> str:
-        return _reference(v)
-
 
 class SpeedGate(Strict):
-    baseline: str = Field("fp32-eager", description="what the candidate's speed is divided by: " + REFERENCE_HELP)
+    baseline: Reference = Field("fp32-eager", description="what the candidate's speed is divided by: " + REFERENCE_HELP)
     min_decode_speedup: Optional[float] = Field(1.0, gt=0, le=1000, description="candidate decode tok/s / baseline tok/s")
     min_prefill_speedup: Optional[float] = Field(None, gt=0, le=1000)
     prompt_tokens: int = Field(64, ge=1, le=32768)
@@ -141,11 +141,6 @@ class SpeedGate(Strict):
     unmeasured: Literal["fail", "allow"] = Field(
         "fail", description="when the target's speed cannot be measured here (no GPU): fail the build, or allow it "
                             "and record the speed gate as not measured")
-
-    @field_validator("baseline")
-    @classmethod
-    def _check_baseline(cls, v: str) -> str:
-        return _reference(v)
 
     @model_validator(mode="after")
     def _bound(self):
