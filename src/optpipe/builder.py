@@ -249,17 +249,10 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
     threads, fixed_threads = thread_setting(threads, recipe, source)
 
-    streaming = recipe.model.streaming
-    if streaming:
-        log(f"opening checkpoint {recipe.model.source} (streaming: tensors are read one at a time)")
-        checkpoint, tokenizer, resolved = models.open_streaming(recipe.model)
-        model, config = None, checkpoint.config
-    else:
-        log(f"loading model {recipe.model.source}")
-        model, tokenizer, resolved = models.load(recipe.model)
-        checkpoint, config = None, model.config
-        reference_model = (copy.deepcopy(model) if any(p.input_stage == "torch" and p.name != "export" for p in passes)
-                           else model)
+    model, tokenizer, checkpoint, resolved = models.open_model(recipe.model, log)
+    config = model.config if model is not None else checkpoint.config
+    reference_model = (copy.deepcopy(model) if model is not None and any(
+        p.input_stage == "torch" and p.name != "export" for p in passes) else model)
     calib_cache: dict = {}
 
     def calibration():
@@ -291,7 +284,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         t = time.perf_counter()
         gthreads, load_note = gate_threads(threads, fixed_threads, log)
         candidate = target.load(staging.path, gthreads)
-        refs = references.open_references(recipe, model=None if streaming else reference_model, checkpoint=checkpoint,
+        refs = references.open_references(recipe, model=reference_model, checkpoint=checkpoint,
                                           tokenizer=tokenizer, threads=gthreads, workdir=staging.path.parent, log=log)
         try:
             gates = run_gates(recipe, target, refs, candidate, eval_windows, gthreads, log, saved,
@@ -360,11 +353,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
                       for v in (recipe.gates.accuracy.reference, recipe.gates.speed.baseline))
     model = checkpoint = None
     if needs_model:
-        log(f"loading reference model {recipe.model.source}")
-        if recipe.model.streaming:
-            checkpoint, tokenizer, _ = models.open_streaming(recipe.model)
-        else:
-            model, tokenizer, _ = models.load(recipe.model)
+        model, tokenizer, checkpoint, _ = models.open_model(recipe.model, log, "reference model")
     else:
         from .runtime.loaded import load_tokenizer
 

@@ -155,6 +155,18 @@ def open_streaming(spec):
     return checkpoint, tokenizer, resolved
 
 
+def open_model(spec, log=print, what: str = "model"):
+    """(model or None, tokenizer, LazyCheckpoint or None, ResolvedModel): the model in memory, or, for a streaming
+    build (`spec.streaming`), its checkpoint read tensor by tensor."""
+    if spec.streaming:
+        log(f"opening {what} checkpoint {spec.source} (streaming: tensors are read one at a time)")
+        checkpoint, tokenizer, resolved = open_streaming(spec)
+        return None, tokenizer, checkpoint, resolved
+    log(f"loading {what} {spec.source}")
+    model, tokenizer, resolved = load(spec)
+    return model, tokenizer, None, resolved
+
+
 def save_checkpoint(model, tokenizer, directory) -> None:
     """Write a loaded model as a plain safetensors checkpoint (e.g. a GGUF model, dequantized on load, for the
     streaming build). transformers refuses to save a model it loaded from GGUF; the weights in memory are

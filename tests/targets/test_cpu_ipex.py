@@ -48,6 +48,7 @@ def test_ipex_fp32_build_passes_and_reloads(tiny_llama, tmp_path):
     assert res.passed and res.manifest["target"]["ipex"]["weight_only"] == "none"
     assert abs(res.metrics["gates.accuracy.ppl_delta_pct"]) < 0.5
     assert len(optpipe.load(out, threads=1).generate(__import__("numpy").arange(5, 20), 5, eos_token_id=None).tokens) == 5
+    assert isinstance(optpipe.load(out, threads=1).generate("hello", 2).text, str)  # the tokenizer beside the weights
 
 
 @pytest.mark.ipex

@@ -46,6 +46,10 @@ def test_trt_artifact_is_lint_clean_and_speed_not_measured(tiny_llama, tmp_path,
     weights = {t.name: t.data_type for t in model.graph.initializer}
     assert any(t == dq_type for t in weights.values())
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    # optpipe.load finds the saved tokenizer: text in, text out (the CPU check runner)
+    assert m["target"]["tokenizer_dir"] == "tokenizer"
+    made = optpipe.load(out, threads=1).generate("hello", max_new_tokens=3)
+    assert isinstance(made.text, str) and 1 <= len(made.tokens) <= 3
     # the pre-deploy check re-runs the accuracy gate and reports speed as not measured
     assert main(["gate", str(out), "--threads", "1"]) == 0
     assert "speed: status=not measured" in capsys.readouterr().out

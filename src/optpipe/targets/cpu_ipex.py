@@ -46,6 +46,7 @@ class CpuIpexTarget(TargetBase):
         (directory / SETTINGS_FILE).write_text(json.dumps(full, indent=1), encoding="utf-8")
         fast, why = fast_woq_kernels()
         return {"format": "hf-safetensors + ipex.json (ipex.llm.optimize applied at load)", "settings_file": SETTINGS_FILE,
+                "tokenizer_dir": "." if state.tokenizer is not None else None,  # beside the checkpoint, as HF keeps it
                 "runtime": f"intel-extension-for-pytorch {settings['ipex_version']}", "dtype": dtype, "ipex": full,
                 "fast_woq_kernels": fast, "fast_woq_kernels_reason": why}
 

@@ -132,6 +132,7 @@ class GpuTensorRTTarget(TargetBase):
             state.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         return {"format": "onnx (TensorRT-ready: explicit Q/DQ, fp16)", "model_file": MODEL_FILE,
                 "external_data": DATA_FILE, "tensorrt": PROFILE_FILE, "trtexec": info["trtexec"], "checks": checks,
+                "tokenizer_dir": TOKENIZER_DIR if state.tokenizer is not None else None,
                 "optimization_profile": {k: {"batch": v["input_ids"][0], "sequence": v["input_ids"][1],
                                              "past": v["past_key_values.0.key"][2]} for k, v in shapes.items()},
                 "quantized": state.handoff.quantized_summary(), "unquantized": state.handoff.unquantized,

@@ -171,15 +171,7 @@ class Tuner:
     # -- what is loaded once, on first need ------------------------------------------------------------------------
     def loaded(self):
         if self._loaded is None:
-            spec = self.recipe.model
-            if spec.streaming:
-                self.log(f"opening checkpoint {spec.source} (streaming)")
-                checkpoint, tokenizer, _ = models.open_streaming(spec)
-                self._loaded = (None, tokenizer, checkpoint)
-            else:
-                self.log(f"loading model {spec.source}")
-                model, tokenizer, _ = models.load(spec)
-                self._loaded = (model, tokenizer, None)
+            self._loaded = models.open_model(self.recipe.model, self.log)[:3]
         return self._loaded
 
     def windows(self):
