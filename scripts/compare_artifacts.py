@@ -84,9 +84,11 @@ def file_differences(a: Path, b: Path) -> dict:
     return out
 
 
-def evaluation_ids(runners, tokens: int) -> np.ndarray:
-    """The built-in evaluation text in the first of the artifacts' tokenizers (an older artifact may keep its
-    tokenizer where this version does not look)."""
+def evaluation_ids(paths, runners, tokens: int) -> np.ndarray:
+    """The built-in evaluation text in the first of the artifacts' tokenizers (an artifact older than its manifest's
+    `tokenizer_dir` still holds one: `tokenizer/` or its root)."""
+    from transformers import AutoTokenizer
+
     from optpipe.data import builtin_path
     from optpipe.errors import InputError
 
@@ -96,6 +98,9 @@ def evaluation_ids(runners, tokens: int) -> np.ndarray:
             return np.asarray(runner.encode(text)).reshape(-1)[:tokens]
         except InputError:
             continue
+    for d in (q for p in paths for q in (p / "tokenizer", p)):
+        if (d / "tokenizer.json").is_file():
+            return np.asarray(AutoTokenizer.from_pretrained(str(d))(text, add_special_tokens=False)["input_ids"])[:tokens]
     raise SystemExit("neither artifact carries a tokenizer")
 
 
@@ -109,7 +114,7 @@ def compare(a: Path, b: Path, tokens: int = 1024, threads: int = 2) -> dict:
     import optpipe
 
     ra, rb = (optpipe.load(p, threads=threads, allow_rejected=True) for p in (a, b))
-    ids = evaluation_ids((rb, ra), tokens)
+    ids = evaluation_ids((b, a), (rb, ra), tokens)
     la, lb = logits(ra, ids), logits(rb, ids)
     d = np.abs(la.astype(np.float64) - lb.astype(np.float64))
     return {"before": str(a), "after": str(b), "files": files,
