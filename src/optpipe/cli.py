@@ -60,6 +60,18 @@ MODEL_HELP = ("build this model instead of the recipe's `model.source`: a direct
               "cache, or builtin:NAME (the recipe's passes and gates unchanged)")
 
 
+SHARED_OPTIONS = {
+    "model": (("--model",), {"help": MODEL_HELP}),
+    "output": (("-o", "--output"), {"help": "artifact directory (default: the recipe's `output`)"}),
+    "overwrite": (("--overwrite",), {"action": "store_true", "help": "replace an existing artifact at OUTPUT"}),
+    "threads": (("--threads",), {"type": int, "help": "threads for the gates (default: the recipe's, else physical "
+                                                      "cores; on a busy machine, those the load leaves free)"}),
+    "allow_plugins": (("--allow-plugins",), {"action": "store_true", "help": "run (validate: import) plugin passes "
+                                             "named by `path:` in the recipe (or set OPTPIPE_ALLOW_PLUGINS=1)"}),
+    "json": (("--json",), {"action": "store_true", "help": "print the result as JSON on stdout"}),
+}
+
+
 def _recipe(a):
     """The recipe file, with `--model` in place of its `model.source` when given (same recipe, another model)."""
     if getattr(a, "model", None) is None:
@@ -302,23 +314,21 @@ def parser() -> argparse.ArgumentParser:
         s.set_defaults(func=func)
         return s
 
+    def shared(s, *names):
+        """Options several commands take, spelled and explained once."""
+        for name in names:
+            flags, kwargs = SHARED_OPTIONS[name]
+            s.add_argument(*flags, **kwargs)
+
     b = add("build", cmd_build, "build a recipe into a gated artifact",
             "example:\n  optpipe build recipes/smollm2-135m-cpu-int4.yaml -o artifacts/smollm2-int4\n\n")
     b.add_argument("recipe", help="recipe YAML file")
-    b.add_argument("--model", help=MODEL_HELP)
-    b.add_argument("-o", "--output", help="artifact directory (default: the recipe's `output`)")
     b.add_argument("--keep-rejected", action="store_true", help="keep a refused candidate at OUTPUT.rejected")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing artifact at OUTPUT")
-    b.add_argument("--threads", type=int, help="threads for the gates (default: the recipe's, else physical cores)")
-    b.add_argument("--allow-plugins", action="store_true",
-                   help="run plugin passes named by `path:` in the recipe (or set OPTPIPE_ALLOW_PLUGINS=1)")
-    b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    shared(b, "model", "output", "overwrite", "threads", "allow_plugins", "json")
     tu = add("tune", cmd_tune, "search the recipe's `search:` space; emit the best candidate that passes every gate",
              "examples:\n  optpipe tune recipes/smollm2-135m-cpu-tune.yaml -o artifacts/smollm2-tuned\n"
              "  optpipe tune recipes/smollm2-135m-cpu-tune.yaml --budget 20m   # stop starting candidates after 20 min\n\n")
     tu.add_argument("recipe", help="recipe YAML file with a `search:` section")
-    tu.add_argument("--model", help=MODEL_HELP)
-    tu.add_argument("-o", "--output", help="artifact directory (default: the recipe's `output`)")
     tu.add_argument("--budget", help="minutes (30m, 1.5h) or number of candidates (24); default: the recipe's "
                                      "search.budget_*, else the whole space")
     tu.add_argument("--cache", help="directory of cached builds and measurements (default: $OPTPIPE_TUNE_CACHE "
@@ -328,10 +338,7 @@ def parser() -> argparse.ArgumentParser:
                                                        "optpipe[distributed])")
     tu.add_argument("--ray-address", help="join this Ray cluster (e.g. ray://head:10001 or auto); implies --ray")
     tu.add_argument("--ray-workers", type=int, help="Ray workers (default: physical cores)")
-    tu.add_argument("--overwrite", action="store_true", help="replace an existing artifact at OUTPUT")
-    tu.add_argument("--threads", type=int, help="threads (default: the recipe's, else physical cores)")
-    tu.add_argument("--allow-plugins", action="store_true", help="run plugin passes named by `path:` in the recipe")
-    tu.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    shared(tu, "model", "output", "overwrite", "threads", "allow_plugins", "json")
     g = add("gate", cmd_gate, "re-run the accuracy and speed gates on an artifact (pre-deploy check)",
             "examples:\n  optpipe gate artifacts/smollm2-int4 --eval-data my.txt\n"
             "  optpipe gate artifacts/new --against /srv/deployed   # regression check against what is deployed\n\n")
@@ -344,14 +351,11 @@ def parser() -> argparse.ArgumentParser:
                    help="with --against: perplexity increase allowed, percent (default gates.regression.max_ppl_delta_pct)")
     g.add_argument("--max-slowdown", type=float, metavar="PCT",
                    help="with --against: decode slowdown allowed, percent (default gates.regression.max_decode_slowdown_pct)")
-    g.add_argument("--threads", type=int, help="threads (default: the recipe's, else physical cores)")
-    g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    shared(g, "threads", "json")
     v = add("validate", cmd_validate, "check a recipe without building (no weights are loaded)",
             "example:\n  optpipe validate recipes/llama2-13b-cpu.yaml\n\n")
     v.add_argument("recipe", help="recipe YAML file")
-    v.add_argument("--model", help=MODEL_HELP)
-    v.add_argument("--allow-plugins", action="store_true", help="import plugin passes named by `path:` to check them")
-    v.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    shared(v, "model", "allow_plugins", "json")
     i = add("inspect", cmd_inspect, "what was built, by which passes, with which gate figures, and its digest")
     i.add_argument("artifact", help="artifact directory")
     i.add_argument("--json", action="store_true", help="the whole manifest (and digest) as JSON")
@@ -359,15 +363,15 @@ def parser() -> argparse.ArgumentParser:
              "example:\n  optpipe verify artifacts/smollm2-int4 --digest sha256:0f3a...\n\n")
     ve.add_argument("artifact", help="artifact directory")
     ve.add_argument("--digest", help="the digest `build` printed (sha256:...): pins the manifest, hence every file")
-    ve.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    shared(ve, "json")
     d = add("doctor", cmd_doctor, "CPU ISA, cores, library versions, and which recipes this machine can build")
     d.add_argument("--recipes", default="recipes", help="directory of recipes to check (default: ./recipes)")
-    d.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    shared(d, "json")
     ps = add("passes", cmd_passes, "list the passes (built in and installed), or one pass's options")
     ps.add_argument("name", nargs="?", help="a pass name: list its options with types, defaults, descriptions")
-    ps.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    shared(ps, "json")
     t = add("targets", cmd_targets, "list the targets an artifact can be built for")
-    t.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    shared(t, "json")
     return p
 
 
