@@ -20,9 +20,11 @@ llama-cpp-python`, vendor/llama.cpp); its converter needs `gguf` and `sentencepi
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -306,7 +308,8 @@ def main() -> int:
                                  for f in ("fp32", "bf16", "int4")]):
         if path:  # an empty --int4/--int8 leaves the ONNX rows out
             engines.append((label, kind, path, Path(path)))
-    tmp = Path(tempfile.mkdtemp(prefix="optpipe-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="optpipe-bench-"))  # GGUF conversions: up to 7 GB for a 1B model
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # every run left them behind (filled a disk)
     have_llama = not a.no_llama_cpp
     if have_llama:
         try:
