@@ -153,7 +153,6 @@ class Pass:
         without weights). Run by `validate` and before a build loads anything; the caller names the pass."""
 
 
-
 class TorchPass(Pass):
     """A pass that edits the PyTorch model in place (before export, or for the cpu-torch / cpu-ipex targets)."""
     input_stage: ClassVar[str] = "torch"
@@ -164,6 +163,7 @@ class OnnxQuantizePass(Pass):
     """A pass that replaces an exported graph's weights by a quantized form."""
     requires: ClassVar[frozenset[str]] = frozenset({"onnx"})
     provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+
 
 _REGISTRY: dict[str, list[type[Pass]]] = {}
 

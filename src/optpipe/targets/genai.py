@@ -16,13 +16,13 @@ def genai_config(meta: dict[str, str], model_file: str, tokenizer=None) -> dict:
     static = meta.get("optpipe.kv_cache") == "static"
     context = int(meta["optpipe.max_length"])  # the static buffer, or the rotary table's length
 
-    def token(name):
+    def token(name, default):
         value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        return value if isinstance(value, int) else None
+        return value if isinstance(value, int) else default
 
-    eos = 2 if token("eos_token_id") is None else token("eos_token_id")  # genai's usual ids when none is known
-    bos = 1 if token("bos_token_id") is None else token("bos_token_id")
-    pad = eos if token("pad_token_id") is None else token("pad_token_id")
+    eos = token("eos_token_id", 2)  # genai's usual ids when none is known
+    bos = token("bos_token_id", 1)
+    pad = token("pad_token_id", eos)
     session = {"log_id": "onnxruntime-genai", "provider_options": []}
     model = {
         "type": meta.get("optpipe.model_type", "llama"), "vocab_size": int(meta["optpipe.vocab_size"]),
