@@ -15,9 +15,11 @@ import os
 import re
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from .errors import ArtifactError
+from .hw import environment
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
@@ -104,6 +106,34 @@ def gate_record(gates: dict, evaluation: dict | None = None) -> dict:
     if evaluation is not None:
         out["evaluation"] = evaluation
     return out
+
+
+def compose_manifest(verdict: dict, recipe, source: str, facts, resolved, config, labels: dict, saved: dict,
+                     pass_records: list[dict], data_record: dict, *, build_seconds: float, stages: dict,
+                     peak_rss_mib: dict, extra: dict | None = None) -> dict:
+    """manifest.json's content (before the file table): what was built, from what, and what the gates measured.
+    `build` and `tune` both write it; `extra` adds sections (tune: the search trace)."""
+    return {
+        "status": verdict["status"],
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(build_seconds, 1),
+        "stage_seconds": stages,
+        "peak_rss_mib": peak_rss_mib,
+        "recipe_file": None if source == "<recipe>" else str(Path(source)),
+        "recipe": recipe.resolved(),
+        "model": {**resolved.describe(), "model_type": facts.model_type,
+                  "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
+                  "architectures": list(config.architectures or []), "streaming": recipe.model.streaming},
+        "reference": labels["accuracy"],
+        "speed_baseline": labels["speed"],
+        "target": {"name": recipe.target, **saved},
+        "passes": pass_records,
+        "data": data_record,
+        "gates": verdict["gates"],
+        "summary": verdict["summary"],
+        "environment": environment(),
+        **(extra or {}),
+    }
 
 
 def failures(gates_json: dict) -> list[str]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -108,14 +107,8 @@ def speed_prompt(windows: list[np.ndarray], n: int) -> np.ndarray:
     return np.resize(ids, n) if ids.size < n else ids[:n]
 
 
-def speed_unmeasurable_reason(target) -> str | None:
-    """Why the target's speed cannot be measured on this machine (None: it can)."""
-    ok, why = target.speed_measurable()
-    return None if ok else why
-
-
 def check_speed_measurable(recipe: Recipe, target, source: str) -> None:
-    why = speed_unmeasurable_reason(target)
+    why = target.speed_unmeasurable()
     if why and recipe.gates.speed.unmeasured != "allow":
         raise RecipeError(f"{source}: gates.speed: the {recipe.target} speed gate cannot run here ({why}); "
                           "set gates.speed.unmeasured: allow to build anyway and record it as not measured")
@@ -158,7 +151,7 @@ def speed_gate(recipe: Recipe, target, refs: references.References, candidate, e
                log=print, saved: dict | None = None, skip: str | None = None) -> GateResult:
     """The paired speed gate against refs.speed (not measured when the target cannot be timed here, or `skip`)."""
     g = recipe.gates.speed
-    why = speed_unmeasurable_reason(target) or skip
+    why = target.speed_unmeasurable() or skip
     if why:  # check_speed_measurable already refused an unmeasurable target unless the recipe allows it
         log(f"speed gate: not measured ({why})")
         return GateResult("speed", None, {"reason": why}, g.model_dump(), [])
@@ -180,34 +173,6 @@ def run_gates(recipe: Recipe, target, refs: references.References, candidate, ev
     quality = quality_gates(recipe, refs, candidate, eval_windows, log, intent, tokenizer)
     spd = speed_gate(recipe, target, refs, candidate, eval_windows, threads, log, saved)
     return {"accuracy": quality["accuracy"], "speed": spd, **{k: v for k, v in quality.items() if k != "accuracy"}}
-
-
-def compose_manifest(verdict: dict, recipe: Recipe, source: str, facts, resolved, config, labels: dict, saved: dict,
-                     pass_records: list[dict], data_record: dict, *, build_seconds: float, stages: dict,
-                     peak_rss_mib: dict, extra: dict | None = None) -> dict:
-    """manifest.json's content (before the file table): what was built, from what, and what the gates measured.
-    `build` and `tune` both write it; `extra` adds sections (tune: the search trace)."""
-    return {
-        "status": verdict["status"],
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(build_seconds, 1),
-        "stage_seconds": stages,
-        "peak_rss_mib": peak_rss_mib,
-        "recipe_file": None if source == "<recipe>" else str(Path(source)),
-        "recipe": recipe.resolved(),
-        "model": {**resolved.describe(), "model_type": facts.model_type,
-                  "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
-                  "architectures": list(config.architectures or []), "streaming": recipe.model.streaming},
-        "reference": labels["accuracy"],
-        "speed_baseline": labels["speed"],
-        "target": {"name": recipe.target, **saved},
-        "passes": pass_records,
-        "data": data_record,
-        "gates": verdict["gates"],
-        "summary": verdict["summary"],
-        "environment": hw.environment(),
-        **(extra or {}),
-    }
 
 
 def finish(staging: artifact.Staging, manifest: dict, out: Path, keep_rejected: bool, overwrite: bool,
@@ -295,7 +260,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         stages["gates"] = round(time.perf_counter() - t, 1)
         del candidate
         verdict = artifact.gate_record(gates)
-        manifest = compose_manifest(
+        manifest = artifact.compose_manifest(
             verdict, recipe, source, facts, resolved, config, refs.labels, saved, [r.to_json() for r in records],
             {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
              "evaluation": eval_windows.describe()},

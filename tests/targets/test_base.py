@@ -11,13 +11,14 @@ from optpipe.targets import TARGETS, Target, describe_targets, get_target
 def test_each_target_implements_the_protocol(name):
     target = get_target(name)
     assert target.name == name and target.final_stage in ("onnx", "torch")
-    for hook in ("save", "load", "preflight", "speed_measurable", "speed_failure_hint"):
+    for hook in ("save", "load", "preflight", "speed_unmeasurable", "speed_failure_hint"):
         assert callable(getattr(target, hook)), hook
         assert hook in dir(Target)
         own, declared = inspect.signature(getattr(target, hook)), inspect.signature(getattr(Target, hook))
         assert list(own.parameters) == list(declared.parameters)[1:], hook  # bound: no `self`
-    measurable, why = target.speed_measurable()
-    assert isinstance(measurable, bool) and (measurable or why)
+    why = target.speed_unmeasurable()
+    assert why is None or (isinstance(why, str) and why)
+    assert (why is None) == (name != "gpu-tensorrt")  # no GPU here: only TensorRT cannot be timed
 
 
 def test_targets_are_described_and_an_unknown_one_is_named():

@@ -50,7 +50,7 @@ def tuned(tmp_path_factory, tiny_llama):
     return tmp, path, res
 
 
-def test_the_best_passing_candidate_is_emitted_with_its_search_trace(tuned):
+def test_the_best_passing_candidate_is_emitted_with_its_search_trace(tuned, tiny_llama):
     tmp, _, res = tuned
     m = artifact.read_manifest(res.artifact_path)
     assert m["status"] == "passed" and artifact.verify(res.artifact_path, res.digest) == []
@@ -64,6 +64,9 @@ def test_the_best_passing_candidate_is_emitted_with_its_search_trace(tuned):
     assert m["recipe"]["passes"][3]["block_size"] == best["settings"]["passes[3].block_size"]
     assert "search" not in m["recipe"] or m["recipe"]["search"] is None  # the manifest's recipe is the winner's own
     assert m["gates"]["speed"]["decode_speedup"] == best["decode_speedup"]
+    # what the loaded model's config says, as `build` records it (a GGUF header would name neither)
+    config = json.loads((tiny_llama / "config.json").read_text())
+    assert m["model"]["vocab_size"] == config["vocab_size"] and m["model"]["architectures"] == config["architectures"]
     # the 2-bit candidates are dropped by the screen or refused by the gates: never emitted
     for e in trace:
         if e["settings"]["passes[3].bits"] == 2:

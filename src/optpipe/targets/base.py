@@ -20,8 +20,8 @@ class Target(Protocol):
     def preflight(self) -> None:
         """Before the model loads: raise RecipeError when this environment cannot build for the target."""
 
-    def speed_measurable(self) -> tuple[bool, str]:
-        """(False, why) where this machine cannot run the target's speed gate (no GPU for TensorRT)."""
+    def speed_unmeasurable(self) -> str | None:
+        """Why this machine cannot run the target's speed gate (no GPU for TensorRT); None: it can."""
 
     def speed_failure_hint(self, saved: dict | None) -> str | None:
         """A likely cause to add to a failed speed gate (e.g. IPEX without its fast kernels on this ISA)."""
@@ -33,8 +33,8 @@ class TargetBase:
     def preflight(self) -> None:
         return None
 
-    def speed_measurable(self) -> tuple[bool, str]:
-        return True, ""
+    def speed_unmeasurable(self) -> str | None:
+        return None
 
     def speed_failure_hint(self, saved: dict | None) -> str | None:
         return None

@@ -5,7 +5,7 @@ saves with external data, runs `onnx.checker` (full check, by path) and shape in
 `tensorrt.json`: the optimization profile (min/opt/max of batch, sequence and past length) and the exact
 `trtexec` command that builds the engine. The runner used by the accuracy gate is ONNX Runtime's CPU provider
 with graph optimizations disabled (its DQ+MatMul fusions have known silent miscomputes), so the graph is
-evaluated as written. Speed cannot be measured without an NVIDIA GPU and TensorRT: see `speed_measurable`.
+evaluated as written. Speed cannot be measured without an NVIDIA GPU and TensorRT: see `speed_unmeasurable`.
 """
 from __future__ import annotations
 
@@ -71,14 +71,6 @@ def polygraphy_lint(path: Path) -> str:
     return "polygraphy check lint: passed"
 
 
-def speed_measurable() -> tuple[bool, str]:
-    if shutil.which("nvidia-smi") is None:
-        return False, "no NVIDIA GPU on this machine (nvidia-smi not found)"
-    if shutil.which("trtexec") is None:
-        return False, "TensorRT's trtexec is not on PATH"
-    return False, "TensorRT engine timing is not implemented in this optpipe version"
-
-
 def cpu_check_int8_note() -> str:
     """Why the CPU accuracy check of a W8A8 artifact differs between machines (recorded in the manifest)."""
     dot = hw.int8_dot_product()
@@ -93,8 +85,12 @@ class GpuTensorRTTarget(TargetBase):
     name = "gpu-tensorrt"
     final_stage = "onnx"
 
-    def speed_measurable(self) -> tuple[bool, str]:
-        return speed_measurable()
+    def speed_unmeasurable(self) -> str | None:
+        if shutil.which("nvidia-smi") is None:
+            return "no NVIDIA GPU on this machine (nvidia-smi not found)"
+        if shutil.which("trtexec") is None:
+            return "TensorRT's trtexec is not on PATH"
+        return "TensorRT engine timing is not implemented in this optpipe version"
 
     def save(self, state, directory: Path) -> dict:
         model = inliner.inline_local_functions(state.onnx_model)
