@@ -14,9 +14,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import BuildError, RecipeError
 from .handoff import Handoff
@@ -48,13 +48,6 @@ def _compiled(patterns: list[str]) -> list[str]:
 
 
 Patterns = Annotated[list[str], AfterValidator(_compiled)]
-# GPTQ's Hessian dampening, the same option (and default, `_quant.GPTQ_DAMP`) in every GPTQ pass
-Damp = Annotated[float, Field(gt=0, lt=1, description="GPTQ Hessian dampening: fraction of the mean diagonal added "
-                                                      "(small calibration sets may need more)")]
-# how block scales (and float zero points) are stored, the same option in every block-quantizing cpu-onnx pass
-ScaleDtype = Annotated[Literal["float16", "float32"], Field(
-    description="float16 (as GGUF/GPTQ checkpoints store them; codes fitted against the rounded scales) saves a "
-                "bit per weight at block 32; ONNX Runtime casts them to float32 once, when it loads the model")]
 
 
 @dataclass
@@ -163,6 +156,12 @@ class OnnxQuantizePass(Pass):
     """A pass that replaces an exported graph's weights by a quantized form."""
     requires: ClassVar[frozenset[str]] = frozenset({"onnx"})
     provides: ClassVar[frozenset[str]] = frozenset({"quantized"})
+
+
+class OrtQuantizePass(OnnxQuantizePass):
+    """A cpu-onnx weight quantizer (ONNX Runtime's contrib kernels); each works in a streaming build."""
+    targets: ClassVar[frozenset[str] | None] = frozenset({"cpu-onnx"})
+    streams: ClassVar[bool] = True
 
 
 _REGISTRY: dict[str, list[type[Pass]]] = {}

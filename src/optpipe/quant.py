@@ -13,12 +13,21 @@ Weights are W[N, K] (output, input); blocks of `block` run along K, as MatMulNBi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 GPTQ_DAMP = 0.01  # the one default for every GPTQ pass: fraction of the Hessian's mean diagonal added to it
+
+# Recipe option types, the same in every pass that has the option: GPTQ's dampening, how block scales are stored.
+Damp = Annotated[float, Field(GPTQ_DAMP, gt=0, lt=1, description="GPTQ Hessian dampening: fraction of the mean "
+                                                                 "diagonal added (small calibration sets may need more)")]
+ScaleDtype = Annotated[Literal["float16", "float32"], Field(
+    "float16", description="float16 (as GGUF/GPTQ checkpoints store them; codes fitted against the rounded scales) "
+    "saves a bit per weight at block 32; ONNX Runtime casts them to float32 once, when it loads the model")]
 
 
 class HessianSum:

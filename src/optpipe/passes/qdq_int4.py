@@ -8,16 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from .. import quant as _quant
-from ..pipeline import (
-    Damp,
-    ModelState,
-    OnnxQuantizePass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    Patterns,
-    calibrated_when,
-)
+from ..pipeline import ModelState, OnnxQuantizePass, PassConfig, PassContext, PassResult, Patterns, calibrated_when
 from ..progress import track
 from ._nbits import activation_stats, select_matmuls
 from ._onnx import GraphEdit, ensure_opset
@@ -29,7 +20,7 @@ class QdqInt4Config(PassConfig):
     block_size: Literal[64, 128] = 128
     include: Patterns = Field(default_factory=list)
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
-    damp: Damp = _quant.GPTQ_DAMP
+    damp: _quant.Damp
     act_order: bool = Field(True, description="GPTQ: most-activated columns first, static groups")
     sequential: bool = Field(False, description="GPTQ: layer by layer, each linear's Hessian measured with the "
                                                 "linears before it already quantized (one walk through the model)")

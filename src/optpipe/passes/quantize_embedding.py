@@ -19,7 +19,7 @@ from pydantic import Field
 from .. import lazy as _lazy
 from .. import quant as _quant
 from ..errors import BuildError
-from ..pipeline import ModelState, OnnxQuantizePass, PassConfig, PassContext, PassResult, ScaleDtype
+from ..pipeline import ModelState, OrtQuantizePass, PassConfig, PassContext, PassResult
 from ._nbits import decoded_params, kernel_k, packed, stored_names, stored_parts
 from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata
 
@@ -32,7 +32,7 @@ class EmbeddingConfig(PassConfig):
     share_head: bool = Field(True, description="a tied embedding reads the quantized lm_head's blocks (stored once); "
                                                "bits/block_size/zero_point/scale_dtype then come from the head's "
                                                "quantizer")
-    scale_dtype: ScaleDtype = "float16"
+    scale_dtype: _quant.ScaleDtype
 
 
 def _embedding_gather(model: onnx.ModelProto, inits) -> onnx.NodeProto:
@@ -60,11 +60,9 @@ def _attrs(node: onnx.NodeProto) -> dict[str, int]:
     return {a.name: a.i for a in node.attribute}
 
 
-class QuantizeEmbedding(OnnxQuantizePass):
+class QuantizeEmbedding(OrtQuantizePass):
     name = "quantize-embedding"
-    streams = True
     Config = EmbeddingConfig
-    targets = frozenset({"cpu-onnx"})
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config

@@ -8,17 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import quant as _quant
 from ..errors import BuildError
-from ..pipeline import (
-    Damp,
-    ModelState,
-    OnnxQuantizePass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    Patterns,
-    ScaleDtype,
-    calibrated_when,
-)
+from ..pipeline import ModelState, OrtQuantizePass, PassConfig, PassContext, PassResult, Patterns, calibrated_when
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import metadata
 
@@ -44,7 +34,7 @@ class Int4Config(PassConfig):
     accuracy_level: Literal[0, 1, 4] = Field(4, description="4 = int8 activations x int4 weights (VNNI); 0/1 = fp32")
     include: Patterns = Field(default_factory=list, description="regexes on MatMul node names; empty = all")
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
-    damp: Damp = _quant.GPTQ_DAMP
+    damp: _quant.Damp
     act_order: bool = Field(False, description="GPTQ: columns in order of decreasing activation (static groups)")
     sequential: bool = Field(False, description="GPTQ: layer by layer, each linear's Hessian measured with the linears "
                                                 "before it already quantized (one walk through the model)")
@@ -52,15 +42,13 @@ class Int4Config(PassConfig):
                                                  "squared error (Hessian-diagonal weighted under GPTQ); exact grids "
                                                  "stay exact")
     int8: Optional[Int8Part] = Field(None, description="mixed precision: these MatMuls go to INT8 instead")
-    scale_dtype: ScaleDtype = "float16"
+    scale_dtype: _quant.ScaleDtype
     bits: Literal[2, 4] = Field(4, description="2 is for experiments only (it is refused by any sane gate)")
 
 
-class QuantizeInt4(OnnxQuantizePass):
+class QuantizeInt4(OrtQuantizePass):
     name = "quantize-int4"
-    streams = True
     Config = Int4Config
-    targets = frozenset({"cpu-onnx"})
 
     needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]
 

@@ -22,18 +22,10 @@ from pydantic import Field
 
 from .. import hw
 from .. import lazy as _lazy
+from .. import quant as _quant
 from ..errors import BuildError
 from ..layerwise import EffectiveWeight
-from ..pipeline import (
-    ModelState,
-    OnnxQuantizePass,
-    PassConfig,
-    PassContext,
-    PassResult,
-    Patterns,
-    ScaleDtype,
-    calibrated_when,
-)
+from ..pipeline import ModelState, OrtQuantizePass, PassConfig, PassContext, PassResult, Patterns, calibrated_when
 from ._nbits import quantize_matmuls, select_matmuls
 from ._onnx import MS_DOMAIN, GraphEdit, ensure_opset, prefill_feeds
 
@@ -46,7 +38,7 @@ class Int8Config(PassConfig):
     mode: Literal["weight-only", "dynamic", "static"] = "weight-only"
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weight-only: block along K")
     zero_point: Literal["symmetric", "int", "float"] = "symmetric"
-    scale_dtype: ScaleDtype = Field("float16", description="weight-only: how block scales are stored")
+    scale_dtype: _quant.ScaleDtype = Field("float16", description="weight-only: how block scales are stored")
     accuracy_level: Literal[0, 1, 4] = 4
     per_channel: bool = True
     reduce_range: Literal["auto", True, False] = Field(
@@ -56,11 +48,9 @@ class Int8Config(PassConfig):
     exclude: Patterns = Field(default_factory=list)
 
 
-class QuantizeInt8(OnnxQuantizePass):
+class QuantizeInt8(OrtQuantizePass):
     name = "quantize-int8"
-    streams = True
     Config = Int8Config
-    targets = frozenset({"cpu-onnx"})
 
     needs = calibrated_when(mode="static")  # type: ignore[assignment]
 

@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from .. import quant as _quant
-from ..pipeline import Damp, ModelState, PassConfig, PassContext, PassResult, Patterns, TorchPass, calibrated_when
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult, Patterns, TorchPass, calibrated_when
 from ..progress import track
 from ..runtime.torch_modules import Int4WeightOnlyLinear, Int8Linear, select_linears, set_module, untie_lm_head
 from ._torch_calib import capture_inputs
@@ -25,7 +25,7 @@ class TorchInt4Config(PassConfig):
     zero_point: Literal["float", "symmetric"] = Field("float", description="float: exact on GGUF Q4_1-style grids")
     include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all Linear")
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
-    damp: Damp = _quant.GPTQ_DAMP
+    damp: _quant.Damp
     act_order: bool = Field(False, description="GPTQ: columns by decreasing Hessian diagonal, static groups")
     max_calibration_tokens: int | None = Field(None, ge=16)
 
@@ -50,11 +50,15 @@ def _record(state: ModelState, quantized: dict[str, str], skipped: dict[str, str
             "skipped": skipped}
 
 
-class TorchQuantizeInt4(TorchPass):
-    name = "quantize-int4"
-    Config = TorchInt4Config
+class _TorchQuantize(TorchPass):
+    """Swaps nn.Linear modules for the cpu-torch runtime's quantized ones."""
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-torch"})
+
+
+class TorchQuantizeInt4(_TorchQuantize):
+    name = "quantize-int4"
+    Config = TorchInt4Config
 
     needs = calibrated_when(algorithm="gptq")  # type: ignore[assignment]
 
@@ -91,11 +95,9 @@ class TorchQuantizeInt4(TorchPass):
                           ["scales and zero points are stored in bf16 (what the CPU int4 kernel takes)"])
 
 
-class TorchQuantizeInt8(TorchPass):
+class TorchQuantizeInt8(_TorchQuantize):
     name = "quantize-int8"
     Config = TorchInt8Config
-    provides = frozenset({"quantized"})
-    targets = frozenset({"cpu-torch"})
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         c = self.config
