@@ -35,11 +35,12 @@ def test_header_values_are_decoded_and_arrays_skipped(tmp_path):
     ))
     header = preflight.gguf_header(path)
     assert header["general.architecture"] == "qwen2" and header["qwen2.context_length"] == 32768
-    assert header["tokenizer.ggml.scores"] is None and header["tokenizer.ggml.tokens"] is None
+    assert header["tokenizer.ggml.scores"] == 3 and header["tokenizer.ggml.tokens"] == 2  # arrays: their lengths
     assert header["qwen2.rope.freq_base"] == 1e6 and header["general.quantized"] is True
     facts = preflight._gguf_facts(path)
     assert (facts.model_type, facts.max_positions, facts.source_kind) == ("qwen2", 32768, "gguf")
     assert facts.config["num_attention_heads"] == 14 and facts.config["num_key_value_heads"] == 2
+    assert facts.config["vocab_size"] == 2  # no qwen2.vocab_size key: the token list's length
 
 
 @pytest.mark.parametrize("data, said", [
@@ -62,3 +63,4 @@ def test_smollm2_gguf_header():
     assert (facts.model_type, facts.source_kind, facts.family) == ("llama", "gguf", "llama")
     assert facts.max_positions == 8192
     assert facts.config["num_attention_heads"] == 9 and facts.config["num_key_value_heads"] == 3
+    assert facts.config["vocab_size"] == 49152

@@ -106,6 +106,12 @@ def test_references_that_cannot_be_trusted_are_refused_before_loading(tiny_llama
     with pytest.raises(RecipeError, match=r"gates.accuracy.reference: .* 256-token vocabulary, this one has 300"):
         optpipe.build(recipe, output=tmp_path / "x", log=lambda m: None)
 
+    # a GGUF model's vocabulary comes from its header (the token list), so the check runs before loading it too
+    gguf = {**tiny_recipe(tiny_llama, FUSED_INT4, accuracy={"reference": str(deployed)}),
+            "model": "builtin:smollm2-135m"}
+    assert main(["validate", str(write_recipe(tmp_path, gguf, "g.yaml"))]) == 2
+    assert "256-token vocabulary, this one has 49152" in capsys.readouterr().err
+
 
 def test_fp32_onnx_is_refused_for_a_streaming_build(tiny_llama, tmp_path):
     recipe = tiny_recipe(tiny_llama, [{"name": "export"}], accuracy={"reference": "fp32-onnx"})

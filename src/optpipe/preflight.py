@@ -53,6 +53,10 @@ def _read(f, n: int) -> bytes:
     return data
 
 
+class ArrayLength(int):
+    """A header array, skipped: only its length is kept (`tokenizer.ggml.tokens`: the vocabulary's size)."""
+
+
 def _gguf_value(f, vtype: int):
     if vtype == 8:
         (n,) = struct.unpack("<Q", _read(f, 8))
@@ -61,10 +65,10 @@ def _gguf_value(f, vtype: int):
         itype, count = struct.unpack("<IQ", _read(f, 12))
         if itype in _GGUF_SCALARS:  # skip without decoding (token scores can be large)
             f.seek(count * struct.calcsize(_GGUF_SCALARS[itype]), 1)
-            return None
+            return ArrayLength(count)
         for _ in range(count):
             _gguf_value(f, itype)
-        return None
+        return ArrayLength(count)
     fmt = _GGUF_SCALARS.get(vtype)
     if fmt is None:
         raise ValueError(f"unknown GGUF value type {vtype}")
@@ -72,7 +76,7 @@ def _gguf_value(f, vtype: int):
 
 
 def gguf_header(path: Path) -> dict:
-    """The GGUF key/value header (arrays skipped); raises ValueError for a file that is not GGUF."""
+    """The GGUF key/value header (arrays skipped: their lengths); raises ValueError for a file that is not GGUF."""
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ValueError("not a GGUF file (no GGUF magic bytes)")
@@ -99,7 +103,8 @@ def _gguf_facts(path: Path) -> ModelFacts:
     ctx = header.get(f"{arch}.context_length")
     config = {"model_type": str(arch), "num_attention_heads": header.get(f"{arch}.attention.head_count"),
               "num_key_value_heads": header.get(f"{arch}.attention.head_count_kv"),
-              "sliding_window": header.get(f"{arch}.attention.sliding_window")}
+              "sliding_window": header.get(f"{arch}.attention.sliding_window"),
+              "vocab_size": int(header.get(f"{arch}.vocab_size") or header.get("tokenizer.ggml.tokens") or 0) or None}
     return ModelFacts(str(arch), int(ctx) if ctx else None, [], "gguf", config)
 
 
