@@ -36,12 +36,19 @@ def importable(module: str) -> bool:
     return True
 
 
+# Student's t, 97.5th percentile, by degrees of freedom (the interval of a few timing rounds)
+T975 = {4: 2.776, 8: 2.306}
+
+
 @lru_cache(maxsize=1)
-def bf16_matmul_speedup(rounds: int = 5, calls: int = 100) -> float:
-    """fp32 time / bf16 time of a decode-shaped matmul (one token × a 1024×2048 weight, at most 2 threads), median of
-    interleaved rounds. The flags say the bf16 instructions exist, not that torch's kernels use them well: one
-    AVX-512 BF16 Xeon (no AMX) ran it at 0.87x and the model's own shapes at 0.55x, where an AVX-512 BF16 EPYC decoded
-    1.7x faster in bf16. About 0.1 s, once per process."""
+def bf16_matmul_speedup(rounds: int = 9, calls: int = 100) -> tuple[float, float]:
+    """fp32 time / bf16 time of a decode-shaped matmul (one token × a 1024×2048 weight, at most 2 threads): the
+    geometric mean of interleaved rounds and the lower end of its 95% interval. The flags say the bf16 instructions
+    exist, not that torch's kernels use them well: one AVX-512 BF16 Xeon (no AMX) ran it at 0.87x and the model's own
+    shapes at 0.55x, an AMX Xeon at 0.95-1.0x, where an AVX-512 BF16 EPYC decoded 1.7x faster in bf16. A decision
+    on the point alone flips between runs on a machine near 1.0x. About 0.1 s, once per process."""
+    import math
+    import statistics
     import time
 
     import torch
@@ -49,7 +56,7 @@ def bf16_matmul_speedup(rounds: int = 5, calls: int = 100) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
-        ratios = []
+        logs = []
         with torch.inference_mode():
             w32 = torch.randn(2048, 1024)
             x32 = torch.randn(1, 1024)
@@ -64,8 +71,9 @@ def bf16_matmul_speedup(rounds: int = 5, calls: int = 100) -> float:
                     for _ in range(calls):
                         torch.nn.functional.linear(x, w)
                     took.append(time.perf_counter() - t)
-                ratios.append(took[0] / took[1])
-        return sorted(ratios)[len(ratios) // 2]
+                logs.append(math.log(took[0] / took[1]))
+        mean, half = statistics.fmean(logs), T975[rounds - 1] * statistics.stdev(logs) / math.sqrt(rounds)
+        return math.exp(mean), math.exp(mean - half)
     finally:
         torch.set_num_threads(threads)
 
