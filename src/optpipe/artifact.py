@@ -108,11 +108,19 @@ def gate_record(gates: dict, evaluation: dict | None = None) -> dict:
     return out
 
 
-def compose_manifest(verdict: dict, recipe, source: str, facts, resolved, config, labels: dict, saved: dict,
-                     pass_records: list[dict], data_record: dict, *, build_seconds: float, stages: dict,
+def model_config_record(config) -> dict:
+    """What the manifest records of the loaded model's config (a GGUF header names neither): `build` takes it from
+    the model it loaded, `tune` from the record of the build it emits."""
+    return {"vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
+            "architectures": list(config.architectures or [])}
+
+
+def compose_manifest(verdict: dict, recipe, source: str, facts, resolved, model_config: dict, labels: dict,
+                     saved: dict, pass_records: list[dict], data_record: dict, *, build_seconds: float, stages: dict,
                      peak_rss_mib: dict, extra: dict | None = None) -> dict:
-    """manifest.json's content (before the file table): what was built, from what, and what the gates measured.
-    `build` and `tune` both write it; `extra` adds sections (tune: the search trace)."""
+    """manifest.json's content (before the file table): what was built, from what (`model_config`:
+    `model_config_record`), and what the gates measured. `build` and `tune` both write it; `extra` adds sections
+    (tune: the search trace)."""
     return {
         "status": verdict["status"],
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -121,9 +129,8 @@ def compose_manifest(verdict: dict, recipe, source: str, facts, resolved, config
         "peak_rss_mib": peak_rss_mib,
         "recipe_file": None if source == "<recipe>" else str(Path(source)),
         "recipe": recipe.resolved(),
-        "model": {**resolved.describe(), "model_type": facts.model_type,
-                  "vocab_size": int(getattr(config, "vocab_size", 0) or 0) or None,
-                  "architectures": list(config.architectures or []), "streaming": recipe.model.streaming},
+        "model": {**resolved.describe(), "model_type": facts.model_type, **model_config,
+                  "streaming": recipe.model.streaming},
         "reference": labels["accuracy"],
         "speed_baseline": labels["speed"],
         "target": {"name": recipe.target, **saved},

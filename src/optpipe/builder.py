@@ -261,7 +261,8 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         del candidate
         verdict = artifact.gate_record(gates)
         manifest = artifact.compose_manifest(
-            verdict, recipe, source, facts, resolved, config, refs.labels, saved, [r.to_json() for r in records],
+            verdict, recipe, source, facts, resolved, artifact.model_config_record(config), refs.labels, saved,
+            [r.to_json() for r in records],
             {"calibration": calib_cache["w"].describe() if "w" in calib_cache else None,
              "evaluation": eval_windows.describe()},
             build_seconds=time.perf_counter() - t_start, stages=stages,

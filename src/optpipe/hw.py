@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import platform
+import statistics
 from functools import lru_cache
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
@@ -36,8 +38,20 @@ def importable(module: str) -> bool:
     return True
 
 
-# Student's t, 97.5th percentile, by degrees of freedom (the interval of a few timing rounds)
-T975 = {4: 2.776, 8: 2.306}
+# two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of per-round ratios and its 95% interval (t on the logs; (x, 0, inf) for one round): the speed
+    gate's statistic, and this module's own bf16 measurement's."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), 0.0, math.inf
+    half = (T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 @lru_cache(maxsize=1)
@@ -47,8 +61,6 @@ def bf16_matmul_speedup(rounds: int = 9, calls: int = 100) -> tuple[float, float
     exist, not that torch's kernels use them well: one AVX-512 BF16 Xeon (no AMX) ran it at 0.87x and the model's own
     shapes at 0.55x, an AMX Xeon at 0.95-1.0x, where an AVX-512 BF16 EPYC decoded 1.7x faster in bf16. A decision
     on the point alone flips between runs on a machine near 1.0x. About 0.1 s, once per process."""
-    import math
-    import statistics
     import time
 
     import torch
@@ -56,7 +68,7 @@ def bf16_matmul_speedup(rounds: int = 9, calls: int = 100) -> tuple[float, float
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
-        logs = []
+        ratios = []
         with torch.inference_mode():
             w32 = torch.randn(2048, 1024)
             x32 = torch.randn(1, 1024)
@@ -71,9 +83,9 @@ def bf16_matmul_speedup(rounds: int = 9, calls: int = 100) -> tuple[float, float
                     for _ in range(calls):
                         torch.nn.functional.linear(x, w)
                     took.append(time.perf_counter() - t)
-                logs.append(math.log(took[0] / took[1]))
-        mean, half = statistics.fmean(logs), T975[rounds - 1] * statistics.stdev(logs) / math.sqrt(rounds)
-        return math.exp(mean), math.exp(mean - half)
+                ratios.append(took[0] / took[1])
+        point, low, _ = ratio_interval(ratios)
+        return point, low
     finally:
         torch.set_num_threads(threads)
 

@@ -20,25 +20,12 @@ import time
 
 import numpy as np
 
-from ..hw import BackgroundLoad
+from ..hw import BackgroundLoad, ratio_interval
 from ..progress import track
 from . import GateResult
 
-# two-sided 95% Student t quantiles by degrees of freedom (1..30); 1.96 beyond
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 IDLE_WAIT_SECONDS = 2.0  # pause after a busy round before measuring again
 PROBE_SECONDS = 0.5  # how long the machine's load is sampled before each round
-
-
-def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
-    """Geometric mean of per-round ratios and its 95% interval (t on the logs; (x, 0, inf) for one round)."""
-    logs = [math.log(r) for r in ratios]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), 0.0, math.inf
-    half = (_T95[len(logs) - 2] if len(logs) - 1 <= len(_T95) else 1.96) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def verdict(interval: tuple[float, float, float], threshold: float, decide_on: str) -> str:

@@ -38,7 +38,7 @@ class Int8Config(PassConfig):
     mode: Literal["weight-only", "dynamic", "static"] = "weight-only"
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weight-only: block along K")
     zero_point: Literal["symmetric", "int", "float"] = "symmetric"
-    scale_dtype: _quant.ScaleDtype = Field("float16", description="weight-only: how block scales are stored")
+    scale_dtype: _quant.ScaleDtype = Field(description="weight-only: how block scales are stored")
     accuracy_level: Literal[0, 1, 4] = 4
     per_channel: bool = True
     reduce_range: Literal["auto", True, False] = Field(

@@ -19,7 +19,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from .. import artifact, builder, data, htmlreport, hw, models, references
 from ..errors import BuildError, GateFailed, RecipeError
@@ -229,7 +228,8 @@ class Tuner:
                     "save_seconds": round(time.perf_counter() - t_save, 1),
                     "seconds": round(time.perf_counter() - t0, 1), "passes_reused": done,
                     "calibration": self._calibration.describe() if self._calibration is not None else None,
-                    "model_config": _config_facts(model.config if model is not None else checkpoint.config),
+                    "model_config": artifact.model_config_record(
+                        model.config if model is not None else checkpoint.config),
                     "built_utc": _now(), "node": platform.node()}
             return key, self.store.commit_build(key, tmp, info), info, False
         except BaseException:
@@ -329,11 +329,6 @@ class Tuner:
             verdict = artifact.gate_record({"accuracy": gates.pop("accuracy"), "speed": speed_result, **gates})
             record.update(status=verdict["status"], verdict=verdict)
         return record, {"quality": q_cached, "speed": s_cached}
-
-
-def _config_facts(config) -> dict:
-    """What the manifest records of the loaded model's config (a GGUF header names neither)."""
-    return {"vocab_size": getattr(config, "vocab_size", None), "architectures": list(config.architectures or [])}
 
 
 def _now() -> str:
@@ -548,10 +543,10 @@ def _emit(tuner: Tuner, cand: Candidate, directory: Path, info: dict, record: di
         for f in directory.iterdir():
             if f.name != "build.json":
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging.path / f.name)
-        cfg = SimpleNamespace(**info["model_config"])  # the loaded model's, as `build` records it
         manifest = artifact.compose_manifest(
-            record["verdict"], cand.recipe, tuner.source, tuner.facts, tuner.resolved, cfg, record["labels"],
-            info["saved"], info["passes"], {"calibration": info.get("calibration"), "evaluation": record["evaluation"]},
+            record["verdict"], cand.recipe, tuner.source, tuner.facts, tuner.resolved, info["model_config"],
+            record["labels"], info["saved"], info["passes"],
+            {"calibration": info.get("calibration"), "evaluation": record["evaluation"]},
             build_seconds=sum(p["seconds"] for p in info["passes"]) + info.get("save_seconds", 0.0),
             stages={"passes": round(sum(p["seconds"] for p in info["passes"]), 1),
                     "save": info.get("save_seconds"), "tune": round(time.perf_counter() - t_start, 1)},
