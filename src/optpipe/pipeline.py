@@ -369,8 +369,8 @@ def run_passes(passes: list[Pass], state: ModelState, ctx: PassContext, log=prin
         t0 = time.perf_counter()
         try:
             result = p.call(state, ctx)
-        except BuildError as e:
-            raise BuildError(f"pass {p.name} (passes[{i}]): {e}") from None
+        except BuildError as e:  # keeps what the pass chained (-v shows it)
+            raise BuildError(f"pass {p.name} (passes[{i}]): {e}") from e.__cause__
         except Exception as e:  # noqa: BLE001 - a pass crash names the pass, keeps the traceback chained
             raise BuildError(f"pass {p.name} (passes[{i}]) failed: {type(e).__name__}: {e}") from e
         seconds = time.perf_counter() - t0

@@ -45,11 +45,14 @@ GENERIC_INT4 = [{"name": "export", "max_positions": 256},
 LLAMA_LIKE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
               "mlp.up_proj", "mlp.down_proj")
 GPT2 = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # Conv1D modules, traced as Gemm
+# OPT's MLP runs on 2-D hidden states: its Linears trace as Gemm(x, W, b, transB=1)
+OPT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
 
 
 @pytest.mark.parametrize("model_type, prefix, linears", [("olmo2", "model.layers", LLAMA_LIKE),
                                                          ("granite", "model.layers", LLAMA_LIKE),
-                                                         ("gpt2", "transformer.h", GPT2)])
+                                                         ("gpt2", "transformer.h", GPT2),
+                                                         ("opt", "model.decoder.layers", OPT)])
 def test_an_undescribed_family_builds_int4_through_the_generic_route(model_type, prefix, linears, tmp_path, capsys):
     """No architecture description: validate names the route, the build takes it, quantizes every linear but the
     head with GPTQ, passes its gates, and the manifest says which route was used. (The tiny GPT-2 config also
@@ -121,3 +124,25 @@ def test_a_cache_the_runtime_cannot_hold_is_refused_with_its_shapes(tmp_path):
                      num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1)
     with pytest.raises(BuildError, match=r"deepseek_v3: its KV cache is not one \[1, heads, length, dim\] shape"):
         build_generic_graph(_hf(path), ExportConfig(method="generic"))
+
+
+def test_a_failed_trace_names_the_innermost_cause_without_terminal_colours(tmp_path, monkeypatch):
+    """torch.onnx wraps the reason (an op it has no ONNX function for: a mixture-of-experts kernel, say) in
+    generic errors whose first line is coloured boilerplate; the build error names the reason, and keeps the chain."""
+    from optpipe.errors import BuildError
+    from optpipe.passes import _generic_export
+    from optpipe.passes.export import ExportConfig, build_generic_graph
+
+    def trace(*_a, **_k):
+        try:
+            raise LookupError("No ONNX function found for <OpOverload(op='transformers.grouped_mm_fallback')>")
+        except LookupError as inner:
+            raise RuntimeError("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m. Next steps:\n- ...") from inner
+
+    monkeypatch.setattr(_generic_export, "trace", trace)
+    with pytest.raises(BuildError) as err:
+        build_generic_graph(_hf(make_tiny(tmp_path / "m", "olmo2")), ExportConfig(method="generic"))
+    msg = str(err.value)
+    assert "torch.onnx could not trace olmo2: LookupError: No ONNX function found for" in msg, msg
+    assert "grouped_mm_fallback" in msg and "\x1b" not in msg and "step 3/3" not in msg
+    assert isinstance(err.value.__cause__, RuntimeError)

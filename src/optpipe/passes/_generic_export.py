@@ -21,6 +21,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from ..runtime.torch_modules import cache_keyword, output_cache
+
 _WRAPPER = "model"  # the wrapper's attribute holding the HF model: the first scope of every module path
 
 
@@ -38,9 +40,10 @@ class _FlatCache(torch.nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                         **{cache_keyword(self.model.forward): cache})  # `cache` since transformers 5.x
         flat = []
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             flat += [layer.keys, layer.values]
         return (out.logits, *flat)
 
@@ -64,7 +67,7 @@ def cache_shape(model) -> tuple[int, int, int]:
     (families spell them differently). The runtime keeps one [1, heads, length, dim] buffer per key and value:
     a model whose layers or keys and values differ in shape is refused."""
     with torch.no_grad():
-        cache = model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=True))
     shapes = {tuple(t.shape) for layer in cache.layers for t in (layer.keys, layer.values)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 4:
         raise ValueError(f"its KV cache is not one [1, heads, length, dim] shape for every layer, key and value "
@@ -111,16 +114,20 @@ def _module_of(node: onnx.NodeProto) -> str | None:
 
 
 def _split_gemms(graph: onnx.GraphProto, inits: dict) -> None:
-    """A plain Gemm of a linear module (GPT-2's Conv1D traces to one: A @ B + C, B a stored [in, out] weight)
-    becomes MatMul + Add, the form the quantize passes rewrite."""
+    """A Gemm of a linear module becomes MatMul + Add, the form the quantize passes rewrite: GPT-2's Conv1D traces
+    to A @ B + C (B a stored [in, out] weight), an nn.Linear on 2-D hidden states (OPT's MLP) to A @ W^T + C,
+    whose W^T is then stored as the module's own [in, out] weight, as a tied head's is (it was left unquantized)."""
     nodes = []
     for node in graph.node:
-        nodes.append(node)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = (attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
-                 and not attrs.get("transB", 0))
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
         if not (node.op_type == "Gemm" and plain and node.input[1] in inits and _module_of(node) is not None):
+            nodes.append(node)
             continue
+        if attrs.get("transB", 0):
+            nodes.append(helper.make_node("Transpose", [node.input[1]], [node.output[0] + "/weight_t"], perm=[1, 0]))
+            node.input[1] = nodes[-1].output[0]
+        nodes.append(node)
         out, bias = node.output[0], node.input[2] if len(node.input) > 2 else ""
         node.op_type = "MatMul"
         del node.attribute[:]

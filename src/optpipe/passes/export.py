@@ -11,6 +11,7 @@ with PyTorch; a mismatch beyond `atol` fails the build.
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import numpy as np
@@ -334,10 +335,13 @@ def build_generic_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
                          f"failed: {type(e).__name__}: {e}") from e
     try:
         proto = _generic_export.trace(model, cfg.opset, shape)
-    except Exception as e:  # the exporter's errors are many kinds; the build names the route and the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # the exporter's errors are many kinds, wrapped: the build names the innermost one
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(root)).strip().split("\n")[0]  # no terminal colours in logs
         raise BuildError(f"export (method generic): torch.onnx could not trace {model.config.model_type}: "
-                         f"{type(e).__name__}: {first}") from e
+                         f"{type(root).__name__}: {first or '(no message)'}") from e
     set_metadata(proto, **_generic_export.metadata(model.config, shape, cfg.max_positions))
     proto.producer_name = "optpipe"
     return proto

@@ -316,6 +316,12 @@ def _cache_keyword(function) -> str:
         return "past_key_values"
 
 
+def output_cache(out):
+    """The cache a transformers forward returned: `out.cache` since 5.x's rename (reading `past_key_values` logs a
+    deprecation), `out.past_key_values` before it."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 def dynamic_cache(config):
     """transformers' DynamicCache; 4.x (the IPEX environment pins 4.51.3) takes no config."""
     from transformers import DynamicCache
