@@ -1,4 +1,5 @@
-"""`quantize-int4` / `quantize-int8` for cpu-torch: swap nn.Linear modules for quantized ones in place.
+"""`quantize-int4` / `quantize-int8` for cpu-torch: swap linear modules (nn.Linear, GPT-2's Conv1D) for quantized
+ones in place.
 
 INT4 is weight-only, per group along the input axis, with a float zero point (RTN, or GPTQ with the
 Hessian of each layer's input from calibration text); INT8 is per-channel symmetric, weight-only or with
@@ -14,7 +15,14 @@ from pydantic import Field
 from .. import quant as _quant
 from ..pipeline import ModelState, PassConfig, PassContext, PassResult, Patterns, TorchPass, calibrated_when
 from ..progress import track
-from ..runtime.torch_modules import Int4WeightOnlyLinear, Int8Linear, select_linears, set_module, untie_lm_head
+from ..runtime.torch_modules import (
+    Int4WeightOnlyLinear,
+    Int8Linear,
+    linear_weight,
+    select_linears,
+    set_module,
+    untie_lm_head,
+)
 from ._torch_calib import capture_inputs
 
 
@@ -51,7 +59,7 @@ def _record(state: ModelState, quantized: dict[str, str], skipped: dict[str, str
 
 
 class _TorchQuantize(TorchPass):
-    """Swaps nn.Linear modules for the cpu-torch runtime's quantized ones."""
+    """Swaps linear modules for the cpu-torch runtime's quantized ones."""
     provides = frozenset({"quantized"})
     targets = frozenset({"cpu-torch"})
 
@@ -67,11 +75,12 @@ class TorchQuantizeInt4(_TorchQuantize):
         model = state.torch_model
         chosen, skipped = _select(model, c.include, c.exclude)
         for name, lin in list(chosen.items()):
-            if lin.in_features % c.block_size:
-                skipped[name] = f"in_features={lin.in_features} is not a multiple of block_size {c.block_size}"
+            out_features, in_features = linear_weight(lin).shape
+            if in_features % c.block_size:
+                skipped[name] = f"in_features={in_features} is not a multiple of block_size {c.block_size}"
                 del chosen[name]
-            elif lin.out_features % 16:
-                skipped[name] = f"out_features={lin.out_features} is not a multiple of 16 (the CPU int4 kernel's packing)"
+            elif out_features % 16:
+                skipped[name] = f"out_features={out_features} is not a multiple of 16 (the CPU int4 kernel's packing)"
                 del chosen[name]
         hessians = {}
         if c.algorithm == "gptq" and chosen:
@@ -81,14 +90,14 @@ class TorchQuantizeInt4(_TorchQuantize):
         scheme = c.zero_point
         rel, done = [], {}
         for name, lin in track(chosen.items(), desc=f"quantize int4 ({c.algorithm})", unit="layer"):
-            w = lin.weight.detach().float().numpy()
+            w = linear_weight(lin).detach().float().numpy()
             if c.algorithm == "gptq":
                 qw = _quant.gptq(w, hessians[name], 4, c.block_size, scheme, damp=c.damp, act_order=c.act_order)
             else:
                 qw = _quant.rtn(w, 4, c.block_size, scheme)
             minimum = qw.minimum if qw.minimum is not None else -qw.scale * qw.zero.astype(np.float32)  # w = q*scale + minimum
             mod = Int4WeightOnlyLinear.from_codes(qw.q.reshape(w.shape), qw.scale, minimum, lin.bias)
-            rel.append(_quant.relative_error(mod.dequantize(), lin.weight.detach().float()))
+            rel.append(_quant.relative_error(mod.dequantize(), w))
             set_module(model, name, mod)
             done[name] = f"int4 {c.algorithm} group{c.block_size} {scheme} (bf16 compute)"
         return PassResult(bool(done), _record(state, done, skipped, rel),
@@ -106,8 +115,9 @@ class TorchQuantizeInt8(_TorchQuantize):
         rel, done = [], {}
         dynamic = c.mode == "dynamic"
         for name, lin in track(chosen.items(), desc=f"quantize int8 ({c.mode})", unit="layer"):
-            mod = Int8Linear.from_float(lin.weight, lin.bias, dynamic)
-            rel.append(_quant.relative_error(mod.dequantize(), lin.weight.detach().float()))
+            w = linear_weight(lin)
+            mod = Int8Linear.from_float(w, lin.bias, dynamic)
+            rel.append(_quant.relative_error(mod.dequantize(), w.detach().float()))
             set_module(model, name, mod)
             done[name] = f"int8 per-channel symmetric, {c.mode}"
         return PassResult(bool(done), _record(state, done, skipped, rel))

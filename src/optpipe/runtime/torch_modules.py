@@ -141,11 +141,34 @@ class Int8Linear(torch.nn.Module):
 QUANTIZED_MODULES = (Int4WeightOnlyLinear, Int8Linear)
 
 
-def select_linears(model, include: list[str], exclude: list[str]) -> tuple[dict[str, torch.nn.Linear], dict[str, str]]:
-    """Plain nn.Linear modules by qualified name, filtered by regexes; returns (chosen, skipped name -> why)."""
-    linears = {name: mod for name, mod in model.named_modules() if type(mod) is torch.nn.Linear}
+def _is_conv1d(mod) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer that stores its weight [in, out]."""
+    return type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers.")
+
+
+def linear_weight(mod) -> torch.Tensor | None:
+    """A plain linear module's weight as [out, in] (a Conv1D's transposed view); None for any other module."""
+    return mod.weight if type(mod) is torch.nn.Linear else mod.weight.T if _is_conv1d(mod) else None
+
+
+def select_linears(model, include: list[str], exclude: list[str]) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """Plain linear modules (nn.Linear, Conv1D) by qualified name, filtered by regexes; returns (chosen, skipped
+    name -> why)."""
+    linears = {name: mod for name, mod in model.named_modules() if linear_weight(mod) is not None}
     chosen, skipped = quant.select(list(linears), include, exclude)
+    others = {name: mod for name, mod in model.named_modules() if _own_weights(mod)}
+    for name in quant.select(list(others), include, exclude)[0]:
+        shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in _own_weights(others[name]))
+        skipped[name] = f"{type(others[name]).__name__} ({shapes}) is not a linear layer: it stays in float"
     return {name: linears[name] for name in chosen}, skipped
+
+
+def _own_weights(mod) -> list[tuple[str, torch.Tensor]]:
+    """The >=2-D float parameters of a module that is not a linear or an embedding (a mixture of experts' router
+    and stacked experts): no quantized module replaces it, so it is named as skipped and counted as float."""
+    if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding, *QUANTIZED_MODULES)) or _is_conv1d(mod):
+        return []
+    return [(n, p) for n, p in mod.named_parameters(recurse=False) if p.dim() >= 2 and p.is_floating_point()]
 
 
 def set_module(model, name: str, module: torch.nn.Module) -> None:
@@ -386,13 +409,16 @@ def fuse_projections(model, groups: list[tuple[str, str, tuple[str, ...]]], devi
 
 
 def module_precisions(model) -> dict[str, str]:
-    """Linear-like module -> precision: "int4"/"int8" for the quantized modules, else the weight's float dtype."""
+    """Module holding matmul weights -> precision: "int4"/"int8" for the quantized modules, else the weight's float
+    dtype (linears, and the >=2-D weights of other modules: see `_own_weights`)."""
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, Int4WeightOnlyLinear):
             out[name] = "int4"
         elif isinstance(mod, Int8Linear):
             out[name] = "int8"
-        elif isinstance(mod, torch.nn.Linear):
+        elif isinstance(mod, torch.nn.Linear) or _is_conv1d(mod):
             out[name] = str(mod.weight.dtype).removeprefix("torch.")
+        elif _own_weights(mod):  # a mixture of experts' router or experts: float, and counted as such
+            out[name] = str(_own_weights(mod)[0][1].dtype).removeprefix("torch.")
     return out
