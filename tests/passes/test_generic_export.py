@@ -93,6 +93,18 @@ def test_validate_refuses_what_the_generic_route_cannot_do(model_type, passes, e
     assert expect in capsys.readouterr().err
 
 
+def test_gpu_tensorrt_needs_the_family_route(tmp_path, capsys):
+    """Before, a generic trace went through every pass and failed at the target's optimization profile (batch fixed
+    at 1): validate refuses it, naming the reason, before anything loads."""
+    from optpipe.cli import main
+
+    path = make_tiny(tmp_path / "m", "opt")
+    recipe = {**tiny_recipe(path, [{"name": "export"}, {"name": "qdq-int8"}, {"name": "fp16"}]),
+              "target": "gpu-tensorrt"}
+    assert main(["validate", str(write_recipe(tmp_path, recipe))]) == 2
+    assert "passes[0] (export): gpu-tensorrt needs the family route" in capsys.readouterr().err
+
+
 def test_streaming_needs_the_family_route(tmp_path, capsys):
     from optpipe.cli import main
 
@@ -146,3 +158,18 @@ def test_a_failed_trace_names_the_innermost_cause_without_terminal_colours(tmp_p
     assert "torch.onnx could not trace olmo2: LookupError: No ONNX function found for" in msg, msg
     assert "grouped_mm_fallback" in msg and "\x1b" not in msg and "step 3/3" not in msg
     assert isinstance(err.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_quantize_embedding_finds_a_lookup_by_reshaped_input_ids(model_type, tmp_path):
+    """GPT-2's and OPT's traces gather the embedding by input_ids.view(-1, n), not input_ids: quantize-embedding
+    found no lookup there and failed the build after every other pass. Tied, it reads the INT4 head's blocks."""
+    import optpipe
+
+    passes = [{"name": "export", "max_positions": 256},
+              {"name": "quantize-int4", "block_size": 32, "accuracy_level": 0, "exclude": []},
+              {"name": "quantize-embedding"}]
+    res = optpipe.build(tiny_recipe(make_tiny(tmp_path / "m", model_type), passes), output=tmp_path / "art",
+                        log=lambda m: None)
+    assert res.manifest["status"] == "passed"
+    assert res.manifest["passes"][2]["changes"]["scheme"].startswith("shared with lm_head"), res.manifest["passes"][2]

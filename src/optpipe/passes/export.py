@@ -380,6 +380,10 @@ class Export(Pass):
             if recipe.model.streaming:
                 raise ValueError(f"method generic traces the model in memory; model.streaming needs the family route "
                                  f"(model_type {facts.model_type!r}; described: {', '.join(_arch_desc.supported())})")
+            if recipe.target == "gpu-tensorrt":  # tried on GPT-2 and OPT: the profile and polygraphy's lint refuse it
+                raise ValueError(f"gpu-tensorrt needs the family route: a generic trace fixes batch 1, has no "
+                                 f"attention or norm units `fp16` can keep in float32, and fails TensorRT's lint "
+                                 f"(model_type {facts.model_type!r}; described: {', '.join(_arch_desc.supported())})")
             lm = [a for a in facts.architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
             if facts.architectures and not lm:
                 raise ValueError(f"the generic route traces a causal language model; the model's config names "

@@ -21,7 +21,7 @@ from .. import quant as _quant
 from ..errors import BuildError
 from ..pipeline import ModelState, OrtQuantizePass, PassConfig, PassContext, PassResult
 from ._nbits import decoded_params, kernel_k, packed, stored_names, stored_parts
-from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata
+from ._onnx import FLOAT, MS_DOMAIN, GraphBuilder, GraphEdit, ensure_opset, metadata, tensor_ranks
 
 
 class EmbeddingConfig(PassConfig):
@@ -36,7 +36,14 @@ class EmbeddingConfig(PassConfig):
 
 
 def _embedding_gather(model: onnx.ModelProto, inits) -> onnx.NodeProto:
-    found = [n for n in model.graph.node if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] == "input_ids"
+    """The token embedding's lookup: a Gather of a float 2-D weight by input_ids, or by a reshape of it whose output
+    is [batch, sequence, hidden] as the lookup writes it (GPT-2's and OPT's traces gather by input_ids.view(-1, n))."""
+    ids, ranks = {"input_ids"}, tensor_ranks(model)
+    for n in model.graph.node:
+        if n.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity") and n.input[0] in ids:
+            ids.add(n.output[0])
+    found = [n for n in model.graph.node if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in ids
+             and (n.input[1] == "input_ids" or ranks.get(n.output[0]) == 3)
              and n.input[0] in inits and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == FLOAT]
     if len(found) != 1:
         raise BuildError(f"quantize-embedding: expected one Gather of a float 2-D weight by input_ids, found "
@@ -53,6 +60,8 @@ def _tied_head(model: onnx.ModelProto, vocab: int, hidden: int) -> onnx.NodeProt
         return a["N"] == vocab and a["K"] in {kernel_k(hidden, a["block_size"], s) for s in ("int", "float")}
 
     heads = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN and reads(n)]
+    if len(heads) > 1:  # another linear of the same shape (an MLP as wide as the vocabulary): both routes name it
+        heads = [n for n in heads if n.name == "lm_head"]
     return heads[0] if len(heads) == 1 else None
 
 
