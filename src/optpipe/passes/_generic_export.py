@@ -37,7 +37,11 @@ class _FlatCache(torch.nn.Module):
     def forward(self, input_ids, attention_mask, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # full layers, never the config's sliding-window ones: rebuilt from the past tensors at every step, a sliding
+        # layer would keep only its window and count the positions it kept as all it has seen, so decoding past the
+        # window took wrong positions (a Starcoder2 with a 16-token window parted from transformers' tokens at the
+        # 22nd); the model's own mask applies the window to the full cache
+        cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
