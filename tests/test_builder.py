@@ -99,6 +99,15 @@ def test_existing_output_is_not_overwritten_without_flag(tiny_llama, tmp_path):
     assert (out / "keep.txt").read_text() == "x"
 
 
+def test_an_output_no_directory_can_be_made_in_is_refused_before_the_model_loads(tiny_llama, tmp_path):
+    """It was an internal error ('FileNotFoundError ... please report it') after the model had loaded."""
+    (tmp_path / "a_file").write_text("x")
+    said = []
+    with pytest.raises(optpipe.RecipeError, match=r"a_file/art: cannot write an artifact there \(Not a directory"):
+        optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4), output=tmp_path / "a_file" / "art", log=said.append)
+    assert not any("loading model" in m for m in said), said
+
+
 def test_missing_model_and_uncached_hub_id_fail_fast(tmp_path):
     import time
 

@@ -18,7 +18,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from .errors import ArtifactError
+from .errors import ArtifactError, RecipeError
 from .hw import environment
 
 MANIFEST = "manifest.json"
@@ -51,9 +51,11 @@ class Staging:
 
     def __init__(self, output: Path):
         self.output = output.resolve()
-        self.output.parent.mkdir(parents=True, exist_ok=True)
         self.path = self.output.parent / f".optpipe-staging-{self.output.name}-{uuid.uuid4().hex[:8]}"
-        self.path.mkdir()
+        try:
+            self.path.mkdir(parents=True)
+        except OSError as e:
+            raise RecipeError(f"{output}: cannot write an artifact there ({e.strerror}: {e.filename})") from None
 
     def emit(self, overwrite: bool) -> Path:
         if self.output.exists():

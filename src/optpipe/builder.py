@@ -87,6 +87,18 @@ def task_paths(recipe: Recipe, source: str = "<recipe>") -> list[str]:
     return paths
 
 
+def output_path(given, recipe: Recipe, source: str, overwrite: bool) -> Path:
+    """Where the artifact goes (`given`, else the recipe's `output`), refused before anything loads when it is
+    unset, taken (unless `overwrite`), or somewhere no directory can be written (tried, then removed)."""
+    if not (given or recipe.output):
+        raise RecipeError(f"{source}: output: no output path (give -o/--output or set `output:` in the recipe)")
+    out = Path(given or recipe.output)
+    if out.exists() and not overwrite:
+        raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
+    artifact.Staging(out).discard()
+    return out
+
+
 def check_tasks(recipe: Recipe, source: str) -> None:
     """lm-eval is installed and knows every task the recipe gates on (before any weight is loaded)."""
     gate = recipe.gates.accuracy
@@ -206,12 +218,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     source = recipe.source_path or "<recipe>"
     target = get_target(recipe.target)
     check_speed_measurable(recipe, target, source)
-    out = output or recipe.output
-    if out is None:
-        raise RecipeError(f"{source}: output: no output path (give -o/--output or set `output:` in the recipe)")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
+    out = output_path(output, recipe, source, overwrite)
     threads, fixed_threads = thread_setting(threads, recipe, source)
 
     model, tokenizer, checkpoint, resolved = models.open_model(recipe.model, log)

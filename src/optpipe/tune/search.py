@@ -456,11 +456,7 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
     tuner = Tuner(recipe, cache_dir=cache_dir, threads=threads, allow_plugins=allow_plugins, log=log)
     r, source = tuner.recipe, tuner.source
     spec = r.search
-    out = Path(output or r.output or "")
-    if not (output or r.output):
-        raise RecipeError(f"{source}: output: no output path (give -o/--output or set `output:` in the recipe)")
-    if out.exists() and not overwrite:
-        raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
+    out = builder.output_path(output, r, source, overwrite)
     minutes = budget_minutes if budget_minutes is not None else spec.budget_minutes
     most = budget_candidates if budget_candidates is not None else spec.budget_candidates
     valid = [c for c in tuner.candidates if c.recipe is not None]
