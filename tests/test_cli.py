@@ -104,3 +104,20 @@ def test_model_option_points_a_recipe_at_another_model(tiny_llama, tiny_qwen2, t
     capsys.readouterr()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["model_type"] == "qwen2" and manifest["recipe"]["model"]["source"] == str(tiny_qwen2)
+
+
+def test_a_closed_output_pipe_ends_quietly_with_141():
+    """`optpipe inspect ART | head` was an 'internal error: BrokenPipeError ... please report it'."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "optpipe", "passes"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert "error" not in proc.stderr.lower() and "Exception" not in proc.stderr, proc.stderr

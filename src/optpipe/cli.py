@@ -18,7 +18,8 @@ EXIT_CODES = """exit codes:
   2  bad recipe, argument or model (the message names the file and field)
   3  a gate refused the artifact: nothing is written at the output path
   4  the artifact is missing, malformed, modified, or not a passed artifact
-  130 interrupted (Ctrl-C / SIGTERM): nothing is written"""
+  130 interrupted (Ctrl-C / SIGTERM): nothing is written
+  141 the output pipe was closed (e.g. `| head`): the command stopped there"""
 
 EXAMPLES = """examples:
   optpipe build recipes/smollm2-135m-cpu-int4.yaml -o artifacts/smollm2-int4
@@ -415,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a Unix tool does on SIGPIPE
+        for stream in (sys.stdout, sys.stderr):  # nothing more reaches the closed pipe, not even at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return 141
     except Exception as e:  # noqa: BLE001 - every error ends as a message and an exit code, never a traceback
         if not signalled:  # after a signal, any error is the interrupt (a library may have wrapped it, in a pass say)
             return _report_error(e, args)
