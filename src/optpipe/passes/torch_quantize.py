@@ -1,5 +1,6 @@
-"""`quantize-int4` / `quantize-int8` for cpu-torch: swap linear modules (nn.Linear, GPT-2's Conv1D) for quantized
-ones in place.
+"""`quantize-int4` / `quantize-int8` for cpu-torch: swap linear modules for quantized ones in place.
+
+Linear modules are nn.Linear and transformers' Conv1D (GPT-2), see runtime.torch_modules.linear_weight.
 
 INT4 is weight-only, per group along the input axis, with a float zero point (RTN, or GPTQ with the
 Hessian of each layer's input from calibration text); INT8 is per-channel symmetric, weight-only or with
@@ -31,7 +32,7 @@ class TorchInt4Config(PassConfig):
     algorithm: Literal["rtn", "gptq"] = "rtn"
     block_size: Literal[32, 64, 128] = 32
     zero_point: Literal["float", "symmetric"] = Field("float", description="float: exact on GGUF Q4_1-style grids")
-    include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all Linear")
+    include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all linears")
     exclude: Patterns = Field(default_factory=lambda: ["lm_head"])
     damp: _quant.Damp
     act_order: bool = Field(False, description="GPTQ: columns by decreasing Hessian diagonal, static groups")
@@ -40,7 +41,7 @@ class TorchInt4Config(PassConfig):
 
 class TorchInt8Config(PassConfig):
     mode: Literal["weight-only", "dynamic"] = "weight-only"
-    include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all Linear")
+    include: Patterns = Field(default_factory=list, description="regexes on module names; empty = all linears")
     exclude: Patterns = Field(default_factory=list)
 
 
