@@ -96,6 +96,7 @@ def test_an_undescribed_family_builds_int4_through_the_generic_route(model_type,
     export, quant = res.manifest["passes"][0], res.manifest["passes"][1]
     assert export["changes"]["route"] == "generic" and export["changes"]["max_abs_logit_diff"] < 1e-3
     assert quant["changes"]["layers_quantized"] == 2 * len(linears)
+    assert quant["changes"]["skipped"] == {"lm_head": "excluded by pattern 'lm_head'"}  # not attention's MatMuls
     precisions = optpipe.load(tmp_path / "art", threads=1).runner.precisions()
     assert sorted(k for k, v in precisions.items() if v == "int4") == sorted(
         f"{prefix}.{i}.{m}" for i in range(2) for m in linears)

@@ -15,15 +15,16 @@ from ._onnx import FLOAT, MS_DOMAIN, GraphEdit, ensure_opset, initializer_map, p
 
 def select_matmuls(model: onnx.ModelProto, include: list[str], exclude: list[str]):
     """MatMul nodes with a 2-D float initializer as B, filtered by regex on the node name.
-    Returns (selected, skipped: {name: reason})."""
+    Returns (selected, skipped: {name: reason}). A MatMul of two activations (a traced graph's attention scores) is
+    not a layer, so it is neither."""
     inits = initializer_map(model)
     weights, skipped = {}, {}
     for node in model.graph.node:
-        if node.op_type != "MatMul":
+        if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
-        init = inits.get(node.input[1])
-        if init is None or len(init.dims) != 2 or init.data_type != FLOAT:
-            skipped[node.name] = "B is not a constant 2-D float weight"
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.data_type != FLOAT:
+            skipped[node.name] = "B is not a 2-D float weight"
         else:
             weights[node.name] = node
     chosen, unselected = _quant.select(list(weights), include, exclude)
