@@ -18,7 +18,13 @@ def test_quiet_and_unlogged_steps_say_nothing(capsys):
     progress.set_quiet(True)
     try:
         assert list(progress.track("ab", "tokenizing")) == ["a", "b"]
+        progress.note("tracing")
         assert not progress.interactive()
     finally:
         progress.set_quiet(False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_note_comes_before_a_step_with_nothing_to_count(capsys):
+    progress.note("tracing opt with torch.onnx.export")
+    assert capsys.readouterr().err == "    tracing opt with torch.onnx.export\n"

@@ -20,6 +20,12 @@ def interactive() -> bool:
     return not _QUIET[0] and sys.stderr.isatty()
 
 
+def note(message: str) -> None:
+    """A line before a long step that has no count to show (a trace), unless -q."""
+    if not _QUIET[0]:
+        print(f"    {message}", file=sys.stderr, flush=True)
+
+
 def _done(desc: str, n: float, unit: str, seconds: float) -> None:
     if not _QUIET[0]:
         print(f"    {desc}: {n:,.0f} {unit} in {seconds:.1f}s", file=sys.stderr, flush=True)

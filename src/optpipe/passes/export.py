@@ -22,6 +22,7 @@ from pydantic import Field
 
 from .. import arch as _arch_desc
 from .. import lazy as _lazy
+from .. import progress
 from ..errors import BuildError
 from ..models import rotary_module
 from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult
@@ -333,6 +334,8 @@ def build_generic_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
     except Exception as e:  # the model's own forward failed: not something a trace would fix
         raise BuildError(f"export (method generic): a one-token forward of {model.config.model_type} with a cache "
                          f"failed: {type(e).__name__}: {e}") from e
+    progress.note(f"tracing {model.config.model_type} with torch.onnx.export (the generic route; minutes for a "
+                  "large model)")
     try:
         proto = _generic_export.trace(model, cfg.opset, shape)
     except Exception as e:  # the exporter's errors are many kinds, wrapped: the build names the innermost one
