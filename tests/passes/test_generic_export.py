@@ -109,6 +109,7 @@ def test_an_undescribed_family_builds_int4_through_the_generic_route(model_type,
     ("olmo2", [{"name": "export"}, {"name": "fuse"}], "passes[1] (fuse): needs the layer topology of model_type 'olmo2'"),
     ("olmo2", [{"name": "export", "method": "family"}],
      "passes[0] (export): needs the layer topology of model_type 'olmo2'"),
+    ("mixtral", [{"name": "export"}], "passes[0] (export): a mixture of experts (8 experts): torch.onnx has no"),
 ])
 def test_validate_refuses_what_the_generic_route_cannot_do(model_type, passes, expect, tmp_path, capsys):
     from optpipe.cli import main

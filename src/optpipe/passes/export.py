@@ -350,6 +350,9 @@ def build_generic_graph(model, cfg: ExportConfig) -> onnx.ModelProto:
     return proto
 
 
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")  # config names of the count
+
+
 def route(method: str, model_type: str | None) -> str:
     """The export route a recipe's `method` takes for a model: "family" or "generic"."""
     if method != "auto":
@@ -387,6 +390,11 @@ class Export(Pass):
                 raise ValueError(f"gpu-tensorrt needs the family route: a generic trace fixes batch 1, has no "
                                  f"attention or norm units `fp16` can keep in float32, and fails TensorRT's lint "
                                  f"(model_type {facts.model_type!r}; described: {', '.join(_arch_desc.supported())})")
+            experts = next((facts.config[k] for k in MOE_KEYS if (facts.config.get(k) or 0) > 1), None)
+            if experts:  # tried on Mixtral, Qwen2-MoE, OLMoE: refused here, not after the model has loaded
+                raise ValueError(f"a mixture of experts ({experts} experts): torch.onnx has no ONNX function for "
+                                 f"transformers' expert kernels, so the generic route cannot trace it (the cpu-torch "
+                                 f"target runs it, its experts in float)")
             lm = [a for a in facts.architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
             if facts.architectures and not lm:
                 raise ValueError(f"the generic route traces a causal language model; the model's config names "
