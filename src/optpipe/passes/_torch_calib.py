@@ -1,11 +1,25 @@
-"""Calibration on the PyTorch model: run calibration text and capture the inputs of chosen modules."""
+"""Calibration on the PyTorch model: run calibration text and capture the inputs of chosen modules; the base of
+the passes that rescale from such statistics."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
 
+from ..pipeline import TorchPass
 from ..progress import track
+
+
+class CalibratedRescaling(TorchPass):
+    """A pass that moves scale between a projection's source and its weights from calibration statistics (awq,
+    smoothquant): it works on the separate q/k/v and gate/up linears, so it runs before `fuse` packs them."""
+    topology = True
+    needs = frozenset({"calibration"})
+
+    def check_recipe(self, recipe, facts, earlier) -> None:
+        if any("fused-projections" in p.provides for p in earlier):
+            raise ValueError("must come before `fuse`: it rescales the separate q/k/v and gate/up linears that "
+                             "fuse packs into one")
 
 
 def capture_inputs(model, modules: dict[str, torch.nn.Module], windows, reduce: Callable | None = None,

@@ -18,9 +18,9 @@ from pydantic import Field
 
 from .. import arch
 from .. import quant as _quant
-from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult
 from ..progress import track
-from ._torch_calib import capture_inputs
+from ._torch_calib import CalibratedRescaling, capture_inputs
 
 
 class AwqConfig(PassConfig):
@@ -47,17 +47,10 @@ def _groups(model, desc, head: bool):
         yield g.name, g, model.get_submodule(g.source), [model.get_submodule(m) for m in g.members], None
 
 
-class Awq(TorchPass):
+class Awq(CalibratedRescaling):
     name = "awq"
-    topology = True
     Config = AwqConfig
-    needs = frozenset({"calibration"})
     provides = frozenset({"awq"})
-
-    def check_recipe(self, recipe, facts, earlier) -> None:
-        if any("fused-projections" in p.provides for p in earlier):
-            raise ValueError("must come before `fuse`: it rescales the separate q/k/v and gate/up linears that "
-                             "fuse packs into one")
 
     def _quantized(self, w: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -14,8 +14,8 @@ from pydantic import Field
 
 from .. import arch
 from ..layerwise import channel_absmax, walk
-from ..pipeline import ModelState, PassConfig, PassContext, PassResult, TorchPass
-from ._torch_calib import capture_inputs
+from ..pipeline import ModelState, PassConfig, PassContext, PassResult
+from ._torch_calib import CalibratedRescaling, capture_inputs
 
 
 def norm_groups(config) -> list[tuple[str, tuple[str, ...]]]:
@@ -33,18 +33,11 @@ def smoothing_scale(amax: torch.Tensor, weights, alpha: float) -> torch.Tensor:
     return ((amax.clamp(min=1e-5) ** alpha) / (w_max.clamp(min=1e-5) ** (1 - alpha))).clamp(min=1e-5)
 
 
-class SmoothQuant(TorchPass):
+class SmoothQuant(CalibratedRescaling):
     name = "smoothquant"
-    topology = True
     streams = True
     Config = SmoothQuantConfig
-    needs = frozenset({"calibration"})
     provides = frozenset({"smoothed"})
-
-    def check_recipe(self, recipe, facts, earlier) -> None:
-        if any("fused-projections" in p.provides for p in earlier):
-            raise ValueError("must come before `fuse`: it rescales the separate q/k/v and gate/up linears that "
-                             "fuse packs into one")
 
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:
         if state.torch_model is None and state.checkpoint is not None:
