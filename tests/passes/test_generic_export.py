@@ -199,3 +199,13 @@ def test_quantize_embedding_finds_a_lookup_by_reshaped_input_ids(model_type, tmp
                         log=lambda m: None)
     assert res.manifest["status"] == "passed"
     assert res.manifest["passes"][2]["changes"]["scheme"].startswith("shared with lm_head"), res.manifest["passes"][2]
+
+
+def test_a_generic_graph_is_limited_to_the_positions_its_model_has(tmp_path):
+    """OPT learns 512 positions: the artifact said 8192 (max_positions), and ONNX Runtime failed on a raw Gather
+    past 512 instead of the API refusing the prompt."""
+    from optpipe.passes._onnx import metadata
+    from optpipe.passes.export import ExportConfig, build_generic_graph
+
+    graph = build_generic_graph(_hf(make_tiny(tmp_path / "m", "opt")), ExportConfig(method="generic"))
+    assert metadata(graph)["optpipe.max_length"] == "512"

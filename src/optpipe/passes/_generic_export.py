@@ -199,8 +199,10 @@ def _name_weights(model: onnx.ModelProto) -> None:
 
 
 def metadata(config, shape: tuple[int, int, int], max_positions: int) -> dict[str, str]:
-    """What the runtime and later passes read from a generic graph (no family, no rotary table)."""
+    """What the runtime and later passes read from a generic graph (no family, no rotary table). Its length limit is
+    also the config's: learned positions (OPT, GPT-2) end there, and ONNX Runtime failed past it on a raw Gather."""
     layers, kv, head_dim = shape
+    max_positions = min(max_positions, getattr(config, "max_position_embeddings", None) or max_positions)
     return {"optpipe.num_layers": str(layers), "optpipe.num_heads": str(int(config.num_attention_heads)),
             "optpipe.kv_num_heads": str(kv), "optpipe.head_dim": str(head_dim),
             "optpipe.vocab_size": str(int(config.vocab_size)), "optpipe.kv_cache": "dynamic",

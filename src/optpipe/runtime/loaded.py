@@ -107,7 +107,7 @@ class ArtifactModel:
         ids = self.ids(prompt)
         if ids.size + max_new_tokens > self.max_length:
             raise InputError(f"prompt ({ids.size} tokens) + max_new_tokens ({max_new_tokens}) exceed the artifact's "
-                             f"{self.max_length}-token limit (its static KV cache or rotary table); nothing was generated")
+                             f"{self.max_length}-token limit (its static KV cache or its positions); nothing was generated")
         pick = sampler(temperature, top_p, seed)
         if eos_token_id == "default":
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
