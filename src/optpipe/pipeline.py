@@ -325,9 +325,9 @@ def validate_pass_chain(recipe, source: str, allow_plugins: bool | None = None) 
     return passes
 
 
-def check_cache_length(n: int, recipe, limit: int | None, limit_name: str) -> None:
-    """A static KV cache must hold the evaluation window and the speed and generation gates' prompt + new tokens, and no more
-    positions than the model (or its exported rotary table) has."""
+def check_cache_length(n: int, recipe, limit: int | None, limit_name: str, what: str = "max_length") -> None:
+    """A static KV cache (or a graph's positions: `what`) must hold the evaluation window and the speed and generation
+    gates' prompt + new tokens, and no more positions than the model (or its exported rotary table) has."""
     if limit and n > limit:
         raise ValueError(f"max_length {n} exceeds {limit_name} ({limit})")
     need = {"evaluation.window": recipe.evaluation.window,
@@ -335,9 +335,9 @@ def check_cache_length(n: int, recipe, limit: int | None, limit_name: str) -> No
     if recipe.gates.generation.prompts:
         need["gates.generation.prompt_tokens + new_tokens"] = (recipe.gates.generation.prompt_tokens
                                                                + recipe.gates.generation.new_tokens)
-    for what, k in need.items():
+    for field_, k in need.items():
         if k > n:
-            raise ValueError(f"max_length {n} is shorter than {what} ({k})")
+            raise ValueError(f"{what} {n} is shorter than {field_} ({k})")
 
 
 def check_machine(passes: list[Pass], source: str) -> None:

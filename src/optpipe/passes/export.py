@@ -25,7 +25,7 @@ from .. import lazy as _lazy
 from .. import progress
 from ..errors import BuildError
 from ..models import rotary_module
-from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult
+from ..pipeline import ModelState, Pass, PassConfig, PassContext, PassResult, check_cache_length
 from ._onnx import FLOAT, FN_DOMAIN, INT64, OPSET, GraphBuilder, set_metadata
 
 NEG = float(np.finfo(np.float32).min)
@@ -382,7 +382,12 @@ class Export(Pass):
     def check_recipe(self, recipe, facts, earlier) -> None:
         if facts is None:
             return
-        if route(self.config.method, facts.model_type) == "generic":
+        generic = route(self.config.method, facts.model_type) == "generic"
+        learned = facts.config.get("max_position_embeddings") if generic else None  # see _generic_export.metadata
+        positions = min(self.config.max_positions, learned or self.config.max_positions)
+        check_cache_length(positions, recipe, None, "", "positions (max_positions" + (
+            ", or the config's max_position_embeddings if fewer):" if generic else "):"))
+        if generic:
             if recipe.model.streaming:
                 raise ValueError(f"method generic traces the model in memory; model.streaming needs the family route "
                                  f"(model_type {facts.model_type!r}; described: {', '.join(_arch_desc.supported())})")
