@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import arch
 from .errors import ModelLoadError, RecipeError
+from .pipeline import check_cache_length
 
 GGUF_MAGIC = b"GGUF"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -182,6 +183,11 @@ def check(recipe, source: str, passes: list) -> ModelFacts | None:
         raise RecipeError(f"{source}: model.streaming: needs a local checkpoint directory with safetensors shards; "
                           f"{recipe.model.source!r} is a {facts.source_kind}")
     check_data(recipe.evaluation, recipe.base_dir, f"{source}: evaluation")
+    if facts.max_positions:  # past its context a model measures nothing it was made for (OPT's learned positions end)
+        try:
+            check_cache_length(facts.max_positions, recipe, None, "", "the model's context (max_position_embeddings):")
+        except ValueError as e:
+            raise RecipeError(f"{source}: {e}") from None
     if any("calibration" in p.needs for p in passes):
         check_data(recipe.calibration, recipe.base_dir, f"{source}: calibration")
     for i, p in enumerate(passes):

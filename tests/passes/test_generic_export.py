@@ -212,14 +212,15 @@ def test_a_generic_graph_is_limited_to_the_positions_its_model_has(tmp_path):
 
 
 @pytest.mark.parametrize("model_type, export, expect", [
-    ("opt", {}, "positions (max_positions, or the config's max_position_embeddings if fewer): 512 is shorter than "
-                "evaluation.window (1024)"),
-    ("llama", {"max_positions": 512}, "positions (max_positions): 512 is shorter than evaluation.window (1024)")])
+    ("opt", {}, "the model's context (max_position_embeddings): 512 is shorter than evaluation.window (1024)"),
+    ("llama", {"max_positions": 600}, "passes[0] (export): max_positions 600 is shorter than evaluation.window (1024)")])
 def test_validate_refuses_windows_longer_than_the_graphs_positions(model_type, export, expect, tmp_path, capsys):
-    """An evaluation window past OPT's 512 learned positions was an internal error (IndexError) after the build."""
+    """An evaluation window past OPT's 512 learned positions was an internal error (IndexError) after the build, on
+    cpu-onnx and cpu-torch alike; a window past the exported rotary table is refused by export."""
     from optpipe.cli import main
 
-    recipe = tiny_recipe(make_tiny(tmp_path / "m", model_type), [{"name": "export", **export}])
+    recipe = tiny_recipe(make_tiny(tmp_path / "m", model_type, max_position_embeddings=2048 if export else 512),
+                         [{"name": "export", **export}])
     recipe["evaluation"] = {"source": "builtin:evaluation", "max_tokens": 4096, "window": 1024}
     assert main(["validate", str(write_recipe(tmp_path, recipe))]) == 2
     assert expect in capsys.readouterr().err

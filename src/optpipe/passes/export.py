@@ -382,12 +382,8 @@ class Export(Pass):
     def check_recipe(self, recipe, facts, earlier) -> None:
         if facts is None:
             return
-        generic = route(self.config.method, facts.model_type) == "generic"
-        learned = facts.config.get("max_position_embeddings") if generic else None  # see _generic_export.metadata
-        positions = min(self.config.max_positions, learned or self.config.max_positions)
-        check_cache_length(positions, recipe, None, "", "positions (max_positions" + (
-            ", or the config's max_position_embeddings if fewer):" if generic else "):"))
-        if generic:
+        check_cache_length(self.config.max_positions, recipe, None, "", "max_positions")  # the model's own: preflight
+        if route(self.config.method, facts.model_type) == "generic":
             if recipe.model.streaming:
                 raise ValueError(f"method generic traces the model in memory; model.streaming needs the family route "
                                  f"(model_type {facts.model_type!r}; described: {', '.join(_arch_desc.supported())})")
