@@ -391,7 +391,7 @@ class Export(Pass):
                 raise ValueError(f"gpu-tensorrt needs the family route: a generic trace fixes batch 1, has no "
                                  f"attention or norm units `fp16` can keep in float32, and fails TensorRT's lint "
                                  f"(model_type {facts.model_type!r}; described: {', '.join(_arch_desc.supported())})")
-            experts = next((facts.config[k] for k in MOE_KEYS if (facts.config.get(k) or 0) > 1), None)
+            experts = next((n for k in MOE_KEYS if isinstance(n := facts.config.get(k), int) and n > 1), None)
             if experts:  # tried on Mixtral, Qwen2-MoE, OLMoE: refused here, not after the model has loaded
                 raise ValueError(f"a mixture of experts ({experts} experts): torch.onnx has no ONNX function for "
                                  f"transformers' expert kernels, so the generic route cannot trace it (the cpu-torch "
