@@ -27,8 +27,7 @@ def note(message: str) -> None:
 
 
 def _done(desc: str, n: float, unit: str, seconds: float) -> None:
-    if not _QUIET[0]:
-        print(f"    {desc}: {n:,.0f} {unit} in {seconds:.1f}s", file=sys.stderr, flush=True)
+    note(f"{desc}: {n:,.0f} {unit} in {seconds:.1f}s")
 
 
 def track(iterable: Iterable, desc: str, unit: str = "it", total: int | None = None, leave: bool = True,

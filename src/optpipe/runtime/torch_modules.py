@@ -156,10 +156,11 @@ def select_linears(model, include: list[str], exclude: list[str]) -> tuple[dict[
     name -> why)."""
     linears = {name: mod for name, mod in model.named_modules() if linear_weight(mod) is not None}
     chosen, skipped = quant.select(list(linears), include, exclude)
-    others = {name: mod for name, mod in model.named_modules() if _own_weights(mod)}
+    others = {name: (type(mod).__name__, own) for name, mod in model.named_modules() if (own := _own_weights(mod))}
     for name in quant.select(list(others), include, exclude)[0]:
-        shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in _own_weights(others[name]))
-        skipped[name] = f"{type(others[name]).__name__} ({shapes}) is not a linear layer: it stays in float"
+        kind, own = others[name]
+        shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in own)
+        skipped[name] = f"{kind} ({shapes}) is not a linear layer: it stays in float"
     return {name: linears[name] for name in chosen}, skipped
 
 
@@ -419,6 +420,6 @@ def module_precisions(model) -> dict[str, str]:
             out[name] = "int8"
         elif isinstance(mod, torch.nn.Linear) or _is_conv1d(mod):
             out[name] = str(mod.weight.dtype).removeprefix("torch.")
-        elif _own_weights(mod):  # a mixture of experts' router or experts: float, and counted as such
-            out[name] = str(_own_weights(mod)[0][1].dtype).removeprefix("torch.")
+        elif own := _own_weights(mod):  # a mixture of experts' router or experts: float, and counted as such
+            out[name] = str(own[0][1].dtype).removeprefix("torch.")
     return out
