@@ -119,3 +119,13 @@ def test_tune_keeps_the_most_sensitive_groups_at_int8_and_caches_the_ranking(tmp
     lines.clear()
     tune(path, tmp_path / "again", cache_dir=tmp_path / "cache", log=lines.append)
     assert not any(line.startswith("sensitivity:") for line in lines)  # measured once, cached
+
+
+def test_a_taken_output_is_refused_before_the_sensitivity_measurement_loads_the_model(tmp_path, tiny_llama):
+    path = _tune_recipe(tmp_path, tiny_llama, [0, 2])
+    (tmp_path / "out").mkdir()
+    lines: list[str] = []
+    with pytest.raises(RecipeError, match="already exists"):
+        tune(path, tmp_path / "out", cache_dir=tmp_path / "cache", log=lines.append)
+    assert not any(line.startswith(("loading", "sensitivity")) for line in lines), lines
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))

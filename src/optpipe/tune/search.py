@@ -113,9 +113,12 @@ def miss_distance(entry: dict) -> float:
 
 
 class Tuner:
-    def __init__(self, recipe, *, cache_dir=None, threads=None, allow_plugins=None, log=print):
+    def __init__(self, recipe, *, cache_dir=None, threads=None, allow_plugins=None, log=print, emit=None):
+        """`emit`: (output, overwrite) of a tune that writes an artifact: the path is checked here, before the
+        sensitivity measurement or anything else loads the model (a worker emits nothing)."""
         self.recipe, self.passes, self.facts = builder.check(recipe, allow_plugins)
         self.source = self.recipe.source_path or "<recipe>"
+        self.out = builder.output_path(emit[0], self.recipe, self.source, emit[1]) if emit else None
         self.allow_plugins = allow_plugins
         self.log = log
         self.target = get_target(self.recipe.target)
@@ -453,10 +456,10 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
     `ray`: builds and output-comparing gates run on Ray workers first (tune/distributed.py; a local Ray unless
     `ray_address`); speed is then measured here, one candidate at a time."""
     t_start = time.perf_counter()
-    tuner = Tuner(recipe, cache_dir=cache_dir, threads=threads, allow_plugins=allow_plugins, log=log)
-    r, source = tuner.recipe, tuner.source
+    tuner = Tuner(recipe, cache_dir=cache_dir, threads=threads, allow_plugins=allow_plugins, log=log,
+                  emit=(output, overwrite))
+    r, source, out = tuner.recipe, tuner.source, tuner.out
     spec = r.search
-    out = builder.output_path(output, r, source, overwrite)
     minutes = budget_minutes if budget_minutes is not None else spec.budget_minutes
     most = budget_candidates if budget_candidates is not None else spec.budget_candidates
     valid = [c for c in tuner.candidates if c.recipe is not None]
