@@ -38,6 +38,16 @@ def test_a_jsonl_source_reads_its_text_field_and_names_a_missing_one(tmp_path):
         data.token_windows(DataSpec(source=str(src)), _Chars(), field_name="evaluation")
 
 
+def test_markdown_is_read_as_plain_text_and_an_unknown_file_type_is_refused_with_the_known_ones(tmp_path):
+    src = tmp_path / "notes.md"
+    src.write_text("# Title\n\n" + "x" * 20, encoding="utf-8")
+    assert data.load_text(DataSpec(source=str(src))) == "# Title\n\n" + "x" * 20
+    doc = tmp_path / "notes.docx"
+    doc.write_bytes(b"PK\x03\x04")
+    with pytest.raises(RecipeError, match=r"evaluation.source: notes.docx: unsupported file type \(use .txt, .*\.md"):
+        data.load_text(DataSpec(source=str(doc)), field_name="evaluation")
+
+
 def test_too_little_text_and_unknown_builtins_are_refused_naming_the_field(tmp_path):
     src = tmp_path / "short.txt"
     src.write_text("only a few", encoding="utf-8")

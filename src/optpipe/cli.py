@@ -344,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
             "examples:\n  optpipe gate artifacts/smollm2-int4 --eval-data my.txt\n"
             "  optpipe gate artifacts/new --against /srv/deployed   # regression check against what is deployed\n\n")
     g.add_argument("artifact", help="artifact directory")
-    g.add_argument("--eval-data", help="evaluation text (.txt/.jsonl/.parquet or a dataset name)")
+    g.add_argument("--eval-data", help="evaluation text (.txt/.md/.jsonl/.parquet or a dataset name)")
     g.add_argument("--against", metavar="DEPLOYED",
                    help="compare with this artifact instead of fp32: refuse if less accurate or slower than it beyond "
                         "the recipe's gates.regression tolerances")

@@ -11,7 +11,9 @@ import numpy as np
 from .errors import RecipeError
 
 BUILTIN = {"builtin:calibration": "calibration.txt", "builtin:evaluation": "evaluation.txt"}
-LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# plain text (Markdown and reStructuredText too: read as text, paragraph by paragraph), JSON lines, Parquet
+LOADERS = {".txt": "text", ".text": "text", ".md": "text", ".rst": "text", ".jsonl": "json", ".json": "json",
+           ".parquet": "parquet"}
 
 
 def builtin_path(name: str) -> Path:
@@ -37,7 +39,7 @@ def load_text(spec, base_dir: Path | None = None, field_name: str = "data") -> s
             raise RecipeError(f"{field_name}.source: file {path} not found")
         loader = LOADERS.get(path.suffix)
         if loader is None:
-            raise RecipeError(f"{field_name}.source: {path.name}: unsupported file type (use .txt, .jsonl or .parquet)")
+            raise RecipeError(f"{field_name}.source: {path.name}: unsupported file type (use {', '.join(LOADERS)})")
         kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
         try:
             ds = datasets.load_dataset(loader, data_files=str(path), split="train", **kwargs)

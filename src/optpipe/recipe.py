@@ -64,7 +64,7 @@ CALIBRATION_TOKENS = 8192
 
 
 class DataSpec(Strict):
-    source: EnvStr = Field(description="builtin:calibration | builtin:evaluation | a local .txt/.jsonl/.parquet | a hub dataset")
+    source: EnvStr = Field(description="builtin:calibration | builtin:evaluation | a local .txt/.md/.jsonl/.parquet | a hub dataset")
     split: str = "train"
     text_field: str = "text"
     config_name: Optional[str] = None
