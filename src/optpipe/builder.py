@@ -127,9 +127,10 @@ def check_speed_measurable(recipe: Recipe, target, source: str) -> None:
 
 
 def quantize_intent(pass_records: list[dict]) -> list[tuple[str, int | None]]:
-    """(label, layers quantized) of every pass that quantizes, from the manifest's pass records."""
-    return [(f"passes[{i}] ({r['name']})", r["changes"].get("layers_quantized")) for i, r in enumerate(pass_records)
-            if "layers_quantized" in r["changes"]]
+    """(label, layers quantized) of every pass that quantizes, from the manifest's pass records (a quantize-int4
+    pass's `int8` part counts: on a model of few layers, `int8.edge_layers` may take every one)."""
+    return [(f"passes[{i}] ({r['name']})", (r["changes"]["layers_quantized"] or 0) + r["changes"].get(
+        "int8", {}).get("layers_quantized", 0)) for i, r in enumerate(pass_records) if "layers_quantized" in r["changes"]]
 
 
 def quality_gates(recipe: Recipe, refs: references.References, candidate, eval_windows, log=print,

@@ -129,6 +129,25 @@ def test_mixed_precision_puts_named_and_edge_layer_linears_in_int8(tmp_path):
     assert err["mixed"] < 0.5 * err["int4"], err
 
 
+def test_when_edge_layers_cover_every_layer_the_pass_counts_its_int8_layers_and_coverage_passes(tiny_llama):
+    """A 2-layer model with int8.edge_layers 2: every selected MatMul is INT8. The pass quantized them, so the
+    coverage gate's floor (each quantize pass quantized a layer) must count them, not refuse the pass as empty."""
+    from optpipe.builder import quantize_intent
+    from optpipe.gates import coverage
+    from optpipe.pipeline import PassRecord
+    from optpipe.recipe import CoverageGate
+
+    state = ModelState("onnx", onnx_model=build_decoder_graph(load(tiny_llama), ExportConfig(max_positions=256)))
+    res = QuantizeInt4(Int4Config(accuracy_level=0, int8={"edge_layers": 2})).call(state, PassContext())
+    assert res.modified and res.changes["layers_quantized"] == 0 and res.changes["int8"]["layers_quantized"] == 14
+    assert "no MatMul is in INT4: `int8` took every one this pass selected" in res.notes
+    intent = quantize_intent([PassRecord("quantize-int4", {}, 0.0, True, res.changes, res.notes).to_json()])
+    assert intent == [("passes[0] (quantize-int4)", 14)]
+    metrics = {"linears": 15, "quantized": 14, "quantized_fraction": 0.9333}
+    assert coverage.check(metrics, CoverageGate(), intent).passed
+    assert not coverage.check(metrics, CoverageGate(), [("passes[0] (quantize-int4)", 0)]).passed
+
+
 def test_mixed_precision_edge_layers_needs_to_know_the_layers(tiny_llama):
     model = load(tiny_llama)
     state = ModelState("onnx", onnx_model=build_decoder_graph(model, ExportConfig(max_positions=256)))

@@ -25,7 +25,8 @@ def check(metrics: dict, gate, intent: list[tuple[str, int | None]]) -> GateResu
     if metrics["linears"] == 0:  # the runtime cannot list its layers (e.g. IPEX's own fused modules)
         return GateResult("coverage", None, {**metrics, "reason": "the runner does not expose its layers"},
                           thresholds, [])
-    failures = [f"{label} quantized no layer (its include/exclude matched nothing): the artifact runs it in float"
+    failures = [f"{label} quantized no layer (its record's `skipped` says why: include/exclude, block size): the "
+                "artifact runs it in float"
                 for label, n in intent if not n]
     if intent and metrics["quantized"] == 0:
         failures.append(f"the recipe quantizes, but all {metrics['linears']} linears of the artifact are float")

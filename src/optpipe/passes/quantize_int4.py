@@ -70,6 +70,8 @@ class QuantizeInt4(OrtQuantizePass):
             changes["layers_skipped"] = len(changes["skipped"])
             changes["int8"] = {k: wide_changes[k] for k in wide_changes if k != "skipped"}
             notes += [f"mixed precision: {len(wide)} MatMuls in INT8 (symmetric, block {c.int8.block_size})"]
+            if not changes["layers_quantized"]:
+                notes.append("no MatMul is in INT4: `int8` took every one this pass selected")
             return PassResult(True, changes, notes + wide_notes)
         return PassResult(changes["layers_quantized"] > 0, changes, notes)
 
