@@ -68,9 +68,8 @@ def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, pref
     pass order, this CPU, the model's config/header, data files, pass options against the model and recipe."""
     recipe, source = _as_recipe(recipe, allow_plugins)
     passes = validate_pass_chain(recipe, source, allow_plugins)
+    get_target(recipe.target).preflight()  # e.g. cpu-ipex without IPEX: certain, so before any CPU measurement
     check_machine(passes, source)
-    target = get_target(recipe.target)
-    target.preflight()  # e.g. cpu-ipex without IPEX installed
     facts = preflight.check(recipe, source, passes)
     references.check(recipe, source, facts.config.get("vocab_size"))
     check_tasks(recipe, source)

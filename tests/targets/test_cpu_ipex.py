@@ -33,6 +33,23 @@ def test_missing_ipex_stops_before_loading_with_install_hint(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "art").exists()
 
 
+@pytest.mark.skipif(HAVE_IPEX, reason="checks the message shown where IPEX is missing")
+def test_missing_ipex_is_said_before_a_cpu_measurement_refuses_a_pass(tmp_path, monkeypatch, capsys):
+    """A missing backend is certain; a pass's CPU check may be a timing: the user hears the certain cause, always."""
+    from optpipe.errors import RecipeError
+    from optpipe.passes.torch_bf16 import Bf16Autocast
+
+    def measured_slow(self):
+        raise RecipeError("bf16 measured 0.97x fp32 here")
+
+    monkeypatch.setattr(Bf16Autocast, "check_machine", measured_slow)
+    recipe = write_recipe(tmp_path, ipex_recipe("/nonexistent/model", [{"name": "bf16-autocast"},
+                                                                        {"name": "ipex-optimize"}]))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "intel-extension-for-pytorch is not importable" in err and "measured" not in err
+
+
 def test_ipex_pass_is_refused_for_other_targets(tiny_llama):
     r = ipex_recipe(tiny_llama, [{"name": "ipex-optimize"}])
     r["target"] = "cpu-torch"
