@@ -18,8 +18,9 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
-from onnx import helper, numpy_helper
+from onnx_ir.passes.common import ClearMetadataAndDocStringPass, RemoveUnusedNodesPass
 
 from ..runtime.torch_modules import cache_keyword, output_cache
 
@@ -96,17 +97,16 @@ def trace(model, opset: int, shape: tuple[int, int, int]) -> onnx.ModelProto:
         program = torch.onnx.export(_FlatCache(model, layers).eval(), (ids, mask, *past), dynamo=True, opset_version=opset,
                                     input_names=["input_ids", "attention_mask", *names], output_names=outputs,
                                     dynamic_shapes=dynamic, optimize=True, verbose=False)
-    proto = program.model_proto
-    _name_weights(proto)
-    return proto
+    _name_weights(program.model)
+    return program.model_proto
 
 
 LINEAR_CLASSES = (".Linear", ".Conv1D")  # torch's, and GPT-2's transposed linear (transformers.pytorch_utils)
 
 
-def _module_of(node: onnx.NodeProto) -> str | None:
+def _module_of(node: ir.Node) -> str | None:
     """The linear module a node was traced from (its module path in the HF model), from the exporter's metadata."""
-    meta = {p.key: p.value for p in node.metadata_props}
+    meta = node.metadata_props
     try:
         scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
         classes = ast.literal_eval(meta["pkg.torch.onnx.class_hierarchy"])
@@ -117,85 +117,66 @@ def _module_of(node: onnx.NodeProto) -> str | None:
     return str(scopes[-2]).removeprefix(_WRAPPER + ".")
 
 
-def _split_gemms(graph: onnx.GraphProto, inits: dict) -> None:
+def _is_linear_gemm(node: ir.Node) -> bool:
+    a = node.attributes
+    return (node.op_type == "Gemm" and a.get_float("alpha", 1.0) == 1.0 and a.get_float("beta", 1.0) == 1.0
+            and not a.get_int("transA", 0) and node.inputs[1].is_initializer() and _module_of(node) is not None)
+
+
+def _split_gemm(graph: ir.Graph, gemm: ir.Node) -> None:
     """A Gemm of a linear module becomes MatMul + Add, the form the quantize passes rewrite: GPT-2's Conv1D traces
     to A @ B + C (B a stored [in, out] weight), an nn.Linear on 2-D hidden states (OPT's MLP) to A @ W^T + C,
     whose W^T is then stored as the module's own [in, out] weight, as a tied head's is (it was left unquantized)."""
+    x, w, *bias = gemm.inputs
+    out = gemm.outputs[0].name
     nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
-        if not (node.op_type == "Gemm" and plain and node.input[1] in inits and _module_of(node) is not None):
-            nodes.append(node)
-            continue
-        if attrs.get("transB", 0):
-            nodes.append(helper.make_node("Transpose", [node.input[1]], [node.output[0] + "/weight_t"], perm=[1, 0]))
-            node.input[1] = nodes[-1].output[0]
-        nodes.append(node)
-        out, bias = node.output[0], node.input[2] if len(node.input) > 2 else ""
-        node.op_type = "MatMul"
-        del node.attribute[:]
-        del node.input[2:]
-        if bias:
-            node.output[0] = out + "/matmul"
-            add = helper.make_node("Add", [out + "/matmul", bias], [out])
-            add.metadata_props.extend(node.metadata_props)  # the same module: named `<module>.bias_add` below
-            nodes.append(add)
-    del graph.node[:]
-    graph.node.extend(nodes)
+    if gemm.attributes.get_int("transB", 0):
+        nodes.append(ir.node("Transpose", [w], {"perm": [1, 0]}, outputs=[ir.val(out + "/weight_t")]))
+        w = nodes[-1].outputs[0]
+    meta = dict(gemm.metadata_props)  # the same module: the MatMul and the Add are named after it below
+    nodes.append(ir.node("MatMul", [x, w], outputs=[ir.val(out + "/matmul")], metadata_props=meta))
+    if bias and bias[0] is not None:
+        nodes.append(ir.node("Add", [nodes[-1].outputs[0], bias[0]], metadata_props=meta))
+    graph.insert_before(gemm, nodes)
+    ir.convenience.replace_all_uses_with(gemm.outputs[0], nodes[-1].outputs[0], replace_graph_outputs=True)
+    graph.remove(gemm, safe=True)
+    last = nodes[-1].outputs[0]
+    last.name, last.type, last.shape = out, gemm.outputs[0].type, gemm.outputs[0].shape
 
 
-def _name_weights(model: onnx.ModelProto) -> None:
+def _name_weights(model: ir.Model) -> None:
     """Rename weight MatMuls (and their bias Adds) after their modules; store each weight as `<module>.weight_t`
     ([in, out], used by that MatMul alone); materialize a transposed shared weight (a tied head) as its own copy.
     Drops the exporter's per-node metadata (stack traces of the machine that built it)."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    _split_gemms(graph, inits)
-    producer = {o: n for n in graph.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for x in n.input:
-            uses[x] = uses.get(x, 0) + 1
+    for gemm in [n for n in graph if _is_linear_gemm(n)]:
+        _split_gemm(graph, gemm)
     taken: set[str] = set()
-    dropped: set[int] = set()
-    for node in graph.node:
+    for node in graph:
         module = _module_of(node)
         if module is None:
             continue
         if node.op_type == "Add":
             node.name = module + ".bias_add"
             continue
-        if node.op_type != "MatMul" or len(node.input) != 2:
+        if node.op_type != "MatMul" or len(node.inputs) != 2:
             continue
         name = module if module not in taken else f"{module}.{len(taken)}"
         taken.add(name)
         node.name = name
-        w, weight = node.input[1], name + ".weight_t"
-        if w in inits and len(inits[w].dims) == 2 and uses.get(w) == 1:
-            inits[w].name = weight
-            node.input[1] = weight
+        w, weight = node.inputs[1], name + ".weight_t"
+        if w.is_initializer() and len(w.const_value.shape) == 2 and len(w.uses()) == 1:
+            w.name = weight
             continue
-        tr = producer.get(w)
-        if tr is not None and tr.op_type == "Transpose" and tr.input[0] in inits and len(inits[tr.input[0]].dims) == 2:
-            perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), [1, 0])
-            if perm == [1, 0]:
-                graph.initializer.append(numpy_helper.from_array(
-                    np.ascontiguousarray(numpy_helper.to_array(inits[tr.input[0]]).T), weight))
-                node.input[1] = weight
-                uses[w] -= 1
-                if uses[w] == 0:
-                    dropped.add(id(tr))
-    if dropped:
-        keep = [n for n in graph.node if id(n) not in dropped]
-        del graph.node[:]
-        graph.node.extend(keep)
-    for node in graph.node:
-        del node.metadata_props[:]
-    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
-    keep_inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits)
+        tr = w.producer()
+        src = tr.inputs[0] if tr is not None and tr.op_type == "Transpose" else None
+        if (src is not None and src.is_initializer() and len(src.const_value.shape) == 2
+                and list(tr.attributes.get_ints("perm", [1, 0])) == [1, 0]):
+            copy = ir.val(weight, const_value=ir.tensor(np.ascontiguousarray(src.const_value.numpy().T), name=weight))
+            graph.register_initializer(copy)
+            node.replace_input_with(1, copy)
+    RemoveUnusedNodesPass()(model)  # transposes now read by no one, initializers left without a reader
+    ClearMetadataAndDocStringPass()(model)
 
 
 def metadata(config, shape: tuple[int, int, int], max_positions: int) -> dict[str, str]:
