@@ -10,12 +10,13 @@ DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 
 
-def _byte_tokenizer():
+def _byte_tokenizer(reverse: bool = False):
+    """One token a byte; `reverse`: the same 256 tokens with other ids (a tokenizer that is not this one)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet, reverse=reverse))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

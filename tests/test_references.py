@@ -9,7 +9,7 @@ import optpipe
 from optpipe.cli import main
 from optpipe.errors import GateFailed, RecipeError
 
-from .conftest import DATA, FUSED_INT4, make_tiny, tiny_recipe, write_recipe
+from .conftest import DATA, FUSED_INT4, _byte_tokenizer, make_tiny, tiny_recipe, write_recipe
 
 SPEED = {"min_decode_speedup": 0.05, "prompt_tokens": 16, "new_tokens": 8, "repeats": 1, "threads": 1}
 
@@ -111,6 +111,27 @@ def test_references_that_cannot_be_trusted_are_refused_before_loading(tiny_llama
             "model": "builtin:smollm2-135m"}
     assert main(["validate", str(write_recipe(tmp_path, gguf, "g.yaml"))]) == 2
     assert "256-token vocabulary, this one has 49152" in capsys.readouterr().err
+
+
+def test_a_reference_whose_tokenizer_gives_other_ids_is_refused(tiny_llama, deployed, tmp_path, capsys):
+    """The same vocabulary size, other ids (the byte alphabet in reverse order): refused before the passes run
+    (build) and before anything is measured (gate --against)."""
+    other = tmp_path / "reordered"
+    shutil.copytree(tiny_llama, other)
+    _byte_tokenizer(reverse=True).save_pretrained(other)
+    lines: list[str] = []
+    with pytest.raises(RecipeError, match=r"gates.accuracy.reference: .*tokenizer gives 256 of this model's 256 "
+                                          r"tokens another id"):
+        optpipe.build(tiny_recipe(other, FUSED_INT4, accuracy={"reference": str(deployed)}), output=tmp_path / "x",
+                      log=lines.append)
+    assert not any(line.startswith("[1/") for line in lines), lines
+    new = tmp_path / "new"
+    optpipe.build(tiny_recipe(other, FUSED_INT4, accuracy={"max_ppl_delta_pct": 1000}, speed=SPEED), output=new,
+                  log=lambda m: None)
+    capsys.readouterr()
+    assert main(["gate", str(new), "--against", str(deployed), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--against: " in err and "another id" in err and "accuracy gate" not in err
 
 
 def test_fp32_onnx_is_refused_for_a_streaming_build(tiny_llama, tmp_path):

@@ -222,6 +222,7 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
     threads, fixed_threads = thread_setting(threads, recipe, source)
 
     model, tokenizer, checkpoint, resolved = models.open_model(recipe.model, log)
+    references.check_tokenizers(recipe, tokenizer, source)  # before minutes of passes
     config = model.config if model is not None else checkpoint.config
     reference_model = (copy.deepcopy(model) if model is not None and any(
         p.input_stage == "torch" and p.name != "export" for p in passes) else model)
@@ -334,6 +335,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
         if tokenizer is None:
             _, tokenizer, _ = models.load(recipe.model)
     windows = data.token_windows(recipe.evaluation, tokenizer, Path.cwd(), "--eval-data" if eval_data else "evaluation")
+    references.check_tokenizers(recipe, tokenizer, where, "--against" if against is not None else None)
     threads, load_note = gate_threads(threads, fixed_threads, log)
     candidate = target.load(artifact_dir, threads)
     refs = references.open_references(recipe, model=model, checkpoint=checkpoint, tokenizer=tokenizer, threads=threads,

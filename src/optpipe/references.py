@@ -50,6 +50,26 @@ def check_artifact(path: Path, where: str, vocab_size: int | None = None) -> dic
     return manifest
 
 
+def check_tokenizers(recipe: Recipe, tokenizer, source: str, where: str | None = None) -> None:
+    """Every artifact the gates compare with gives each token the id this model's tokenizer does. `check_artifact`
+    compares vocabulary sizes without loading anything; two vocabularies of one size can still differ (Llama 2's
+    and Mistral's both have 32,000 tokens), and then the same ids are other text: nothing per token compares."""
+    from .runtime.loaded import load_tokenizer
+
+    for gate, key in FIELDS:
+        value = _setting(recipe, gate, key)
+        if tokenizer is None or not is_artifact_reference(value):
+            continue
+        path = artifact_path(recipe, value)
+        theirs = load_tokenizer(path, artifact.read_manifest(path))
+        ours, other = tokenizer.get_vocab(), theirs.get_vocab() if theirs is not None else None
+        moved = sum(1 for tok, i in ours.items() if other.get(tok) != i) if other is not None else 0
+        if moved:
+            raise RecipeError(f"{where or f'{source}: gates.{gate}.{key}'}: {path}'s tokenizer gives {moved} of "
+                              f"this model's {len(ours)} tokens another id (or none): the same ids are other text "
+                              "there, so their next-token distributions cannot be compared")
+
+
 def check(recipe: Recipe, source: str, vocab_size: int | None = None) -> None:
     """What `validate` checks of the comparisons without loading weights."""
     for gate, key in FIELDS:

@@ -191,6 +191,7 @@ class Tuner:
     def refs(self, gthreads: int):
         if self._refs is None:
             model, tokenizer, checkpoint = self.loaded()
+            references.check_tokenizers(self.recipe, tokenizer, self.source)
             self._refs = references.open_references(self.recipe, model=model, checkpoint=checkpoint,
                                                     tokenizer=tokenizer, threads=gthreads,
                                                     workdir=self.store.root, log=self.log)
