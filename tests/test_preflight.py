@@ -50,6 +50,10 @@ def test_header_values_are_decoded_and_arrays_skipped(tmp_path):
     (_gguf(_kv("general.architecture", 8, _string("llama")), _kv("llama.context_length", 4, b"")), "4 bytes"),
     (_gguf(_kv("general.name", 8, _string("x"))), "names no general.architecture"),
     (_gguf(_kv("general.architecture", 99, b"")), "unknown GGUF value type 99"),
+    # llama.cpp writes OLMo 2 GGUF files; transformers cannot load them: said at validate, not after "loading model"
+    (_gguf(_kv("general.architecture", 8, _string("olmo2"))),
+     "transformers cannot read a GGUF file of architecture 'olmo2' \\(it reads .*llama.*\\): give the model's "
+     "Hugging Face directory"),
 ])
 def test_a_broken_header_is_named_under_model_source(tmp_path, data, said):
     path = tmp_path / "broken.gguf"

@@ -124,10 +124,10 @@ def load(spec, dtype: str = "float32"):
             tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(resolved.location, **{dtype_keyword(): getattr(torch, dtype)},
                                                          **kwargs)
-    except OSError as e:
-        raise ModelLoadError(f"model.source: cannot load {resolved.location}: {str(e).splitlines()[0]}") from None
-    except ValueError as e:
-        raise ModelLoadError(f"model.source: cannot load {resolved.location}: {e}") from None
+    except (OSError, ValueError) as e:  # an OSError's later lines are hub advice, which does not apply offline
+        where = Path(resolved.location) / resolved.gguf_file if resolved.gguf_file else resolved.location
+        why = str(e).splitlines()[0] if isinstance(e, OSError) else e
+        raise ModelLoadError(f"model.source: cannot load {where}: {why}") from None
     model.eval()
     if resolved.gguf_file:
         _fix_gguf(model, tokenizer)

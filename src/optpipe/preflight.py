@@ -93,6 +93,13 @@ def gguf_header(path: Path) -> dict:
         return out
 
 
+def gguf_architectures() -> set[str]:
+    """The GGUF architectures transformers can load (it dequantizes them into its own model classes)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
+
+
 def _gguf_facts(path: Path) -> ModelFacts:
     try:
         header = gguf_header(path)
@@ -101,6 +108,10 @@ def _gguf_facts(path: Path) -> ModelFacts:
     arch = header.get("general.architecture")
     if not arch:
         raise ModelLoadError(f"model.source: {path}: GGUF header names no general.architecture")
+    readable = gguf_architectures()
+    if arch not in readable:
+        raise ModelLoadError(f"model.source: {path}: transformers cannot read a GGUF file of architecture {arch!r} "
+                             f"(it reads {', '.join(sorted(readable))}): give the model's Hugging Face directory")
     ctx = header.get(f"{arch}.context_length")
     config = {"model_type": str(arch), "num_attention_heads": header.get(f"{arch}.attention.head_count"),
               "num_key_value_heads": header.get(f"{arch}.attention.head_count_kv"),
