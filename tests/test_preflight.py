@@ -62,6 +62,17 @@ def test_a_broken_header_is_named_under_model_source(tmp_path, data, said):
         preflight._gguf_facts(path)
 
 
+@pytest.mark.parametrize("arch, model_type, family", [("gemma3", "gemma3_text", "gemma3"),
+                                                      ("qwen2moe", "qwen2_moe", None), ("llama", "llama", "llama")])
+def test_a_gguf_architecture_is_read_as_the_model_type_transformers_loads_it_as(tmp_path, arch, model_type, family):
+    """llama.cpp names Gemma 3 `gemma3` and Qwen2-MoE `qwen2moe`; transformers loads them as gemma3_text and
+    qwen2_moe. validate must see what the build will load (Gemma 3 is a described family)."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(_gguf(_kv("general.architecture", 8, _string(arch))))
+    facts = preflight._gguf_facts(path)
+    assert (facts.model_type, facts.family) == (model_type, family)
+
+
 def test_smollm2_gguf_header():
     facts = preflight.model_facts(ModelSpec(source="builtin:smollm2-135m"))
     assert (facts.model_type, facts.source_kind, facts.family) == ("llama", "gguf", "llama")

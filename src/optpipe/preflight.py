@@ -93,6 +93,11 @@ def gguf_header(path: Path) -> dict:
         return out
 
 
+# GGUF architecture -> the transformers model_type its loader builds, where the names differ
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                    "minimax-m2": "minimax_m2"}
+
+
 def gguf_architectures() -> set[str]:
     """The GGUF architectures transformers can load (it dequantizes them into its own model classes)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
@@ -109,15 +114,16 @@ def _gguf_facts(path: Path) -> ModelFacts:
     if not arch:
         raise ModelLoadError(f"model.source: {path}: GGUF header names no general.architecture")
     readable = gguf_architectures()
-    if arch not in readable:
+    if arch not in readable and GGUF_MODEL_TYPES.get(arch) not in readable:
         raise ModelLoadError(f"model.source: {path}: transformers cannot read a GGUF file of architecture {arch!r} "
                              f"(it reads {', '.join(sorted(readable))}): give the model's Hugging Face directory")
     ctx = header.get(f"{arch}.context_length")
-    config = {"model_type": str(arch), "num_attention_heads": header.get(f"{arch}.attention.head_count"),
+    model_type = GGUF_MODEL_TYPES.get(arch, str(arch))
+    config = {"model_type": model_type, "num_attention_heads": header.get(f"{arch}.attention.head_count"),
               "num_key_value_heads": header.get(f"{arch}.attention.head_count_kv"),
               "sliding_window": header.get(f"{arch}.attention.sliding_window"),
               "vocab_size": int(header.get(f"{arch}.vocab_size") or header.get("tokenizer.ggml.tokens") or 0) or None}
-    return ModelFacts(str(arch), int(ctx) if ctx else None, [], "gguf", config)
+    return ModelFacts(model_type, int(ctx) if ctx else None, [], "gguf", config)
 
 
 def _config_facts(config_path: Path, kind: str) -> ModelFacts:
