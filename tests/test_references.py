@@ -132,6 +132,8 @@ def test_a_reference_whose_tokenizer_gives_other_ids_is_refused(tiny_llama, depl
     assert main(["gate", str(new), "--against", str(deployed), "--threads", "1"]) == 2
     err = capsys.readouterr().err
     assert "--against: " in err and "another id" in err and "accuracy gate" not in err
+    assert main(["gate", str(new), "--against", str(tmp_path / "nowhere")]) == 2  # not an artifact: said as before
+    assert "--against: " in capsys.readouterr().err
 
 
 def test_fp32_onnx_is_refused_for_a_streaming_build(tiny_llama, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import artifact
 from .errors import ArtifactError, RecipeError
 from .recipe import Recipe, is_artifact_reference, recipe_from_dict
-from .runtime.loaded import runner_for
+from .runtime.loaded import load_tokenizer, runner_for
 
 FIELDS = (("accuracy", "reference"), ("speed", "baseline"))
 
@@ -54,14 +54,15 @@ def check_tokenizers(recipe: Recipe, tokenizer, source: str, where: str | None =
     """Every artifact the gates compare with gives each token the id this model's tokenizer does. `check_artifact`
     compares vocabulary sizes without loading anything; two vocabularies of one size can still differ (Llama 2's
     and Mistral's both have 32,000 tokens), and then the same ids are other text: nothing per token compares."""
-    from .runtime.loaded import load_tokenizer
-
     for gate, key in FIELDS:
         value = _setting(recipe, gate, key)
         if tokenizer is None or not is_artifact_reference(value):
             continue
         path = artifact_path(recipe, value)
-        theirs = load_tokenizer(path, artifact.read_manifest(path))
+        try:
+            theirs = load_tokenizer(path, artifact.read_manifest(path))
+        except ArtifactError:  # not an artifact: open_references refuses it, naming the field
+            continue
         ours, other = tokenizer.get_vocab(), theirs.get_vocab() if theirs is not None else None
         moved = sum(1 for tok, i in ours.items() if other.get(tok) != i) if other is not None else 0
         if moved:
