@@ -266,3 +266,17 @@ def test_integer_form_carries_the_float_zero_point_in_digit_blocks(bits, nb, blo
     dropped = np.abs(values[:, :nb] - want).max()
     assert np.abs(got - want).max() < dropped / (4 if bits == 2 else 20)
     assert _quant.integer_form(_quant.rtn(want.reshape(n, -1), bits, block, "int"), bits) is not None  # no-op path
+
+
+def test_fit_blocks_keeps_what_a_block_size_divides_and_says_what_would_fit_them_all():
+    """SmolLM2's shape at block 128: the 576-wide inputs (q/k/v, gate/up) stay float, down_proj's 1536 fits."""
+    skipped = {"lm_head": "excluded by pattern 'lm_head'"}
+    fit, notes = _quant.fit_blocks({"q": 576, "up": 576, "down": 1536}, 128, skipped)
+    assert fit == {"down"}
+    assert skipped == {"lm_head": "excluded by pattern 'lm_head'", "q": "K=576 is not a multiple of block_size 128",
+                       "up": "K=576 is not a multiple of block_size 128"}
+    assert notes == ["2 of 3 selected linears stay float: input width 576 is not a multiple of block_size 128 "
+                     "(block sizes that fit every one: 16, 32, 64)"]
+    assert _quant.fit_blocks({"q": 576, "down": 1536}, 64, {}) == ({"q", "down"}, [])
+    assert _quant.fit_blocks({"odd": 100}, 32, {}, "in_features")[1] == [
+        "1 of 1 selected linears stay float: input width 100 is not a multiple of block_size 32"]

@@ -81,6 +81,24 @@ def select(names, include: list[str], exclude: list[str]) -> tuple[list[str], di
     return chosen, skipped
 
 
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def fit_blocks(widths: dict[str, int], block: int, skipped: dict[str, str], what: str = "K") -> tuple[set[str], list[str]]:
+    """The selected linears (name -> input width) a block size can quantize; the others go to `skipped` with the
+    reason, and a note says how many stay float and which block sizes would fit them all (a 576-wide model at
+    block 128 keeps every linear that reads the hidden state in float, and its gates may still pass)."""
+    misfit = {name: k for name, k in widths.items() if k % block}
+    skipped.update({name: f"{what}={k} is not a multiple of block_size {block}" for name, k in misfit.items()})
+    if not misfit:
+        return set(widths), []
+    fit = [b for b in BLOCK_SIZES if all(k % b == 0 for k in widths.values())]
+    return set(widths) - set(misfit), [
+        f"{len(misfit)} of {len(widths)} selected linears stay float: input width "
+        f"{', '.join(map(str, sorted(set(misfit.values()))))} is not a multiple of block_size {block}"
+        + (f" (block sizes that fit every one: {', '.join(map(str, fit))})" if fit else "")]
+
+
 def symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel symmetric INT8 of `w`, one scale per index of `axis` (max |w| / 127 over the others; codes in
     ±127; an all-zero channel gets scale 1): the one rounding of the int8 weight formats (TensorRT Q/DQ per output

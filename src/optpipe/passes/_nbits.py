@@ -150,13 +150,8 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     selected, skipped = select_matmuls(model, include, exclude)
     edit = GraphEdit(model)
     inits = edit.inits
-    usable = []
-    for node in selected:
-        k = inits[node.input[1]].dims[0]
-        if k % block:
-            skipped[node.name] = f"K={k} is not a multiple of block_size {block}"
-        else:
-            usable.append(node)
+    fits, notes = _quant.fit_blocks({n.name: inits[n.input[1]].dims[0] for n in selected}, block, skipped)
+    usable = [n for n in selected if n.name in fits]
     hessians, spill, rel_errors, walked = {}, None, [], {}
     lazy = any(_lazy.is_lazy(inits[n.input[1]]) for n in usable)
     act_block = block if accuracy_level == 4 else None
@@ -225,7 +220,6 @@ def quantize_matmuls(state: ModelState, ctx: PassContext, *, bits: int, block: i
     state.handoff.quantized.update({n.name: f"int{bits} {how} block{block} {scheme}" for n in usable})
     changes = {"layers_quantized": len(usable), "layers_skipped": len(skipped),
                **_quant.error_summary(rel_errors), "skipped": skipped}
-    notes = []
     if streamed and spill is not None:
         notes.append(f"{streamed} weights GPTQ-quantized layer by layer (streaming build: Hessians from the model "
                      "run one decoder layer at a time, as earlier passes left it; results kept on disk until written)")

@@ -64,13 +64,8 @@ class QdqInt4(OnnxQuantizePass):
         model = state.onnx_model
         selected, skipped = select_matmuls(model, c.include, c.exclude)
         edit = GraphEdit(model)
-        usable = []
-        for node in selected:
-            k = edit.inits[node.input[1]].dims[0]
-            if k % c.block_size:
-                skipped[node.name] = f"K={k} is not a multiple of block_size {c.block_size}"
-            else:
-                usable.append(node)
+        fit, notes = _quant.fit_blocks({n.name: edit.inits[n.input[1]].dims[0] for n in selected}, c.block_size, skipped)
+        usable = [n for n in selected if n.name in fit]
         ensure_opset(model, "", 21)
         fits = self._gptq(state, edit, usable, ctx) if c.algorithm == "gptq" and usable else {}
         how = c.algorithm + (" act-order" if c.algorithm == "gptq" and c.act_order else "") + (
@@ -80,4 +75,4 @@ class QdqInt4(OnnxQuantizePass):
         state.handoff.quantized.update({n.name: f"int4 weight-only qdq block{c.block_size} {how}" for n in usable})
         state.handoff.unquantized.update(skipped)
         return PassResult(bool(usable), {"layers_quantized": len(usable), "layers_skipped": len(skipped),
-                                         **_quant.error_summary(errors), "skipped": skipped}, [])
+                                         **_quant.error_summary(errors), "skipped": skipped}, notes)

@@ -75,13 +75,13 @@ class TorchQuantizeInt4(_TorchQuantize):
         c = self.config
         model = state.torch_model
         chosen, skipped = _select(model, c.include, c.exclude)
+        fit, notes = _quant.fit_blocks({n: linear_weight(lin).shape[1] for n, lin in chosen.items()}, c.block_size,
+                                       skipped, "in_features")
         for name, lin in list(chosen.items()):
-            out_features, in_features = linear_weight(lin).shape
-            if in_features % c.block_size:
-                skipped[name] = f"in_features={in_features} is not a multiple of block_size {c.block_size}"
-                del chosen[name]
-            elif out_features % 16:
+            out_features = linear_weight(lin).shape[0]
+            if name in fit and out_features % 16:
                 skipped[name] = f"out_features={out_features} is not a multiple of 16 (the CPU int4 kernel's packing)"
+            if name not in fit or out_features % 16:
                 del chosen[name]
         hessians = {}
         if c.algorithm == "gptq" and chosen:
@@ -102,7 +102,7 @@ class TorchQuantizeInt4(_TorchQuantize):
             set_module(model, name, mod)
             done[name] = f"int4 {c.algorithm} group{c.block_size} {scheme} (bf16 compute)"
         return PassResult(bool(done), _record(state, done, skipped, rel),
-                          ["scales and zero points are stored in bf16 (what the CPU int4 kernel takes)"])
+                          notes + ["scales and zero points are stored in bf16 (what the CPU int4 kernel takes)"])
 
 
 class TorchQuantizeInt8(_TorchQuantize):
