@@ -73,6 +73,22 @@ def test_a_gguf_architecture_is_read_as_the_model_type_transformers_loads_it_as(
     assert (facts.model_type, facts.family) == (model_type, family)
 
 
+def test_a_gguf_mixture_of_experts_is_refused_by_the_generic_export_before_loading(tmp_path, capsys):
+    """The expert count comes from the header (llama.cpp's `<arch>.expert_count`), so `validate` refuses a
+    Qwen2-MoE GGUF on the generic route as it does the model's config.json."""
+    from optpipe.cli import main
+
+    from .conftest import tiny_recipe, write_recipe
+
+    path = tmp_path / "moe.gguf"
+    path.write_bytes(_gguf(_kv("general.architecture", 8, _string("qwen2moe")), _kv("qwen2moe.expert_count", 4,
+                                                                                      struct.pack("<I", 8))))
+    assert preflight._gguf_facts(path).config["num_experts"] == 8
+    recipe = write_recipe(tmp_path, tiny_recipe(path, [{"name": "export"}, {"name": "quantize-int8"}]))
+    assert main(["validate", str(recipe)]) == 2
+    assert "a mixture of experts (8 experts)" in capsys.readouterr().err
+
+
 def test_smollm2_gguf_header():
     facts = preflight.model_facts(ModelSpec(source="builtin:smollm2-135m"))
     assert (facts.model_type, facts.source_kind, facts.family) == ("llama", "gguf", "llama")

@@ -122,6 +122,7 @@ def _gguf_facts(path: Path) -> ModelFacts:
     config = {"model_type": model_type, "num_attention_heads": header.get(f"{arch}.attention.head_count"),
               "num_key_value_heads": header.get(f"{arch}.attention.head_count_kv"),
               "sliding_window": header.get(f"{arch}.attention.sliding_window"),
+              "num_experts": header.get(f"{arch}.expert_count"),  # a mixture of experts (llama.cpp's key)
               "vocab_size": int(header.get(f"{arch}.vocab_size") or header.get("tokenizer.ggml.tokens") or 0) or None}
     return ModelFacts(model_type, int(ctx) if ctx else None, [], "gguf", config)
 
