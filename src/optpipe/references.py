@@ -54,10 +54,14 @@ def check_tokenizers(recipe: Recipe, tokenizer, source: str, where: str | None =
     """Every artifact the gates compare with gives each token the id this model's tokenizer does. `check_artifact`
     compares vocabulary sizes without loading anything; two vocabularies of one size can still differ (Llama 2's
     and Mistral's both have 32,000 tokens), and then the same ids are other text: nothing per token compares."""
+    if tokenizer is None:
+        return
+    seen: set[str] = set()
     for gate, key in FIELDS:
         value = _setting(recipe, gate, key)
-        if tokenizer is None or not is_artifact_reference(value):
+        if value in seen or not is_artifact_reference(value):  # `--against` names one artifact for both gates
             continue
+        seen.add(value)
         path = artifact_path(recipe, value)
         try:
             theirs = load_tokenizer(path, artifact.read_manifest(path))
