@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from optpipe import hw  # noqa: E402
-from optpipe.pipeline import cpu_refusal  # noqa: E402
+from optpipe.builder import cpu_refusal  # noqa: E402
 from optpipe.recipe import load_recipe  # noqa: E402
 
 

@@ -97,4 +97,4 @@ def fake_cpu(monkeypatch, flags: frozenset, bf16_speedup: float | None = None) -
 
     monkeypatch.setattr(hw, "cpu_flags", lambda: flags)
     ratio = bf16_speedup if bf16_speedup is not None else (1.7 if "avx512_bf16" in flags else 0.3)
-    monkeypatch.setattr(hw, "bf16_matmul_speedup", lambda: (ratio, ratio))  # (point, lower end of its 95% interval)
+    monkeypatch.setattr(hw, "bf16_matmul_speedup", lambda *shapes: (ratio, ratio))  # (point, lower end of its 95% interval)

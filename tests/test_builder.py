@@ -7,7 +7,7 @@ import optpipe
 from optpipe.cli import main
 from optpipe.errors import GateFailed
 
-from .conftest import DATA, FUSED_INT4, tiny_recipe, write_recipe
+from .conftest import AVX2_ONLY, AVX512_BF16, DATA, FUSED_INT4, ROOT, fake_cpu, tiny_recipe, write_recipe
 
 
 def test_build_emits_artifact_with_manifest(tiny_llama, tmp_path, capsys):
@@ -181,3 +181,16 @@ def test_sigterm_during_build_leaves_nothing_behind(tiny_llama, tmp_path):
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and "nothing was emitted" in err, (proc.returncode, err[-2000:])
     assert not out.exists() and not list(tmp_path.glob(".optpipe-staging-*"))
+
+
+@pytest.mark.parametrize("flags,refused", [(AVX2_ONLY, {"smollm2-135m-cpu-torch-bf16", "smollm2-135m-cpu-ipex-bf16",
+                                                        "smollm2-135m-cpu-ipex-int4"}),
+                                           (AVX512_BF16, set())])
+def test_shipped_recipes_this_cpu_can_build(flags, refused, monkeypatch):
+    """Only recipes that truly need bf16 are refused on an AVX2-only CPU; the INT4/INT8 ones fall back to fp32."""
+    from optpipe.builder import cpu_refusal
+    from optpipe.recipe import load_recipe
+
+    fake_cpu(monkeypatch, flags)
+    got = {p.stem for p in (ROOT / "recipes").glob("*.yaml") if cpu_refusal(load_recipe(p))}
+    assert got == refused

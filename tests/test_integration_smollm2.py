@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import optpipe
+from optpipe.builder import cpu_refusal
 from optpipe.cli import main
-from optpipe.pipeline import cpu_refusal
 from optpipe.recipe import load_recipe
 
 from .conftest import DATA, ROOT

@@ -18,7 +18,7 @@ from optpipe.pipeline import (
 )
 from optpipe.recipe import recipe_from_dict
 
-from .conftest import AVX2_ONLY, AVX512_BF16, TORCH_INT4, fake_cpu, tiny_recipe, torch_recipe
+from .conftest import TORCH_INT4, tiny_recipe, torch_recipe
 
 
 def base(**over):
@@ -112,21 +112,6 @@ def test_same_pass_name_resolves_per_target(tiny_llama):
     onnx_chain = validate_pass_chain(recipe_from_dict(tiny_recipe(tiny_llama, [{"name": "export"}, {"name": "quantize-int4"}])), "r")
     torch_chain = validate_pass_chain(recipe_from_dict(torch_recipe(tiny_llama, TORCH_INT4)), "r")
     assert onnx_chain[1].input_stage == "onnx" and torch_chain[0].input_stage == "torch"
-
-
-@pytest.mark.parametrize("flags,refused", [(AVX2_ONLY, {"smollm2-135m-cpu-torch-bf16", "smollm2-135m-cpu-ipex-bf16",
-                                                        "smollm2-135m-cpu-ipex-int4"}),
-                                           (AVX512_BF16, set())])
-def test_shipped_recipes_this_cpu_can_build(flags, refused, monkeypatch):
-    """Only recipes that truly need bf16 are refused on an AVX2-only CPU; the INT4/INT8 ones fall back to fp32."""
-    from optpipe.pipeline import cpu_refusal
-    from optpipe.recipe import load_recipe
-
-    from .conftest import ROOT
-
-    fake_cpu(monkeypatch, flags)
-    got = {p.stem for p in (ROOT / "recipes").glob("*.yaml") if cpu_refusal(load_recipe(p))}
-    assert got == refused
 
 
 def test_torch_pass_is_refused_for_onnx_target(tiny_llama):

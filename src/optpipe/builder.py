@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from . import artifact, data, htmlreport, hw, models, preflight, references
-from .errors import GateFailed, RecipeError
+from .errors import GateFailed, OptpipeError, RecipeError
 from .gates import GateResult, accuracy, coverage, generation, speed
 from .gates import tasks as task_gate
-from .pipeline import ModelState, PassContext, check_machine, run_passes, validate_pass_chain
+from .pipeline import ModelState, PassContext, check_machine, instantiate, run_passes, validate_pass_chain
 from .recipe import AccuracyGate, DataSpec, Recipe, RegressionGate, load_recipe, recipe_from_dict
 from .targets import get_target
 
@@ -69,11 +69,26 @@ def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, pref
     recipe, source = _as_recipe(recipe, allow_plugins)
     passes = validate_pass_chain(recipe, source, allow_plugins)
     get_target(recipe.target).preflight()  # e.g. cpu-ipex without IPEX: certain, so before any CPU measurement
-    check_machine(passes, source)
     facts = preflight.check(recipe, source, passes)
+    check_machine(passes, source, facts)  # may time the model's own matmul shapes, so after the facts
     references.check(recipe, source, facts.config.get("vocab_size"))
     check_tasks(recipe, source)
     return recipe, passes, facts
+
+
+def cpu_refusal(recipe) -> str | None:
+    """Why this CPU cannot build `recipe` (None: it can). For `doctor` and for tests that skip such recipes; a
+    model whose config cannot be read here is judged on a stand-in shape."""
+    source = recipe.source_path or "<recipe>"
+    try:
+        facts = preflight.model_facts(recipe.model)
+    except OptpipeError:
+        facts = None
+    try:
+        check_machine(instantiate(recipe, source), source, facts)
+    except RecipeError as e:
+        return str(e)
+    return None
 
 
 def task_paths(recipe: Recipe, source: str = "<recipe>") -> list[str]:

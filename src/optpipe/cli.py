@@ -225,7 +225,7 @@ def cmd_verify(a) -> int:
 
 def _shipped_recipes(directory: Path) -> dict[str, str | None]:
     """Recipe file -> why this CPU/environment cannot build it (None: it can)."""
-    from .pipeline import cpu_refusal
+    from .builder import cpu_refusal
     from .recipe import load_recipe
     from .targets import get_target
 

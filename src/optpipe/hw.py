@@ -54,13 +54,16 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-@lru_cache(maxsize=1)
-def bf16_matmul_speedup(rounds: int = 9, calls: int = 100) -> tuple[float, float]:
-    """fp32 time / bf16 time of a decode-shaped matmul (one token × a 1024×2048 weight, at most 2 threads): the
-    geometric mean of interleaved rounds and the lower end of its 95% interval. The flags say the bf16 instructions
-    exist, not that torch's kernels use them well: one AVX-512 BF16 Xeon (no AMX) ran it at 0.87x and the model's own
-    shapes at 0.55x, an AMX Xeon at 0.95-1.0x, where an AVX-512 BF16 EPYC decoded 1.7x faster in bf16. A decision
-    on the point alone flips between runs on a machine near 1.0x. About 0.1 s, once per process."""
+@lru_cache(maxsize=8)
+def bf16_matmul_speedup(shapes: tuple[tuple[int, int, int], ...] = ((2048, 1024, 1),),
+                        rounds: int = 9) -> tuple[float, float]:
+    """fp32 time / bf16 time of one decode step's matmuls (one token times each (out, in) weight of `shapes`, `count`
+    times; at most 2 threads): the geometric mean of interleaved rounds and the lower end of its 95% interval.
+    The flags say the bf16 instructions exist, not that torch's kernels use them well, and the shape decides: on an
+    AMX Xeon a 2048x1024 matrix ran 1.07-1.17x, SmolLM2's 576-wide ones 0.3-0.6x and 11008x4096 1.7x; an AVX-512
+    BF16 EPYC decoded SmolLM2 1.7x faster. So give the model's own shapes (`ArchDescription.decode_matmuls`); the
+    default stands in where they are unknown. A decision on the point alone flips between runs on a machine near
+    1.0x. Each shape takes about 5 ms per round and dtype; cached per `shapes`."""
     import time
 
     import torch
@@ -68,21 +71,27 @@ def bf16_matmul_speedup(rounds: int = 9, calls: int = 100) -> tuple[float, float
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
-        ratios = []
         with torch.inference_mode():
-            w32 = torch.randn(2048, 1024)
-            x32 = torch.randn(1, 1024)
-            w16, x16 = w32.bfloat16(), x32.bfloat16()
-            for x, w in ((x32, w32), (x16, w16)):  # warm both kernels
-                for _ in range(10):
-                    torch.nn.functional.linear(x, w)
-            for _ in range(rounds):
-                took = []
-                for x, w in ((x32, w32), (x16, w16)):
-                    t = time.perf_counter()
-                    for _ in range(calls):
+            cases = []
+            for out, n_in, count in shapes:
+                w32, x32 = torch.randn(out, n_in), torch.randn(1, n_in)
+                pair = ((x32, w32), (x32.bfloat16(), w32.bfloat16()))
+                for x, w in pair:  # warm both kernels
+                    for _ in range(3):
                         torch.nn.functional.linear(x, w)
-                    took.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                torch.nn.functional.linear(x32, w32)
+                calls = max(2, min(200, int(0.005 / max(time.perf_counter() - t, 1e-7))))
+                cases.append((pair, count, calls))
+            ratios = []
+            for _ in range(rounds):
+                took = [0.0, 0.0]
+                for pair, count, calls in cases:
+                    for dtype, (x, w) in enumerate(pair):
+                        t = time.perf_counter()
+                        for _ in range(calls):
+                            torch.nn.functional.linear(x, w)
+                        took[dtype] += (time.perf_counter() - t) / calls * count
                 ratios.append(took[0] / took[1])
         point, low, _ = ratio_interval(ratios)
         return point, low

@@ -138,8 +138,9 @@ class Pass:
     def call(self, state: ModelState, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def check_machine(self) -> None:
-        """Raise RecipeError when this CPU cannot build the pass as configured (run before the model loads)."""
+    def check_machine(self, facts=None) -> None:
+        """Raise RecipeError when this CPU cannot build the pass as configured (run before the model loads;
+        `facts`: the model's shape from its config or GGUF header, None where it could not be read)."""
 
     def check_recipe(self, recipe, facts, earlier: list[Pass]) -> None:
         """Raise ValueError when the pass's options do not fit the recipe or the model (`facts`: config read
@@ -340,22 +341,13 @@ def check_cache_length(n: int, recipe, limit: int | None, limit_name: str, what:
             raise ValueError(f"{what} {n} is shorter than {field_} ({k})")
 
 
-def check_machine(passes: list[Pass], source: str) -> None:
+def check_machine(passes: list[Pass], source: str, facts=None) -> None:
     """ISA-dependent refusals, before anything heavy runs (exit 2, naming the pass)."""
     for i, p in enumerate(passes):
         try:
-            p.check_machine()
+            p.check_machine(facts)
         except RecipeError as e:
             raise RecipeError(f"{source}: passes[{i}] ({p.name}): {e}") from None
-
-
-def cpu_refusal(recipe) -> str | None:
-    """Why this CPU cannot build `recipe` (None: it can). For `doctor` and for tests that skip such recipes."""
-    try:
-        check_machine(instantiate(recipe, recipe.source_path or "<recipe>"), recipe.source_path or "<recipe>")
-    except RecipeError as e:
-        return str(e)
-    return None
 
 
 def run_passes(passes: list[Pass], state: ModelState, ctx: PassContext, log=print, *, first: int = 0,

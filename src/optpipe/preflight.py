@@ -123,6 +123,10 @@ def _gguf_facts(path: Path) -> ModelFacts:
               "num_key_value_heads": header.get(f"{arch}.attention.head_count_kv"),
               "sliding_window": header.get(f"{arch}.attention.sliding_window"),
               "num_experts": header.get(f"{arch}.expert_count"),  # a mixture of experts (llama.cpp's key)
+              "hidden_size": header.get(f"{arch}.embedding_length"),
+              "head_dim": header.get(f"{arch}.attention.key_length"),
+              "intermediate_size": header.get(f"{arch}.feed_forward_length"),
+              "num_hidden_layers": header.get(f"{arch}.block_count"),
               "vocab_size": int(header.get(f"{arch}.vocab_size") or header.get("tokenizer.ggml.tokens") or 0) or None}
     return ModelFacts(model_type, int(ctx) if ctx else None, [], "gguf", config)
 

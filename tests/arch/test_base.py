@@ -75,6 +75,26 @@ def test_packed_checkpoints_have_no_member_linears():
     assert llama.layer_prefix(3) == "model.layers.3."
 
 
+@pytest.mark.parametrize("model_type", arch.supported())
+def test_decode_matmuls_are_the_models_linears(model_type):
+    """What a decode step multiplies by, from the config alone, is every nn.Linear of the model transformers builds
+    from that config (shape and count), the head included; head_dim unlike hidden/heads (Qwen3, Gemma) counts."""
+    from collections import Counter
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=96, pad_token_id=0, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears = Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    got = arch.describe(model_type).decode_matmuls(config)
+    assert {(out, n_in): count for out, n_in, count in got} == linears
+    assert arch.describe(model_type).decode_matmuls(config.to_dict()) == got  # the preflight's JSON dict alike
+    with pytest.raises(TypeError):
+        arch.describe(model_type).decode_matmuls({"hidden_size": 32, "num_attention_heads": 4})
+
+
 @pytest.mark.parametrize("config, expect", [
     ({"hidden_act": "silu"}, None),
     ({"hidden_act": "gelu"}, "MLP activation 'gelu'"),

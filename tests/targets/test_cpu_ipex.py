@@ -39,7 +39,7 @@ def test_missing_ipex_is_said_before_a_cpu_measurement_refuses_a_pass(tmp_path, 
     from optpipe.errors import RecipeError
     from optpipe.passes.torch_bf16 import Bf16Autocast
 
-    def measured_slow(self):
+    def measured_slow(self, facts=None):
         raise RecipeError("bf16 measured 0.97x fp32 here")
 
     monkeypatch.setattr(Bf16Autocast, "check_machine", measured_slow)

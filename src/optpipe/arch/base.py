@@ -5,6 +5,7 @@ activation, attention scale and soft-capping are read from the weights and confi
 instead of spelling out `self_attn.q_proj` each."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,6 +95,23 @@ class ArchDescription:
         head_dim = int(setting(config, "head_dim", 0) or setting(config, "hidden_size") // heads)
         kv_of_head = torch.arange(heads) // (heads // kv_heads)
         return (kv_of_head[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+    def decode_matmuls(self, config) -> tuple[tuple[int, int, int], ...]:
+        """(out, in, count) of the weight matrices one decoded token is multiplied by: each layer's linears and the
+        head, from the config's widths alone (to time a decode step before any weight is read). TypeError where the
+        config does not give a width."""
+        hidden, heads = int(setting(config, "hidden_size")), int(setting(config, "num_attention_heads"))
+        kv, inter = int(setting(config, "num_key_value_heads", heads)), int(setting(config, "intermediate_size"))
+        head_dim = int(setting(config, "head_dim", 0) or hidden // heads)
+        if self.packed:
+            layer = [((heads + 2 * kv) * head_dim, hidden), (2 * inter, hidden)]
+        else:
+            layer = [(heads * head_dim, hidden), (kv * head_dim, hidden), (kv * head_dim, hidden), (inter, hidden),
+                     (inter, hidden)]
+        layer += [(hidden, heads * head_dim), (hidden, inter)]  # o and down
+        head = (int(setting(config, "vocab_size")), hidden)
+        counts = Counter(layer * int(setting(config, "num_hidden_layers")) + [head])
+        return tuple((out, n_in, count) for (out, n_in), count in counts.items())
 
     @property
     def linears(self) -> tuple[str, ...]:
