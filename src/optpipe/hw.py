@@ -58,42 +58,41 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
 def bf16_matmul_speedup(shapes: tuple[tuple[int, int, int], ...] = ((2048, 1024, 1),),
                         rounds: int = 9) -> tuple[float, float]:
     """fp32 time / bf16 time of one decode step's matmuls (one token times each (out, in) weight of `shapes`, `count`
-    times; at most 2 threads): the geometric mean of interleaved rounds and the lower end of its 95% interval.
-    The flags say the bf16 instructions exist, not that torch's kernels use them well, and the shape decides: on an
-    AMX Xeon a 2048x1024 matrix ran 1.07-1.17x, SmolLM2's 576-wide ones 0.3-0.6x and 11008x4096 1.7x; an AVX-512
-    BF16 EPYC decoded SmolLM2 1.7x faster. So give the model's own shapes (`ArchDescription.decode_matmuls`); the
-    default stands in where they are unknown. A decision on the point alone flips between runs on a machine near
-    1.0x. Each shape takes about 5 ms per round and dtype; cached per `shapes`."""
+    times; at most 2 threads): the geometric mean of rounds (fp32 and bf16 interleaved) and the lower end of its 95%
+    interval, since a decision on the point flips between runs near 1.0x. The flags say the bf16 instructions exist,
+    not that torch's kernels use them well, and the shape decides: on an AMX Xeon a 2048x1024 matrix ran 1.1x,
+    SmolLM2's 576-wide ones 0.3-0.6x, 11008x4096 1.7x. A decode reads each layer's weights from memory, not from the
+    cache one matrix called again sits in, so each shape cycles through up to 256 MB of distinct copies: there
+    SmolLM2's shapes measured 0.80x (one copy: 0.59x) and its eager decode 0.84-0.90x; a 2048-wide 8-layer Llama
+    1.16-1.23x (one copy: 1.06x) and its decode 1.23x. The default shape stands in where the model's are unknown.
+    About 5 ms per shape, round and dtype; cached per `shapes`."""
     import time
 
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
+    took = [[0.0, 0.0] for _ in range(rounds)]  # per round: the step's fp32 and bf16 time
     try:
         with torch.inference_mode():
-            cases = []
-            for out, n_in, count in shapes:
-                w32, x32 = torch.randn(out, n_in), torch.randn(1, n_in)
-                pair = ((x32, w32), (x32.bfloat16(), w32.bfloat16()))
-                for x, w in pair:  # warm both kernels
-                    for _ in range(3):
+            for out, n_in, count in shapes:  # one shape at a time, in up to 256 MB of distinct fp32 copies
+                copies = max(1, min(count, 2**26 // (out * n_in)))
+                w32, x32 = [torch.randn(out, n_in) for _ in range(copies)], torch.randn(1, n_in)
+                pair = ((x32, w32), (x32.bfloat16(), [w.bfloat16() for w in w32]))
+                for x, ws in pair:  # warm both kernels
+                    for w in ws[:3]:
                         torch.nn.functional.linear(x, w)
                 t = time.perf_counter()
-                torch.nn.functional.linear(x32, w32)
-                calls = max(2, min(200, int(0.005 / max(time.perf_counter() - t, 1e-7))))
-                cases.append((pair, count, calls))
-            ratios = []
-            for _ in range(rounds):
-                took = [0.0, 0.0]
-                for pair, count, calls in cases:
-                    for dtype, (x, w) in enumerate(pair):
+                torch.nn.functional.linear(x32, w32[0])
+                calls = max(2, min(400, int(0.005 / max(time.perf_counter() - t, 1e-7))))
+                for step in took:
+                    for dtype, (x, ws) in enumerate(pair):
                         t = time.perf_counter()
-                        for _ in range(calls):
-                            torch.nn.functional.linear(x, w)
-                        took[dtype] += (time.perf_counter() - t) / calls * count
-                ratios.append(took[0] / took[1])
-        point, low, _ = ratio_interval(ratios)
+                        for i in range(calls):
+                            torch.nn.functional.linear(x, ws[i % copies])
+                        step[dtype] += (time.perf_counter() - t) / calls * count
+                del w32, pair
+        point, low, _ = ratio_interval([fp32 / bf16 for fp32, bf16 in took])
         return point, low
     finally:
         torch.set_num_threads(threads)
