@@ -49,3 +49,19 @@ def test_mixture_of_experts_weights_are_named_as_skipped_and_counted_as_float(tm
     assert skipped["model.layers.1.mlp.gate"].endswith("is not a linear layer: it stays in float")
     coverage = res.manifest["gates"]["coverage"]
     assert (coverage["linears"], coverage["quantized"]) == (13, 9), coverage  # 4 experts/routers + 8 attention + head
+
+
+def test_int4_names_each_linear_its_kernel_cannot_take(tmp_path):
+    """cpu-torch INT4 needs in_features divisible by the block and out_features by 16 (the kernel's packing): each
+    linear that fails one stays float, named with its reason in module order, and the note says which blocks fit."""
+    model = make_tiny(tmp_path / "m", "llama", intermediate_size=96, vocab_size=250)
+    recipe = torch_recipe(model, [{"name": "quantize-int4", "block_size": 64, "include": [".*"], "exclude": []}],
+                          accuracy={"max_ppl_delta_pct": 100.0})
+    record = optpipe.build(recipe, output=tmp_path / "art", log=lambda m: None).manifest["passes"][0]
+    assert list(record["changes"]["skipped"].items()) == [
+        ("model.layers.0.mlp.down_proj", "in_features=96 is not a multiple of block_size 64"),
+        ("model.layers.1.mlp.down_proj", "in_features=96 is not a multiple of block_size 64"),
+        ("lm_head", "out_features=250 is not a multiple of 16 (the CPU int4 kernel's packing)")]
+    assert record["changes"]["layers_quantized"] == 12
+    assert record["notes"][0] == ("2 of 15 selected linears stay float: input width 96 is not a multiple of block_size "
+                                  "64 (block sizes that fit every one: 16, 32)")

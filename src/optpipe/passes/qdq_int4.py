@@ -64,8 +64,9 @@ class QdqInt4(OnnxQuantizePass):
         model = state.onnx_model
         selected, skipped = select_matmuls(model, c.include, c.exclude)
         edit = GraphEdit(model)
-        fit, notes = _quant.fit_blocks({n.name: edit.inits[n.input[1]].dims[0] for n in selected}, c.block_size, skipped)
-        usable = [n for n in selected if n.name in fit]
+        widths = {n.name: edit.inits[n.input[1]].dims[0] for n in selected}
+        in_blocks, notes = _quant.fit_blocks(widths, c.block_size, skipped)
+        usable = [n for n in selected if n.name in in_blocks]
         ensure_opset(model, "", 21)
         fits = self._gptq(state, edit, usable, ctx) if c.algorithm == "gptq" and usable else {}
         how = c.algorithm + (" act-order" if c.algorithm == "gptq" and c.act_order else "") + (

@@ -77,12 +77,11 @@ class TorchQuantizeInt4(_TorchQuantize):
         chosen, skipped = _select(model, c.include, c.exclude)
         fit, notes = _quant.fit_blocks({n: linear_weight(lin).shape[1] for n, lin in chosen.items()}, c.block_size,
                                        skipped, "in_features")
-        for name, lin in list(chosen.items()):
+        for name, lin in chosen.items():  # in module order: the manifest's `skipped` keeps it
             out_features = linear_weight(lin).shape[0]
             if name in fit and out_features % 16:
                 skipped[name] = f"out_features={out_features} is not a multiple of 16 (the CPU int4 kernel's packing)"
-            if name not in fit or out_features % 16:
-                del chosen[name]
+        chosen = {name: lin for name, lin in chosen.items() if name not in skipped}
         hessians = {}
         if c.algorithm == "gptq" and chosen:
             stats = capture_inputs(model, chosen, ctx.calibration_windows(), reduce=_quant.HessianSum.reducer(),
