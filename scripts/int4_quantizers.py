@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from optpipe import data, hw, models, quant
+from optpipe.errors import OptpipeError
 from optpipe.gates import accuracy
 from optpipe.passes.awq import Awq, AwqConfig
 from optpipe.pipeline import ModelState, PassContext, run_passes
@@ -103,10 +104,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
-    threads = hw.threads(a.threads)
+    try:
+        threads = hw.threads(a.threads, "--threads")
+    except ValueError as e:
+        ap.error(str(e))
+    if "autoround" in a.methods and not hw.importable("auto_round"):
+        ap.error("--methods autoround: needs auto-round beside optpipe (pip install --no-deps auto-round py-cpuinfo)")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, tok, _ = models.load(ModelSpec(source=a.model))
+    try:
+        model, tok, _ = models.load(ModelSpec(source=a.model))
+    except OptpipeError as e:
+        ap.error(f"model: {e}")
     calib = data.token_windows(DataSpec(source="builtin:calibration", window=256, max_tokens=8192), tok, None,
                                "calibration").windows
     evaluation = data.token_windows(DataSpec(source="builtin:evaluation", window=512, max_tokens=12288), tok, None,
