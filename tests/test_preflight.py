@@ -17,8 +17,9 @@ def _kv(key: str, vtype: int, payload: bytes) -> bytes:
     return _string(key) + struct.pack("<I", vtype) + payload
 
 
-def _gguf(*kvs: bytes, version: int = 3) -> bytes:
-    return b"GGUF" + struct.pack("<IQQ", version, 0, len(kvs)) + b"".join(kvs)
+def _gguf(*kvs: bytes, version: int = 3, tensors: int = 1) -> bytes:
+    """A GGUF header announcing `tensors` tensors (their 32-byte infos stand in as zeros after the key/values)."""
+    return b"GGUF" + struct.pack("<IQQ", version, tensors, len(kvs)) + b"".join(kvs) + bytes(32 * tensors)
 
 
 def test_header_values_are_decoded_and_arrays_skipped(tmp_path):
@@ -46,8 +47,9 @@ def test_header_values_are_decoded_and_arrays_skipped(tmp_path):
 @pytest.mark.parametrize("data, said", [
     (b"GGML" + bytes(20), "not a GGUF file"),
     (_gguf(version=1), "GGUF version 1 is too old"),
-    (_gguf(_kv("general.architecture", 8, _string("llama")))[:-3], "truncated GGUF header: 5 bytes expected"),
-    (_gguf(_kv("general.architecture", 8, _string("llama")), _kv("llama.context_length", 4, b"")), "4 bytes"),
+    (_gguf(_kv("general.architecture", 8, _string("llama")), tensors=0)[:-3], "truncated GGUF header: 5 bytes expected"),
+    (_gguf(_kv("general.architecture", 8, _string("llama")), _kv("llama.context_length", 4, b""), tensors=0),
+     "4 bytes"),
     (_gguf(_kv("general.name", 8, _string("x"))), "names no general.architecture"),
     (_gguf(_kv("general.architecture", 99, b"")), "unknown GGUF value type 99"),
     # llama.cpp writes OLMo 2 GGUF files; transformers cannot load them: said at validate, not after "loading model"

@@ -20,16 +20,18 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ArtifactError, RecipeError
 from .hw import environment
+from .safeio import is_regular_file, kind_of, load_json, open_regular, parse_digest
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 HTML_REPORT = "report.html"
 SCHEMA_VERSION = 1
+MANIFEST_LIMIT = 64 << 20  # a manifest lists files and figures: megabytes at most
 
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "artifact", ArtifactError, follow_symlinks=False) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -37,9 +39,10 @@ def sha256(path: Path) -> str:
 
 def file_table(directory: Path) -> dict:
     out = {}
-    files, links = _walk(directory)
-    if links:
-        raise ArtifactError(f"{directory}: a target wrote symlinks into the artifact: {', '.join(links)}")
+    files, links, odd = _walk(directory)
+    if links or odd:
+        raise ArtifactError(f"{directory}: a target wrote symlinks or special files into the artifact: "
+                            f"{', '.join(links + odd)}")
     for rel in sorted(files - {MANIFEST}):
         p = directory / rel
         out[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
@@ -58,9 +61,12 @@ class Staging:
             raise RecipeError(f"{output}: cannot write an artifact there ({e.strerror}: {e.filename})") from None
 
     def emit(self, overwrite: bool) -> Path:
-        if self.output.exists():
+        if os.path.lexists(self.output):
             if not overwrite:
                 raise ArtifactError(f"{self.output} already exists (use --overwrite to replace it)")
+            why = overwrite_refusal(self.output)  # checked before the build too; the directory may have changed
+            if why:
+                raise ArtifactError(f"{self.output}: --overwrite refused: {why}; nothing was deleted")
             old = self.output.parent / f".optpipe-old-{self.output.name}-{uuid.uuid4().hex[:8]}"
             os.replace(self.output, old)
             os.replace(self.path, self.output)
@@ -81,6 +87,27 @@ class Staging:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def overwrite_refusal(output: Path, protected: dict[str, Path] | None = None) -> str | None:
+    """Why `--overwrite` may not replace `output` (None: it may). Only an optpipe artifact (a directory holding an
+    optpipe manifest) is ever replaced, and never one that is, or holds, a `protected` path (the model source,
+    the recipe's folder, the working directory, home)."""
+    kind = kind_of(output)
+    if kind == "symlink":
+        return "it is a symlink (an artifact is a directory)"
+    out = Path(output).resolve()
+    for label, path in (protected or {}).items():
+        path = Path(path).resolve()
+        if out == path or out in path.parents:
+            return f"it is {label} ({path})" if out == path else f"it holds {label} ({path})"
+    if kind != "dir":
+        return f"it is a {kind or 'path that cannot be read'}, not an artifact directory"
+    try:
+        read_manifest(out)
+    except ArtifactError:
+        return f"it is not an optpipe artifact (no valid {MANIFEST}): only an artifact is replaced"
+    return None
 
 
 # The flat figures a manifest's `summary` (and `build`/`gate --json`) carries, per gate.
@@ -165,16 +192,9 @@ def digest(directory: Path) -> str:
 def read_manifest(directory: Path) -> dict:
     """The manifest as a dict with a well-formed file table; any malformation is an ArtifactError (exit 4)."""
     path = Path(directory) / MANIFEST
-    if path.is_symlink() or not path.is_file():
+    if not is_regular_file(path, follow_symlinks=False):
         raise ArtifactError(f"{directory}: no {MANIFEST} (not an optpipe artifact, or an incomplete one)")
-    try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{path}: not UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: not valid JSON: {e}") from None
-    except RecursionError:
-        raise ArtifactError(f"{path}: nested too deeply to be a manifest") from None
+    manifest = load_json(path, str(directory), ArtifactError, MANIFEST_LIMIT, "manifest", follow_symlinks=False)
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: a manifest is a JSON object, not {type(manifest).__name__}")
     files = manifest.get("files")
@@ -202,9 +222,10 @@ def _bad_entry(rel: str, info) -> str | None:
     return None
 
 
-def _walk(directory: Path) -> tuple[set[str], list[str]]:
-    """Files under `directory` (relative posix paths) and the symlinks found; links are never followed."""
-    files, links = set(), []
+def _walk(directory: Path) -> tuple[set[str], list[str], list[str]]:
+    """Regular files under `directory` (relative posix paths), the symlinks found, and the special files (FIFOs,
+    sockets, devices: reading one would block or never end); links are never followed."""
+    files, links, odd = set(), [], []
     for root, dirs, names in os.walk(directory, followlinks=False):
         base = Path(root)
         for d in list(dirs):
@@ -213,32 +234,37 @@ def _walk(directory: Path) -> tuple[set[str], list[str]]:
                 dirs.remove(d)
         for n in names:
             rel = (base / n).relative_to(directory).as_posix()
-            if (base / n).is_symlink():
+            kind = kind_of(base / n)
+            if kind == "symlink":
                 links.append(rel)
-            else:
+            elif kind == "file":
                 files.add(rel)
-    return files, links
+            else:
+                odd.append(f"{rel} ({kind or 'unreadable'})")
+    return files, links, odd
 
 
-def verify(directory: Path, expected_digest: str | None = None) -> list[str]:
+def verify(directory: Path, expected_digest: str | None = None, *, hashes: bool = True) -> list[str]:
     """Problems found (empty: the manifest matches `expected_digest` when given, every file matches its recorded
-    size and sha256, nothing else is in the directory, no symlinks, and the artifact passed its gates)."""
+    size and sha256 (`hashes=False`: its size only), nothing else is in the directory, no symlinks or special files,
+    and the artifact passed its gates)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     problems = []
     if expected_digest is not None:
+        want = parse_digest(expected_digest, "--digest")
         got = digest(directory)
-        want = expected_digest if expected_digest.startswith("sha256:") else f"sha256:{expected_digest}"
-        if got != want.lower():
+        if got != want:
             problems.append(f"digest: manifest.json is {got}, expected {want} (the manifest was changed or replaced)")
-    present, links = _walk(directory)
+    present, links, odd = _walk(directory)
     problems += [f"symlink (not allowed in an artifact): {rel}" for rel in sorted(links)]
+    problems += [f"not a regular file (not allowed in an artifact): {rel}" for rel in sorted(odd)]
     recorded = manifest["files"]
     for rel, info in recorded.items():
         p = directory / rel
         if rel not in present:
             problems.append(f"missing: {rel}")
-        elif p.stat().st_size != info["bytes"] or sha256(p) != info["sha256"]:
+        elif p.stat().st_size != info["bytes"] or (hashes and sha256(p) != info["sha256"]):
             problems.append(f"modified: {rel}")
     problems += [f"unexpected file: {rel}" for rel in sorted(present - set(recorded) - {MANIFEST})]
     if manifest.get("status") != "passed":

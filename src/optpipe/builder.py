@@ -2,19 +2,31 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
-from . import artifact, data, htmlreport, hw, models, preflight, references
-from .errors import GateFailed, OptpipeError, RecipeError
+from . import artifact, data, htmlreport, hw, models, preflight, references, safeio
+from .errors import ArtifactError, GateFailed, OptpipeError, RecipeError
 from .gates import GateResult, accuracy, coverage, generation, speed
 from .gates import tasks as task_gate
-from .pipeline import ModelState, PassContext, check_machine, instantiate, run_passes, validate_pass_chain
-from .recipe import AccuracyGate, DataSpec, Recipe, RegressionGate, load_recipe, recipe_from_dict
+from .pipeline import (
+    PLUGIN_ENV,
+    ModelState,
+    PassContext,
+    check_machine,
+    check_remote_code,
+    instantiate,
+    plugins_allowed,
+    run_passes,
+    validate_pass_chain,
+)
+from .recipe import AccuracyGate, DataSpec, Recipe, RegressionGate, errors_to_message, load_recipe, recipe_from_dict
 from .targets import get_target
 
 
@@ -68,11 +80,13 @@ def check(recipe, allow_plugins: bool | None = None) -> tuple[Recipe, list, pref
     pass order, this CPU, the model's config/header, data files, pass options against the model and recipe."""
     recipe, source = _as_recipe(recipe, allow_plugins)
     passes = validate_pass_chain(recipe, source, allow_plugins)
+    check_remote_code(recipe, source, allow_plugins)
+    thread_setting(None, recipe, source)  # gates.speed.threads beyond this machine's CPUs: refused now, not at build
     get_target(recipe.target).preflight()  # e.g. cpu-ipex without IPEX: certain, so before any CPU measurement
     facts = preflight.check(recipe, source, passes)
     check_machine(passes, source, facts)  # may time the model's own matmul shapes, so after the facts
     references.check(recipe, source, facts.config.get("vocab_size"))
-    check_tasks(recipe, source)
+    check_tasks(recipe, source, allow_plugins)
     return recipe, passes, facts
 
 
@@ -106,21 +120,58 @@ def output_path(given, recipe: Recipe, source: str, overwrite: bool) -> Path:
     unset, taken (unless `overwrite`), or somewhere no directory can be written (tried, then removed)."""
     if not (given or recipe.output):
         raise RecipeError(f"{source}: output: no output path (give -o/--output or set `output:` in the recipe)")
-    out = Path(given or recipe.output)
-    if out.exists() and not overwrite:
-        raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
+    field = "-o/--output" if given else f"{source}: output"
+    out = safeio.check_path_text(str(given or recipe.output), field)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise RecipeError(f"{out} already exists (use --overwrite to replace it)")
+        why = artifact.overwrite_refusal(out, protected_paths(recipe))
+        if why:
+            raise RecipeError(f"{field}: --overwrite refused for {out}: {why}; nothing was deleted")
     artifact.Staging(out).discard()
     return out
 
 
-def check_tasks(recipe: Recipe, source: str) -> None:
-    """lm-eval is installed and knows every task the recipe gates on (before any weight is loaded)."""
+def protected_paths(recipe: Recipe) -> dict[str, Path]:
+    """What an output path may never be nor hold, whatever --overwrite says."""
+    out = {"the working directory": Path.cwd(), "your home directory": Path.home()}
+    if recipe.source_path:
+        out["the recipe's folder"] = Path(recipe.source_path).parent
+    src = recipe.model.source
+    if not src.startswith("builtin:") and os.path.lexists(Path(src).expanduser()):
+        out["the model source"] = Path(src).expanduser()
+    for name, spec in (("evaluation data", recipe.evaluation), ("calibration data", recipe.calibration)):
+        if not spec.source.startswith("builtin:") and os.path.lexists(recipe.resolve_path(spec.source)):
+            out[name] = recipe.resolve_path(spec.source)
+    return out
+
+
+def check_task_code(paths: list[str], source: str, allow_plugins: bool | None) -> None:
+    """lm-eval task YAML files may name Python (`!function module.name`), which lm-eval imports from beside the
+    file: plugin code, so it takes the plugins' opt-in."""
+    if plugins_allowed(allow_plugins):
+        return
+    for i, directory in enumerate(paths):
+        for path in sorted(Path(directory).rglob("*.y*ml")):
+            if not safeio.is_regular_file(path):
+                continue
+            text = safeio.read_head(path, 1 << 20, f"{source}: gates.accuracy.task_paths[{i}]")
+            if b"!function" in text:
+                raise RecipeError(f"{source}: gates.accuracy.task_paths[{i}]: {path} names Python code (`!function`), "
+                                  "which is not run unless allowed: pass --allow-plugins (API: allow_plugins=True) "
+                                  f"or set {PLUGIN_ENV}=1")
+
+
+def check_tasks(recipe: Recipe, source: str, allow_plugins: bool | None = None) -> None:
+    """lm-eval is installed and knows every task the recipe gates on (before any weight is loaded); task files that
+    name code need the plugins' opt-in."""
     gate = recipe.gates.accuracy
     if not gate.tasks:
         return
     if not task_gate.available():
         raise RecipeError(f"{source}: gates.accuracy.tasks: needs lm-eval ({task_gate.INSTALL_HINT})")
     paths = task_paths(recipe, source)
+    check_task_code(paths, source, allow_plugins)
     known = set(task_gate.task_manager(paths).all_tasks)
     for i, t in enumerate(gate.tasks):
         if t.name not in known:
@@ -298,6 +349,18 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def manifest_recipe(manifest: dict, where: str) -> Recipe:
+    """The recipe an artifact was built from, as its manifest records it (ArtifactError, exit 4, when absent or
+    not a recipe: a manifest is the artifact's, not the user's input)."""
+    data = manifest.get("recipe")
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: the manifest records no `recipe` (the gates it re-runs are the recipe's)")
+    try:
+        return Recipe.model_validate({**data, "source_path": manifest.get("recipe_file")})
+    except ValidationError as e:
+        raise ArtifactError(errors_to_message(f"{where}: recipe", e)) from None
+
+
 def regression_gates(recipe: Recipe, against: str, max_ppl_delta_pct: float | None = None,
                      max_decode_slowdown_pct: float | None = None) -> Recipe:
     """The recipe's gates turned into a regression check against the deployed artifact `against`: the accuracy gate's
@@ -325,7 +388,14 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
     artifact_dir = Path(artifact_dir)
     where = str(artifact_dir / artifact.MANIFEST)
     manifest = artifact.read_manifest(artifact_dir)
-    recipe = Recipe.model_validate({**manifest["recipe"], "source_path": manifest.get("recipe_file")})
+    problems = artifact.verify(artifact_dir)  # a pre-deploy check measures the bytes the manifest lists, or none
+    if problems:
+        raise ArtifactError(f"{artifact_dir}: refused before measuring: {len(problems)} problem(s):\n  "
+                            + "\n  ".join(problems))
+    recipe = manifest_recipe(manifest, where)
+    check_remote_code(recipe, where, None)  # the recorded recipe is code's word too: the same opt-ins apply
+    if recipe.gates.accuracy.tasks:
+        check_task_code(task_paths(recipe, where), where, None)
     if eval_data:
         recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
     if against is not None:

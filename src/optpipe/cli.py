@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import io
 import json
+import math
 import os
 import signal
 import sys
@@ -11,6 +15,7 @@ import traceback
 from pathlib import Path
 
 from .errors import ArtifactError, GateFailed, OptpipeError, RecipeError
+from .safeio import check_path_text, parse_digest
 
 EXIT_CODES = """exit codes:
   0  ok
@@ -77,13 +82,12 @@ def _recipe(a):
     """The recipe file, with `--model` in place of its `model.source` when given (same recipe, another model)."""
     if getattr(a, "model", None) is None:
         return a.recipe
-    from pathlib import Path
 
     from .recipe import load_recipe
 
     recipe = load_recipe(a.recipe, allow_plugins=a.allow_plugins or None)
-    path = Path(a.model).expanduser()
-    recipe.model.source = str(path.resolve()) if path.exists() else a.model
+    path = check_path_text(a.model, "--model").expanduser()
+    recipe.model.source = str(path.resolve()) if os.path.lexists(path) else a.model
     return recipe
 
 
@@ -106,8 +110,7 @@ def cmd_gate(a) -> int:
     from .builder import gate
 
     if a.against is None and (a.max_ppl_increase is not None or a.max_slowdown is not None):
-        print("optpipe gate: --max-ppl-increase and --max-slowdown are tolerances of --against", file=sys.stderr)
-        return 2
+        raise RecipeError("--max-ppl-increase and --max-slowdown are tolerances of --against: give --against DEPLOYED")
     res = gate(a.artifact, eval_data=a.eval_data, threads=a.threads, against=a.against,
                max_ppl_delta_pct=a.max_ppl_increase, max_decode_slowdown_pct=a.max_slowdown, log=_Out.log)
     if a.json:
@@ -154,6 +157,10 @@ def parse_budget(text: str | None) -> tuple[float | None, int | None]:
         elif t.endswith("h"):
             value, unit = float(t[:-1]), 60
         else:
+            value = None
+        if value is not None and not math.isfinite(value):
+            raise ValueError
+        if value is None:
             n = int(t)
             if n < 1:
                 raise ValueError
@@ -202,7 +209,7 @@ def cmd_inspect(a) -> int:
             ch = ", ".join(f"{k}={v}" for k, v in p["changes"].items() if not isinstance(v, (dict, list)))
             print(f"  pass {p['name']:<16} {p['seconds']:>7.1f}s  {ch}")
         _print_gates(m["gates"])
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ArtifactError(f"{a.artifact}: manifest lacks a field inspect needs ({type(e).__name__}: {e})") from None
     return 0
 
@@ -210,6 +217,8 @@ def cmd_inspect(a) -> int:
 def cmd_verify(a) -> int:
     from .artifact import digest, read_manifest, verify
 
+    if a.digest is not None:
+        parse_digest(a.digest, "--digest")  # malformed: exit 2 before the artifact is read
     problems = verify(Path(a.artifact), a.digest)
     n = len(read_manifest(Path(a.artifact))["files"])
     if a.json:
@@ -237,6 +246,8 @@ def _shipped_recipes(directory: Path) -> dict[str, str | None]:
             why = cpu_refusal(recipe)
         except OptpipeError as e:
             why = str(e).splitlines()[0]
+        except Exception as e:  # noqa: BLE001 - one broken recipe is one line of the report, not the end of it
+            why = f"cannot be checked: {type(e).__name__}: {e}"
         out[str(path)] = why
     return out
 
@@ -245,7 +256,9 @@ def cmd_doctor(a) -> int:
     from . import hw
 
     env = hw.environment()
-    recipes_dir = Path(a.recipes)
+    recipes_dir = check_path_text(a.recipes or "recipes", "--recipes")
+    if a.recipes is not None and not recipes_dir.is_dir():
+        raise RecipeError(f"--recipes: {recipes_dir} is not a directory of recipes")
     recipes = _shipped_recipes(recipes_dir) if recipes_dir.is_dir() else {}
     if a.json:
         _emit_json({**env, "recipes": {k: {"buildable": v is None, "reason": v} for k, v in recipes.items()}})
@@ -301,7 +314,7 @@ def parser() -> argparse.ArgumentParser:
     from . import __version__
 
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="optpipe", formatter_class=fmt,
+    p = _Parser(prog="optpipe", formatter_class=fmt,
                                 description="Build, measure and refuse optimized model artifacts.",
                                 epilog=EXIT_CODES + "\n\n" + EXAMPLES)
     p.add_argument("--version", action="version", version=f"optpipe {__version__}")
@@ -365,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
     ve.add_argument("--digest", help="the digest `build` printed (sha256:...): pins the manifest, hence every file")
     shared(ve, "json")
     d = add("doctor", cmd_doctor, "CPU ISA, cores, library versions, and which recipes this machine can build")
-    d.add_argument("--recipes", default="recipes", help="directory of recipes to check (default: ./recipes)")
+    d.add_argument("--recipes", help="directory of recipes to check (default: ./recipes, when there is one)")
     shared(d, "json")
     ps = add("passes", cmd_passes, "list the passes (built in and installed), or one pass's options")
     ps.add_argument("name", nargs="?", help="a pass name: list its options with types, defaults, descriptions")
@@ -375,12 +388,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _report_error(e: BaseException, args) -> int:
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors raised as RecipeError (exit 2), so they reach the one error path that
+    also answers --json."""
+
+    def error(self, message):
+        raise RecipeError(f"{self.prog}: {message}\n{self.format_usage().strip()}")
+
+
+def _report_error(e: BaseException, wants_json: bool) -> int:
     code = e.exit_code if isinstance(e, OptpipeError) else 1
     gates = (e.report.get("manifest") or e.report).get("gates") if isinstance(e, GateFailed) else None
-    if gates and not getattr(args, "json", False):
+    if gates and not wants_json:
         _print_gates(gates)
-    if getattr(args, "json", False):  # a refusal carries the measurements it rests on
+    if wants_json:  # a refusal carries the measurements it rests on
         _emit_json({"status": "error", "exit_code": code, "error": str(e), **({"gates": gates} if gates else {})})
     if isinstance(e, OptpipeError):
         print(f"error: {e}", file=sys.stderr)
@@ -392,40 +413,123 @@ def _report_error(e: BaseException, args) -> int:
     return code
 
 
+# An OSError naming a path the user gave (too long a name, no permission, a file where a directory must be) is the
+# input's fault: exit 2 with the path, not an internal error.
+USER_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                    errno.EROFS}
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _as_user_error(e: Exception) -> OptpipeError | None:
+    if isinstance(e, OSError) and e.errno in USER_PATH_ERRNOS and e.filename is not None:
+        return RecipeError(f"{e.filename}: {e.strerror}")
+    return None
+
+
+def _stdout_failure() -> OSError | None:
+    """The error writing to stdout raises now (/dev/full, a full disk), or None when stdout takes what it holds."""
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        return e
+    return None
+
+
+def _silence(*streams) -> None:
+    """Point streams at /dev/null, so nothing more (not even the interpreter's flush at exit) fails on them."""
+    for stream in streams:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+
+def _standard_streams() -> None:
+    """A command started with a standard stream closed (`2>&-`) still runs and says what it can: the closed
+    descriptor is taken by /dev/null (else the next file opened would become 'stderr' for every C library), and
+    Python's missing stream object is replaced."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
+def _parse(argv: list[str] | None, wants_json: bool):
+    """The parsed arguments; (None, code) when parsing ended the command (--help, --version: 0)."""
+    if not wants_json:
+        try:
+            return parser().parse_args(argv), None
+        except SystemExit as e:  # --help / --version
+            return None, int(e.code or 0)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            return parser().parse_args(argv), None
+    except SystemExit as e:  # --help or --version under --json: their text, as JSON
+        _emit_json({"status": "ok", "exit_code": int(e.code or 0), "text": text.getvalue()})
+        return None, int(e.code or 0)
+
+
+INTERRUPTING_SIGNALS = ("SIGTERM", "SIGHUP")  # `kill`, a closed terminal or SSH session: unwind like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = parser().parse_args(argv)
+    _standard_streams()
+    words = sys.argv[1:] if argv is None else list(argv)
+    wants_json = "--json" in words
     from . import progress
 
-    _Out.quiet, _Out.verbose = args.quiet, args.verbose
-    progress.set_quiet(args.quiet)
-    if not sys.stderr.isatty():  # libraries' own bars would write \r updates into logs
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     on_main = threading.current_thread() is threading.main_thread()  # signal handlers only exist there
     signalled: list[int] = []
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         signalled.append(signum)
         raise KeyboardInterrupt
 
-    if on_main:
-        # `kill` (SIGTERM) unwinds like Ctrl-C, so the staging directory is removed and nothing is half-written
-        signal.signal(signal.SIGTERM, on_sigterm)
+    handled = [getattr(signal, n) for n in INTERRUPTING_SIGNALS if hasattr(signal, n)] if on_main else []
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}  # the staging directory is then removed
     try:
-        return args.func(args)
+        try:
+            args, code = _parse(argv, wants_json)
+        except RecipeError as e:  # a usage error: exit 2, as argparse would, and as JSON under --json
+            return _report_error(e, wants_json)
+        if args is None:
+            return code
+        _Out.quiet, _Out.verbose = args.quiet, args.verbose
+        progress.set_quiet(args.quiet)
+        if not sys.stderr.isatty():  # libraries' own bars would write \r updates into logs
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        code = args.func(args)
+        failed = _stdout_failure()
+        if failed is not None:
+            raise failed
+        return code
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a Unix tool does on SIGPIPE
-        for stream in (sys.stdout, sys.stderr):  # nothing more reaches the closed pipe, not even at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        _silence(sys.stdout, sys.stderr)  # nothing more reaches the closed pipe, not even at exit
         return 141
     except Exception as e:  # noqa: BLE001 - every error ends as a message and an exit code, never a traceback
         if not signalled:  # after a signal, any error is the interrupt (a library may have wrapped it, in a pass say)
-            return _report_error(e, args)
+            failed = _stdout_failure() if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS else None
+            if failed is not None:  # the result could not be written: say so where it can still be read
+                _silence(sys.stdout)
+                print(f"error: cannot write the result to standard output: {failed.strerror}", file=sys.stderr)
+                return 2
+            return _report_error(_as_user_error(e) or e, wants_json)
     finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
         progress.set_quiet(False)
+    if wants_json:
+        _emit_json({"status": "interrupted", "exit_code": 130, "error": "interrupted; nothing was emitted"})
     print("interrupted; nothing was emitted", file=sys.stderr)
     return 130
 

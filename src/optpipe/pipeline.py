@@ -8,7 +8,6 @@ and what it provides for later passes (e.g. `fused-attention`).
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import sys
 import time
@@ -16,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import AfterValidator, ValidationError, model_validator
 
 from .errors import BuildError, RecipeError
 from .handoff import Handoff
+from .safeio import env_flag
+from .strict import StrictModel
 
 
-class PassConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class PassConfig(StrictModel):
     # old option name -> new one: an old recipe is refused with an error that names the field to write instead
     renamed: ClassVar[dict[str, str]] = {}
 
@@ -237,7 +237,18 @@ def _type_name(annotation) -> str:
 
 
 def plugins_allowed(allow: bool | None) -> bool:
-    return allow if allow is not None else os.environ.get(PLUGIN_ENV, "") not in ("", "0")
+    """The opt-in for code a recipe names: the caller's choice, else OPTPIPE_ALLOW_PLUGINS (1/true/yes/on allow,
+    0/false/no/off/empty refuse; any other value is refused as an error naming the variable)."""
+    return allow if allow is not None else env_flag(PLUGIN_ENV)
+
+
+def check_remote_code(recipe, source: str, allow: bool | None) -> None:
+    """`model.trust_remote_code: true` makes transformers import the model repository's own Python (its config's
+    auto_map): plugin code, so it takes the plugins' opt-in."""
+    if recipe.model.trust_remote_code and not plugins_allowed(allow):
+        raise RecipeError(f"{source}: model.trust_remote_code: true runs the model repository's own Python code "
+                          "(its config's auto_map), which is not run unless allowed: pass --allow-plugins (API: "
+                          f"allow_plugins=True) or set {PLUGIN_ENV}=1")
 
 
 def pass_for_target(impls: list[type[Pass]], target: str) -> type[Pass]:

@@ -19,11 +19,10 @@ from pydantic import (
 )
 
 from .errors import RecipeError
+from .safeio import check_path_text, read_bounded
+from .strict import StrictModel
 
-
-class Strict(BaseModel):
-    # NaN/inf are never a valid setting: a `.nan` threshold would switch a gate off.
-    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+Strict = StrictModel  # the base of every recipe section
 
 
 _ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -40,7 +39,12 @@ def expand_env(value: str) -> str:
             raise ValueError(f"environment variable {name} is not set and has no default")
         return default
 
-    return _ENV.sub(sub, value)
+    out = _ENV.sub(sub, value)
+    if not out.strip() and value.strip():
+        names = ", ".join(m.group(1) for m in _ENV.finditer(value))
+        raise ValueError(f"{value!r} expands to an empty value ({names} unset or empty, and no default): "
+                         "set the variable to the path")
+    return out
 
 
 EnvStr = Annotated[str, AfterValidator(expand_env)]  # a path or name that may say ${VAR:-default}
@@ -341,13 +345,19 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys (YAML would silently keep the last one)."""
 
     def construct_mapping(self, node, deep=False):
-        seen: dict = {}
+        seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: standard YAML, expanded by SafeLoader;
+                continue                                   # the mapping's own keys may override what it merges
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"a key must be a plain value (a name), not a {type(key).__name__}", key_node.start_mark)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark)
-            seen[key] = True
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -388,12 +398,12 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def load_recipe(path: str | os.PathLike, allow_plugins: bool | None = None) -> Recipe:
     """Read, parse and fully validate a recipe, including every pass's options and the pass order."""
-    path = Path(path)
-    if not path.is_file():
+    path = check_path_text(path, "recipe")
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a directory, not a recipe file (give the recipe's .yaml file)")
+    if not os.path.lexists(path):
         raise RecipeError(f"{path}: no such recipe file")
-    raw = path.read_bytes()
-    if len(raw) > 1 << 20:
-        raise RecipeError(f"{path}: {len(raw)} bytes; a recipe is a small YAML file (at most 1 MiB)")
+    raw = read_bounded(path, 1 << 20, str(path), RecipeError, "recipe (a YAML file of at most 1 MiB)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

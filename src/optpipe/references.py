@@ -43,6 +43,8 @@ def check_artifact(path: Path, where: str, vocab_size: int | None = None) -> dic
     if problems:
         raise RecipeError(f"{where}: {path} cannot be trusted as a baseline: {'; '.join(problems[:3])}")
     manifest = artifact.read_manifest(path)
+    if not isinstance((manifest.get("recipe") or {}).get("target"), str) or not isinstance(manifest.get("target"), dict):
+        raise RecipeError(f"{where}: {path}'s manifest records no recipe target (not an artifact optpipe can run)")
     theirs = (manifest.get("model") or {}).get("vocab_size")
     if vocab_size and theirs and int(theirs) != int(vocab_size):
         raise RecipeError(f"{where}: {path} was built from a model with a {theirs}-token vocabulary, this one has "

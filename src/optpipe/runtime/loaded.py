@@ -24,13 +24,19 @@ class Completion:
     extra: dict = field(default_factory=dict)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def sampler(temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Callable[[np.ndarray], int] | None:
     """None (greedy) for temperature 0; otherwise softmax(logits / T) restricted to the smallest set of tokens
     whose probability reaches `top_p`, drawn from a generator seeded by `seed` (same seed, same text)."""
-    if not (np.isfinite(temperature) and temperature >= 0):
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if not (0 < top_p <= 1):
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if not _is_real(temperature) or not (np.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not _is_real(top_p) or not (0 < top_p <= 1):
+        raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise InputError(f"seed must be None or a whole number >= 0, got {seed!r}")
     if temperature == 0:
         return None
     rng = np.random.default_rng(seed)
@@ -81,8 +87,13 @@ class ArtifactModel:
             if arr.ndim != 1:
                 raise InputError(f"token ids must be 1-D or a batch of one [1, N]; got shape {list(arr.shape)} "
                                  "(batch > 1 is not supported: run one prompt at a time)")
+            if arr.size and arr.dtype == object and all(isinstance(t, int) and not isinstance(t, bool) for t in arr):
+                bad = next(t for t in arr if not 0 <= t < (self.vocab_size or 2 ** 63))  # ints past int64
+                raise InputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
             if arr.size and not np.issubdtype(arr.dtype, np.integer):
                 raise InputError(f"token ids must be integers, got {arr.dtype}")
+            if arr.size and np.issubdtype(arr.dtype, np.unsignedinteger) and arr.max() > np.iinfo(np.int64).max:
+                raise InputError(f"token id {int(arr.max())} is outside the vocabulary [0, {self.vocab_size})")
             arr = arr.astype(np.int64)
         if arr.size == 0:
             raise InputError("the prompt is empty: at least one token is needed")
@@ -155,12 +166,19 @@ def load_tokenizer(path: Path, manifest: dict):
     sub = (manifest.get("target") or {}).get("tokenizer_dir")
     if not sub:
         return None
-    tdir = path / sub
-    if not tdir.is_dir():
+    tdir = path / str(sub)
+    root = path.resolve()
+    if not tdir.is_dir() or tdir.is_symlink() or not (tdir.resolve() == root or root in tdir.resolve().parents):
         return None
+    links = [p.name for p in tdir.iterdir() if p.is_symlink() or not (p.is_file() or p.is_dir())]
+    if links:  # a tokenizer.json pointing at /etc/passwd would be read as the tokenizer
+        raise ArtifactError(f"{tdir}: {', '.join(sorted(links))}: symlinks or special files, not the artifact's own")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(tdir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer library says of a broken file
+        raise ArtifactError(f"{tdir}: the artifact's tokenizer cannot be loaded: {type(e).__name__}: {e}") from None
 
 
 def runner_for(target: str, directory: Path, saved: dict, threads: int):
@@ -190,12 +208,12 @@ def load_artifact(artifact_dir, threads: int | None = None, *, digest: str | Non
 
     path = Path(artifact_dir)
     manifest = read_manifest(path)
-    if digest is not None:
-        problems = verify(path, digest)
-        if allow_rejected:
-            problems = [p for p in problems if not p.startswith("status:")]
-        if problems:
-            raise ArtifactError(f"{path}: refused: " + "; ".join(problems))
+    # With a digest every byte is checked; without one, what costs no hashing: no symlink, no special or
+    # unexpected file, every listed file present at its recorded size.
+    problems = [p for p in verify(path, digest, hashes=digest is not None)
+                if not p.startswith("status:")]  # the status is refused below, unless allow_rejected
+    if problems:
+        raise ArtifactError(f"{path}: refused: " + "; ".join(problems))
     if manifest.get("status") != "passed" and not allow_rejected:
         raise ArtifactError(f"{path}: status is {manifest.get('status')!r}, not 'passed': this artifact failed its "
                             "gates (load it with allow_rejected=True to inspect it)")
@@ -207,4 +225,13 @@ def load_artifact(artifact_dir, threads: int | None = None, *, digest: str | Non
     saved = manifest.get("target")
     if not isinstance(target, str) or not isinstance(saved, dict):
         raise ArtifactError(f"{path}: the manifest names no target")
-    return ArtifactModel(runner_for(target, path, saved, n), load_tokenizer(path, manifest), manifest, path)
+    from ..errors import OptpipeError
+
+    try:
+        runner = runner_for(target, path, saved, n)
+    except OptpipeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - onnxruntime's or torch's own words for a broken model file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ArtifactError(f"{path}: its {target} model cannot be loaded: {type(e).__name__}: {first}") from None
+    return ArtifactModel(runner, load_tokenizer(path, manifest), manifest, path)
