@@ -226,7 +226,8 @@ def quality_gates(recipe: Recipe, refs: references.References, candidate, eval_w
 
 
 def speed_gate(recipe: Recipe, target, refs: references.References, candidate, eval_windows, threads: int,
-               log=print, saved: dict | None = None, skip: str | None = None) -> GateResult:
+               log=print, saved: dict | None = None, skip: str | None = None,
+               adapt_threads: bool = False) -> GateResult:
     """The paired speed gate against refs.speed (not measured when the target cannot be timed here, or `skip`)."""
     g = recipe.gates.speed
     why = target.speed_unmeasurable() or skip
@@ -236,7 +237,10 @@ def speed_gate(recipe: Recipe, target, refs: references.References, candidate, e
     log(f"speed gate: {g.prompt_tokens}-token prompt, {g.new_tokens} new tokens, {g.repeats}-{g.max_repeats} paired "
         f"rounds (until the {g.decide_on} speedup decides), {threads} thread(s)")
     spd = speed.check(speed.measure(refs.speed, candidate, speed_prompt(eval_windows.windows, g.prompt_tokens),
-                                    g.new_tokens, g, threads, hw.usable_cpus()), g, threads)
+                                    g.new_tokens, g, threads, hw.usable_cpus(), adapt_threads=adapt_threads),
+                      g, threads)
+    if spd.metrics.get("threads_lowered"):
+        log(f"speed gate: other processes took CPUs mid-gate: measured at {spd.metrics['threads']} thread(s)")
     hint = target.speed_failure_hint(saved) if spd.failures else None
     if hint:
         spd.failures.append(hint)
@@ -245,11 +249,12 @@ def speed_gate(recipe: Recipe, target, refs: references.References, candidate, e
 
 def run_gates(recipe: Recipe, target, refs: references.References, candidate, eval_windows, threads: int,
               log=print, saved: dict | None = None, intent: list | None = None,
-              tokenizer=None) -> dict[str, GateResult]:
+              tokenizer=None, adapt_threads: bool = False) -> dict[str, GateResult]:
     """Every gate, candidate against `refs` (accuracy and generation against refs.accuracy, speed against
-    refs.speed)."""
+    refs.speed). `adapt_threads`: the thread count is the default, so the speed gate may lower it to the CPUs a
+    load that starts mid-gate leaves free."""
     quality = quality_gates(recipe, refs, candidate, eval_windows, log, intent, tokenizer)
-    spd = speed_gate(recipe, target, refs, candidate, eval_windows, threads, log, saved)
+    spd = speed_gate(recipe, target, refs, candidate, eval_windows, threads, log, saved, adapt_threads=adapt_threads)
     return {"accuracy": quality["accuracy"], "speed": spd, **{k: v for k, v in quality.items() if k != "accuracy"}}
 
 
@@ -327,7 +332,8 @@ def build(recipe, output: str | Path | None = None, *, keep_rejected: bool = Fal
                                           tokenizer=tokenizer, threads=gthreads, workdir=staging.path.parent, log=log)
         try:
             gates = run_gates(recipe, target, refs, candidate, eval_windows, gthreads, log, saved,
-                              quantize_intent([r.to_json() for r in records]), tokenizer)
+                              quantize_intent([r.to_json() for r in records]), tokenizer,
+                              adapt_threads=not fixed_threads)
         finally:
             refs.close()
         gates["speed"].metrics.update(load_note)
@@ -429,7 +435,7 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
                                       where="--against" if against is not None else None)
     try:
         gates = run_gates(recipe, target, refs, candidate, windows, threads, log, manifest.get("target"),
-                          quantize_intent(manifest.get("passes") or []), tokenizer)
+                          quantize_intent(manifest.get("passes") or []), tokenizer, adapt_threads=not fixed_threads)
     finally:
         refs.close()
     gates["speed"].metrics.update(load_note)

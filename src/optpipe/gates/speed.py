@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from ..hw import BackgroundLoad, ratio_interval
-from ..progress import track
+from ..progress import bar as progress_bar
 from . import GateResult
 
 IDLE_WAIT_SECONDS = 2.0  # pause after a busy round before measuring again
@@ -47,42 +47,82 @@ def _ratios(rounds: list[dict], key: str) -> list[float]:
             if r["reference"][key] and r["candidate"][key]]
 
 
+def at_threads(runner, threads: int):
+    """`runner` at another thread count, or None when it cannot change it."""
+    change = getattr(runner, "with_threads", None)
+    if change is None:
+        return None
+    try:
+        return change(threads)
+    except ValueError:
+        return None
+
+
 def measure(reference, candidate, prompt: np.ndarray, new_tokens: int, gate, threads: int, cpus: int,
-            sleep=time.sleep) -> dict:
-    """Paired rounds until every threshold is decided (or `gate.max_repeats` rounds were tried)."""
+            sleep=time.sleep, adapt_threads: bool = False) -> dict:
+    """Paired rounds until every threshold is decided (or `gate.max_repeats` rounds were tried). With
+    `adapt_threads` (the thread count is the default, not the user's), a load that starts mid-gate is met at
+    the CPUs it leaves free: both runners move to fewer threads, the rounds at the old count are set aside (a
+    ratio at one count does not pair with one at another) and measuring starts again, so a verdict is reached
+    whenever one CPU is free."""
     tokens = {n: r.generate(prompt, new_tokens).tokens for n, r in (("reference", reference), ("candidate", candidate))}
-    allowed = max(cpus - threads, 0) + gate.max_background_cpus  # others may use the CPUs the gate leaves idle
     thresholds = {"decode_s": gate.min_decode_speedup, "prefill_s": gate.min_prefill_speedup}
-    rounds, busy = [], []
+    rounds, busy, shrunk = [], [], []
+    allowed = max(cpus - threads, 0) + gate.max_background_cpus  # others may use the CPUs the gate leaves idle
 
     def too_busy(others: float | None) -> bool:
         """Record and wait out a load above what the gate allows (None: the load cannot be measured here)."""
         if others is None or others <= allowed:
             return False
         busy.append(round(others, 2))
-        sleep(IDLE_WAIT_SECONDS)
         return True
 
-    for i in track(range(gate.max_repeats), desc="speed gate", unit="round"):
-        probe = BackgroundLoad()  # a short look before measuring: a busy machine costs seconds, not whole rounds
-        sleep(PROBE_SECONDS)
-        if too_busy(probe.cpus()):
-            continue
-        load = BackgroundLoad()
-        order = (("reference", reference), ("candidate", candidate))
-        pair = {n: _run(r, prompt, new_tokens) for n, r in (order if i % 2 == 0 else order[::-1])}
-        others = load.cpus()
-        if too_busy(others):
-            continue
-        rounds.append({**pair, "background_cpus": others})
-        if len(rounds) >= gate.repeats and all(
-                verdict(ratio_interval(_ratios(rounds, k)), t, gate.decide_on) != "open"
-                for k, t in thresholds.items() if t is not None):
-            break
+    def fewer_threads(others: float) -> int | None:
+        """The thread count the load leaves room for, when it is fewer and both runners can move to it."""
+        from ..hw import threads_beside_load
+
+        n = threads_beside_load(threads, others, cpus)
+        if not adapt_threads or n >= threads:
+            return None
+        return n
+
+    attempts = 0
+    with progress_bar(gate.max_repeats, "speed gate", "round") as bar:
+        while attempts < gate.max_repeats:
+            attempts += 1
+            bar.update(1)
+            probe = BackgroundLoad()  # a short look before measuring: a busy machine costs seconds, not rounds
+            sleep(PROBE_SECONDS)
+            others = probe.cpus()
+            if not too_busy(others):
+                load = BackgroundLoad()
+                order = (("reference", reference), ("candidate", candidate))
+                pair = {n: _run(r, prompt, new_tokens) for n, r in (order if attempts % 2 else order[::-1])}
+                others = load.cpus()
+                if not too_busy(others):
+                    rounds.append({**pair, "background_cpus": others})
+                    if len(rounds) >= gate.repeats and all(
+                            verdict(ratio_interval(_ratios(rounds, k)), t, gate.decide_on) != "open"
+                            for k, t in thresholds.items() if t is not None):
+                        break
+                    continue
+            n = fewer_threads(others)
+            moved = (at_threads(reference, n), at_threads(candidate, n)) if n is not None else (None, None)
+            if None in moved:
+                sleep(IDLE_WAIT_SECONDS)
+                continue
+            shrunk.append({"from": threads, "to": n, "background_cpus": round(others, 2),
+                           "rounds_set_aside": len(rounds)})
+            reference, candidate = moved
+            threads, rounds, attempts = n, [], 0  # a fresh budget of rounds at the new count
+            allowed = max(cpus - threads, 0) + gate.max_background_cpus
+            bar.reset(total=gate.max_repeats)
     out = {"prompt_ids": [int(t) for t in prompt], "candidate_tokens": [int(t) for t in tokens["candidate"]],
            "prompt_tokens": int(prompt.size), "new_tokens": new_tokens, "threads": threads,
            "rounds": len(rounds), "rounds_busy": len(busy), "busy_background_cpus": busy,
            "allowed_background_cpus": round(allowed, 2), "decided_on": gate.decide_on}
+    if shrunk:
+        out["threads_lowered"] = shrunk
     if not rounds:
         return out
     for phase, key in (("decode", "decode_s"), ("prefill", "prefill_s")):
@@ -106,7 +146,7 @@ def _r3(x):
 
 
 def check(metrics: dict, gate, threads: int) -> GateResult:
-    thresholds = {**gate.model_dump(), "threads": threads}
+    thresholds = {**gate.model_dump(), "threads": metrics.get("threads", threads)}  # as measured (maybe lowered)
     failures, inconclusive = [], False
     if not metrics.get("rounds"):
         return GateResult("speed", False, metrics, thresholds, [

@@ -37,6 +37,11 @@ class IpexRunner:
         self.model = model
         self.threads = threads
 
+    def with_threads(self, threads: int):
+        """This runner at another thread count (torch reads the count at each call)."""
+        self.threads = threads
+        return self
+
     def logits(self, ids: np.ndarray) -> np.ndarray:
         torch.set_num_threads(self.threads)
         with torch.inference_mode(), torch.autocast("cpu", enabled=self.model.dtype == torch.bfloat16):

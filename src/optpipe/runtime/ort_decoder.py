@@ -59,6 +59,7 @@ class OnnxDecoder:
         self.ort = ort
         self.session = session
         self.layout = layout
+        self._reopen = None  # threads -> the same model in a new session (set by from_path / from_proto)
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(layout.layers) for kv in ("key", "value")]
         types = {o.name: o.type for o in list(session.get_inputs()) + list(session.get_outputs())}
@@ -76,14 +77,25 @@ class OnnxDecoder:
         meta = {p.key: p.value for p in model.metadata_props}
         sess = ort.InferenceSession(model.SerializeToString(), session_options(threads, optimize),
                                     providers=["CPUExecutionProvider"])
-        return cls(sess, _Layout.from_metadata(meta), model)
+        out = cls(sess, _Layout.from_metadata(meta), model)
+        out._reopen = lambda n: cls.from_proto(model, n, optimize)
+        return out
 
     @classmethod
     def from_path(cls, path: Path, threads: int = 1, optimize: bool = True) -> "OnnxDecoder":
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(path), session_options(threads, optimize), providers=["CPUExecutionProvider"])
-        return cls(sess, _Layout.from_metadata(sess.get_modelmeta().custom_metadata_map), Path(path))
+        out = cls(sess, _Layout.from_metadata(sess.get_modelmeta().custom_metadata_map), Path(path))
+        out._reopen = lambda n: cls.from_path(path, n, optimize)
+        return out
+
+    def with_threads(self, threads: int) -> "OnnxDecoder":
+        """The same model at another thread count: a new session (ONNX Runtime fixes the count per session)."""
+        reopen = self._reopen
+        if reopen is None:
+            raise ValueError("this decoder was built from a session; it cannot be reopened at another thread count")
+        return reopen(threads)
 
     # -- cache ---------------------------------------------------------------------------------
     def new_cache(self) -> list:

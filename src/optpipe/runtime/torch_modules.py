@@ -259,6 +259,11 @@ class TorchRunner:
         self._forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
         self._cache_kw = cache_keyword(model.forward)
 
+    def with_threads(self, threads: int):
+        """This runner at another thread count (torch reads the count at each call)."""
+        self.threads = threads
+        return self
+
     def logits(self, ids: np.ndarray) -> np.ndarray:
         torch.set_num_threads(self.threads)
         with torch.inference_mode():

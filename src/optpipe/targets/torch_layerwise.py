@@ -24,6 +24,11 @@ class LayerwiseReference:
         self.threads = threads
         self.config = self.layers.config
 
+    def with_threads(self, threads: int):
+        """This runner at another thread count (torch reads the count at each call)."""
+        self.threads = threads
+        return self
+
     def _forward(self, ids: torch.Tensor, cache, past: int) -> torch.Tensor:
         m = self.layers
         h = m.embed(ids)
