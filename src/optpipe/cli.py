@@ -435,6 +435,14 @@ def _stdout_failure() -> OSError | None:
     return None
 
 
+def _raised_by_a_print_here(e: BaseException) -> bool:
+    """The error came from this module's own writing (its `print`s: stdout or stderr), not from a build's I/O."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == __name__
+
+
 def _silence(*streams) -> None:
     """Point streams at /dev/null, so nothing more (not even the interpreter's flush at exit) fails on them."""
     for stream in streams:
@@ -518,10 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except Exception as e:  # noqa: BLE001 - every error ends as a message and an exit code, never a traceback
         if not signalled:  # after a signal, any error is the interrupt (a library may have wrapped it, in a pass say)
-            failed = _stdout_failure() if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS else None
-            if failed is not None:  # the result could not be written: say so where it can still be read
-                _silence(sys.stdout)
-                print(f"error: cannot write the result to standard output: {failed.strerror}", file=sys.stderr)
+            if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS and _raised_by_a_print_here(e):
+                _silence(sys.stdout)  # the result could not be written: say so where it can still be read
+                print(f"error: cannot write the result to standard output: {e.strerror}", file=sys.stderr)
                 return 2
             return _report_error(_as_user_error(e) or e, wants_json)
     finally:

@@ -56,7 +56,7 @@ def resolve(source: str, gguf_file: str | None = None) -> ResolvedModel:
     if path.is_dir():
         if gguf_file:
             return ResolvedModel("gguf", str(path.resolve()), gguf_file)
-        if not (path / "config.json").is_file():
+        if not os.path.lexists(path / "config.json"):  # present but not a file: the config reader says what it is
             raise ModelLoadError(f"model.source: {path} has no config.json (not a Hugging Face model directory)")
         return ResolvedModel("hf-dir", str(path.resolve()))
     if source.startswith(("/", "./", "../", "~")) or os.sep in source.strip("/").split("/", 1)[-1]:

@@ -184,14 +184,14 @@ def _gguf_facts(path: Path) -> ModelFacts:
     arch = header.get("general.architecture")
     if not arch:
         raise ModelLoadError(f"model.source: {path}: GGUF header names no general.architecture")
+    if not isinstance(arch, str):
+        raise ModelLoadError(f"model.source: {path}: general.architecture must be text, not {arch!r}")
     readable = gguf_architectures()
     if arch not in readable and GGUF_MODEL_TYPES.get(arch) not in readable:
         raise ModelLoadError(f"model.source: {path}: transformers cannot read a GGUF file of architecture {arch!r} "
                              f"(it reads {', '.join(sorted(readable))}): give the model's Hugging Face directory")
     if not header["__tensor_count__"]:
         raise ModelLoadError(f"model.source: {path}: the GGUF file holds no tensors (a header without weights)")
-    if not isinstance(arch, str):
-        raise ModelLoadError(f"model.source: {path}: general.architecture must be text, not {arch!r}")
     where = f"model.source: {path}: GGUF header"
     ctx = positive_int(header, f"{arch}.context_length", where)
     for key in ("attention.head_count", "attention.head_count_kv", "attention.sliding_window", "expert_count",

@@ -2,15 +2,17 @@
 unknown keys, NaN/inf and booleans given for numbers are refused, each with the field's name."""
 from __future__ import annotations
 
-from typing import get_args
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 
 def _mentions(annotation, types: tuple) -> bool:
-    """`annotation` is one of `types`, also inside Optional/Annotated/Union/Literal."""
+    """`annotation` is one of `types`, also inside Optional/Annotated/Union, or a Literal of such values."""
     if annotation in types:
         return True
+    if get_origin(annotation) is Literal:
+        return any(type(a) in types for a in get_args(annotation))
     return any(_mentions(a, types) for a in get_args(annotation) if isinstance(a, type) or get_args(a))
 
 
