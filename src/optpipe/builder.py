@@ -403,7 +403,11 @@ def gate(artifact_dir: str | Path, eval_data: str | None = None, threads: int | 
     if recipe.gates.accuracy.tasks:
         check_task_code(task_paths(recipe, where), where, None)
     if eval_data:
-        recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
+        try:
+            recipe.evaluation = DataSpec(**{**recipe.evaluation.model_dump(), "source": eval_data})
+        except ValidationError as e:
+            raise RecipeError(errors_to_message("--eval-data", e)) from None
+        preflight.check_data(recipe.evaluation, Path.cwd(), "--eval-data")  # a FIFO or binary: refused before loading
     if against is not None:
         against = str(Path(against).expanduser().resolve())
         try:

@@ -47,12 +47,25 @@ def expand_env(value: str) -> str:
     return out
 
 
-EnvStr = Annotated[str, AfterValidator(expand_env)]  # a path or name that may say ${VAR:-default}
+def _path_text(value: str) -> str:
+    """A path the operating system can name: not empty, no NUL byte, no component over 255 bytes."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    try:
+        check_path_text(value, "path")
+    except RecipeError as e:
+        raise ValueError(str(e).removeprefix("path: ")) from None
+    return value
+
+
+EnvStr = Annotated[str, AfterValidator(expand_env), AfterValidator(_path_text)]  # a path or name; may say ${VAR}
+PathStr = Annotated[str, AfterValidator(_path_text)]
 
 
 class ModelSpec(Strict):
     source: EnvStr = Field(description="builtin:smollm2-135m, a local HF directory, a .gguf file, or a hub id")
-    gguf_file: Optional[str] = None
+    gguf_file: Optional[str] = Field(None, pattern=r"^[^/\\]+\.gguf$",
+                                     description="the .gguf file inside the directory `source` names (a file name)")
     trust_remote_code: bool = False
     revision: Optional[str] = None
     streaming: bool = Field(False, description="read a local safetensors checkpoint tensor by tensor (models larger "
@@ -88,7 +101,7 @@ def _reference(v: str) -> str:
     v = expand_env(v.strip())
     if not v:
         raise ValueError(f"must be {' | '.join(BUILTIN_REFERENCES)} | the path of an artifact directory")
-    return v
+    return _path_text(v)
 
 
 Reference = Annotated[str, AfterValidator(_reference)]
@@ -121,7 +134,7 @@ class AccuracyGate(Strict):
     min_top1_agreement: Optional[float] = Field(None, ge=0, le=1)
     tasks: list[TaskGate] = Field(default_factory=list, description="lm-evaluation-harness tasks gated on their "
                                                                     "paired drop (needs optpipe[lmeval])")
-    task_paths: list[str] = Field(default_factory=list, description="directories of task YAML files (relative: "
+    task_paths: list[PathStr] = Field(default_factory=list, description="directories of task YAML files (relative: "
                                                                     "beside the recipe); only these are indexed")
 
 
@@ -261,7 +274,7 @@ class PassSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
-    path: Optional[str] = None
+    path: Optional[PathStr] = None
 
     @property
     def options(self) -> dict[str, Any]:
@@ -277,8 +290,8 @@ class Recipe(Strict):
     calibration: DataSpec = DataSpec(source="builtin:calibration", window=256)
     evaluation: DataSpec = DataSpec(source="builtin:evaluation")
     gates: Gates = Gates()
-    output: Optional[str] = None
-    seed: int = 0
+    output: Optional[PathStr] = None
+    seed: int = Field(0, ge=0, le=2 ** 32 - 1, description="seeds numpy, torch and the samplers (a 32-bit value)")
     search: Optional[SearchSpec] = Field(None, description="`optpipe tune` only: options to vary (build ignores it)")
 
     # Where the recipe came from; relative paths (plugins, data files) resolve against it.

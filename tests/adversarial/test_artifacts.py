@@ -252,3 +252,30 @@ def test_a_reference_artifact_holding_a_fifo_is_refused_without_blocking(field, 
     recipe["gates"]["accuracy" if field == "reference" else "speed"][field] = str(art)
     run_cli(capsys, ["validate", str(write(tmp_path / "r.yaml", recipe))], 2,
             rf"gates\.(accuracy|speed)\.{field}: .*not a regular file")
+
+
+EVAL_DATA = {
+    "fifo": (lambda p: os.mkfifo(p), r"--eval-data\.source: .*is a FIFO"),
+    "binary": (lambda p: p.write_bytes(os.urandom(4096) + b"\0"), r"--eval-data\.source: .*(NUL byte|not UTF-8)"),
+    "missing": (lambda p: None, r"--eval-data\.source: file .* not found"),
+    "empty": (lambda p: p.write_bytes(b""), r"--eval-data\.source: .* is empty"),
+    "unset-variable": (None, r"--eval-data: source: environment variable OPTPIPE_NO_SUCH_VAR is not set"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_DATA))
+def test_gate_eval_data_that_is_not_text_is_exit_2_before_measuring(name, art, tmp_path, capsys, monkeypatch):
+    make, said = EVAL_DATA[name]
+    path = tmp_path / "eval.txt"
+    if make is not None:
+        make(path)
+    monkeypatch.setattr(builder, "run_gates", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(builder.models, "open_model", lambda *a, **k: pytest.fail("loaded a model"))
+    given = "${OPTPIPE_NO_SUCH_VAR}" if make is None else str(path)
+    run_cli(capsys, ["gate", str(art), "--eval-data", given], 2, said)
+
+
+@pytest.mark.parametrize("value", [None, 5, ["a"], {"a": 1}])
+def test_load_of_something_that_is_not_a_path_is_an_input_error(value):
+    with pytest.raises(optpipe.InputError, match="must be a path"):
+        optpipe.load(value)

@@ -110,3 +110,8 @@ def test_doctor_reports_every_recipe_of_a_folder_even_broken_ones(tiny_llama, tm
     assert got["a-good.yaml"]["buildable"] and got["e-good.yaml"]["buildable"]
     assert all(not got[k]["buildable"] and got[k]["reason"] for k in ("b-complex-key.yaml", "c-bad-type.yaml",
                                                                        "d-directory.yaml"))
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_tune_ray_workers_below_one_is_exit_2(workers, paths, capsys):
+    run_cli(capsys, ["tune", str(paths[0]), "--ray-workers", workers], 2, r"--ray-workers: must be a whole number >= 1")

@@ -277,3 +277,10 @@ def test_lm_eval_task_code_needs_the_opt_in(tiny_llama, tmp_path, capsys, monkey
     recipe["gates"]["accuracy"]["task_paths"] = [str(tasks)]
     run_cli(capsys, ["validate", str(write(tmp_path / "r.yaml", recipe))], 2,
             r"task_paths\[0\]: .*t\.yaml names Python code \(`!function`\)")
+
+
+@pytest.mark.parametrize("gguf_file", ["../../etc/passwd", "/etc/passwd", "sub/m.gguf", "m.bin", ""])
+def test_gguf_file_must_name_a_gguf_file_inside_the_model_directory(gguf_file, tiny_llama, tmp_path, capsys):
+    recipe = base_recipe(tiny_llama)
+    recipe["model"] = {"source": str(tmp_path), "gguf_file": gguf_file}
+    run_cli(capsys, ["validate", str(write(tmp_path / "r.yaml", recipe))], 2, r"model\.gguf_file")

@@ -178,3 +178,37 @@ def test_every_yes_allows_plugins(value, tiny_llama, tmp_path, capsys, monkeypat
     monkeypatch.setenv("OPTPIPE_ALLOW_PLUGINS", value)
     run_cli(capsys, ["validate", str(file)], 0, json_too=False)
     assert marker.exists()
+
+
+PATH_FIELDS = {  # a path field given a value no filesystem can name
+    "model": (("model",), r"model(\.source)?"),
+    "evaluation": (("evaluation", "source"), r"evaluation\.source"),
+    "calibration": (("calibration", "source"), r"calibration\.source"),
+    "output": (("output",), r"output"),
+    "reference": (("gates", "accuracy", "reference"), r"gates\.accuracy\.reference"),
+    "baseline": (("gates", "speed", "baseline"), r"gates\.speed\.baseline"),
+    "task-path": (("gates", "accuracy", "task_paths"), r"gates\.accuracy\.task_paths"),
+    "plugin": (("passes", 4), r"passes\[4\]\.path"),
+}
+BAD_PATHS = {"nul": "a\0b", "long-component": "/tmp/" + "y" * 300 + "/m", "empty": ""}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_PATHS))
+@pytest.mark.parametrize("field", sorted(PATH_FIELDS))
+def test_a_path_no_filesystem_can_name_is_refused_naming_the_field(field, bad, tiny_llama, tmp_path, capsys):
+    path, said = PATH_FIELDS[field]
+    value = BAD_PATHS[bad]
+    recipe = base_recipe(tiny_llama)
+    if field == "task-path":
+        value = [value]
+    if field == "plugin":
+        recipe["passes"].append({"name": "embedding-fp16", "path": value})
+    else:
+        set_path(recipe, path, value)
+    run_cli(capsys, ["validate", str(write(tmp_path / "r.yaml", recipe)), "--allow-plugins"], 2, said)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 2 ** 70])
+def test_a_seed_outside_32_bits_is_refused(seed, tiny_llama, tmp_path, capsys):
+    run_cli(capsys, ["validate", str(write(tmp_path / "r.yaml", {**base_recipe(tiny_llama), "seed": seed}))], 2,
+            r"seed")

@@ -2,6 +2,7 @@
 compute starts (ids in range, batch 1, room in the static cache), text in and text out, streaming, sampling."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -206,6 +207,8 @@ def load_artifact(artifact_dir, threads: int | None = None, *, digest: str | Non
     from .. import hw
     from ..artifact import read_manifest, verify
 
+    if not isinstance(artifact_dir, (str, os.PathLike)):
+        raise InputError(f"artifact_dir must be a path, not {type(artifact_dir).__name__}")
     path = Path(artifact_dir)
     manifest = read_manifest(path)
     # With a digest every byte is checked; without one, what costs no hashing: no symlink, no special or

@@ -457,6 +457,9 @@ def tune(recipe, output=None, *, cache_dir=None, budget_minutes: float | None = 
     `ray`: builds and output-comparing gates run on Ray workers first (tune/distributed.py; a local Ray unless
     `ray_address`); speed is then measured here, one candidate at a time."""
     t_start = time.perf_counter()
+    if ray_workers is not None and (isinstance(ray_workers, bool) or not isinstance(ray_workers, int)
+                                    or ray_workers < 1):
+        raise RecipeError(f"--ray-workers: must be a whole number >= 1, got {ray_workers!r}")
     tuner = Tuner(recipe, cache_dir=cache_dir, threads=threads, allow_plugins=allow_plugins, log=log,
                   emit=(output, overwrite))
     r, source, out = tuner.recipe, tuner.source, tuner.out
