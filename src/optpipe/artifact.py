@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ArtifactError, RecipeError
 from .hw import environment
+from .runtime.storage import STORAGE_COLUMNS, storage_rows
 from .safeio import is_regular_file, kind_of, load_json, open_regular, parse_digest
 
 MANIFEST = "manifest.json"
@@ -116,7 +117,7 @@ SUMMARY_KEYS = {
                  "ppl_reference", "ppl_candidate"),
     "speed": ("decode_speedup", "decode_speedup_ci95", "prefill_speedup", "candidate_decode_tok_s",
               "reference_decode_tok_s", "rounds", "rounds_busy"),
-    "coverage": ("linears", "quantized", "quantized_fraction"),
+    "coverage": ("linears", "quantized", "quantized_fraction", "bits_per_weight", "bits_per_weight_layers"),
     "generation": ("mean_first_divergence", "teacher_forced_agreement", "repetition_candidate", "repetition_reference"),
     "tasks": ("tasks",),
 }
@@ -289,11 +290,16 @@ def render_report(m: dict) -> str:
             continue
         lines += ["", f"## Gate: {gname} — {g['status']}", ""]
         for k, v in g.items():
-            if k in ("status", "passed", "thresholds", "failures", "runs", "runs_columns", "layers") or \
+            if k in ("status", "passed", "thresholds", "failures", "runs", "runs_columns", "layers", "storage") or \
                     (isinstance(v, list) and not k.endswith("_ci95")):
                 continue
             lines.append(f"- {k}: {v}")
         lines.append(f"- thresholds: {json.dumps(g['thresholds'])}")
         for f in g["failures"]:
             lines.append(f"- **FAILED**: {f}")
+    storage = (m["gates"].get("coverage") or {}).get("storage")
+    if storage:
+        lines += ["", f"## Storage: {storage['bits_per_weight']} bits per weight", "",
+                  "| " + " | ".join(STORAGE_COLUMNS) + " |", "|" + "---|" * len(STORAGE_COLUMNS)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in storage_rows(storage)]
     return "\n".join(lines) + "\n"

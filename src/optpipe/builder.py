@@ -204,7 +204,8 @@ def quality_gates(recipe: Recipe, refs: references.References, candidate, eval_w
     may spread over workers."""
     reference = refs.accuracy
     log("coverage gate: the precision every linear of the artifact runs in")
-    cov = coverage.check(coverage.measure(candidate.precisions()), recipe.gates.coverage, intent or [])
+    cov = coverage.check(coverage.measure(candidate.precisions(), coverage.storage_of(candidate)),
+                         recipe.gates.coverage, intent or [])
     log(f"accuracy gate: candidate vs {refs.labels['accuracy']} on the evaluation text")
     acc = accuracy.check(accuracy.compare(reference, candidate, eval_windows.windows), recipe.gates.accuracy)
     gen_gate = recipe.gates.generation

@@ -62,6 +62,17 @@ def _print_gates(gates: dict) -> None:
             print(f"  FAILED: {f}")
 
 
+def _print_storage(storage: dict | None) -> None:
+    if not storage:
+        return
+    from .runtime.storage import storage_rows
+
+    print(f"storage: {storage['bits_per_weight']} bits per weight ({storage['bytes'] / 1e6:.1f} MB over "
+          f"{storage['parameters']} parameters; {storage['bits_per_weight_layers']} in the weight layers)")
+    for name, layers, params, mb, bpw in storage_rows(storage)[:-1]:
+        print(f"  {name:<46} {layers!s:>5} {params!s:>12} {mb!s:>9} MB  {bpw!s:>7} bits/weight")
+
+
 MODEL_HELP = ("build this model instead of the recipe's `model.source`: a directory, a .gguf file, a hub id in the local "
               "cache, or builtin:NAME (the recipe's passes and gates unchanged)")
 
@@ -209,6 +220,7 @@ def cmd_inspect(a) -> int:
             ch = ", ".join(f"{k}={v}" for k, v in p["changes"].items() if not isinstance(v, (dict, list)))
             print(f"  pass {p['name']:<16} {p['seconds']:>7.1f}s  {ch}")
         _print_gates(m["gates"])
+        _print_storage((m["gates"].get("coverage") or {}).get("storage"))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ArtifactError(f"{a.artifact}: manifest lacks a field inspect needs ({type(e).__name__}: {e})") from None
     return 0

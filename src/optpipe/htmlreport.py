@@ -13,6 +13,8 @@ import json
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from .runtime.storage import STORAGE_COLUMNS, storage_rows
+
 STATUS_COLOURS = {"passed": "#2a9d8f", "rejected": "#e76f51", "screened": "#8d99ae"}
 PARETO_TRACE = "Pareto front"
 
@@ -138,7 +140,16 @@ def _artifact_parts(m: dict, first: bool) -> list[str]:
             f"model {_esc(m['recipe']['model']['source'])}; compared with {_esc(m.get('reference'))}; speed "
             f"baseline {_esc(m.get('speed_baseline'))}</p>",
             "<h2>Gates</h2>", _table(["gate", "status", "figures", "failures"], _gate_rows(m["gates"])),
+            *_storage_parts(m),
             "<h2>Passes</h2>", _figure(timeline_figure(m["passes"]), "timeline", first)]
+
+
+def _storage_parts(m: dict) -> list[str]:
+    storage = (m["gates"].get("coverage") or {}).get("storage")
+    if not storage:
+        return []
+    return [f"<h2>Storage: {_esc(storage['bits_per_weight'])} bits per weight</h2>",
+            _table(STORAGE_COLUMNS, storage_rows(storage))]
 
 
 def render_build(manifest: dict) -> str:

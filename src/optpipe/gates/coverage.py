@@ -8,14 +8,26 @@ from . import GateResult
 FLOAT = ("float", "bfloat16", "float16", "float32", "float64")
 
 
-def measure(precisions: dict[str, str]) -> dict:
+def measure(precisions: dict[str, str], storage: dict | None = None) -> dict:
+    """What runs in which precision, and (`storage`, when the runner can read it) what it stores: bits per weight
+    overall and per tensor class, bytes per precision (runtime/storage.py)."""
     by: dict[str, int] = {}
     for p in precisions.values():
         by[p] = by.get(p, 0) + 1
     n = len(precisions)
     q = sum(c for p, c in by.items() if not p.startswith(FLOAT))
-    return {"linears": n, "quantized": q, "quantized_fraction": round(q / n, 4) if n else None,
-            "by_precision": dict(sorted(by.items())), "layers": dict(sorted(precisions.items()))}
+    out = {"linears": n, "quantized": q, "quantized_fraction": round(q / n, 4) if n else None,
+           "by_precision": dict(sorted(by.items())), "layers": dict(sorted(precisions.items()))}
+    if storage is not None:
+        out["bits_per_weight"] = storage["bits_per_weight"]
+        out["bits_per_weight_layers"] = storage["bits_per_weight_layers"]
+        out["storage"] = storage
+    return out
+
+
+def storage_of(runner) -> dict | None:
+    read = getattr(runner, "storage", None)
+    return read() if read is not None else None
 
 
 def check(metrics: dict, gate, intent: list[tuple[str, int | None]]) -> GateResult:

@@ -43,6 +43,11 @@ class Runner(Protocol):
     def precisions(self) -> dict[str, str]:
         """Every weight matmul (linear) of the artifact with the precision it runs in, e.g. "int4", "float32"."""
 
+    def with_threads(self, threads: int) -> "Runner":
+        """This runner at another thread count (the speed gate's answer to a load that starts mid-gate)."""
+
+    # optional: storage() -> dict, the bytes and bits per weight it stores (runtime/storage.py); None if absent
+
 
 def greedy(logits_row: np.ndarray) -> int:
     return int(np.argmax(logits_row))

@@ -156,10 +156,19 @@ class OnnxDecoder:
     def max_length(self) -> int:
         return self.layout.max_length
 
-    def precisions(self) -> dict[str, str]:
-        model = self._graph if isinstance(self._graph, onnx.ModelProto) else \
+    def _header(self) -> onnx.ModelProto:
+        """The graph without its weights (tensor headers only)."""
+        return self._graph if isinstance(self._graph, onnx.ModelProto) else \
             onnx.load(str(self._graph), load_external_data=False)
-        return graph_precisions(model)
+
+    def precisions(self) -> dict[str, str]:
+        return graph_precisions(self._header())
+
+    def storage(self) -> dict:
+        """Bytes and bits per weight of what the graph stores (runtime/storage.py)."""
+        from .storage import onnx_storage
+
+        return onnx_storage(self._header())
 
     def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
                  pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:

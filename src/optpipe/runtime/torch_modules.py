@@ -289,6 +289,12 @@ class TorchRunner:
     def precisions(self) -> dict[str, str]:
         return module_precisions(self.model)
 
+    def storage(self) -> dict:
+        """Bytes and bits per weight of the modules as this runtime holds them (runtime/storage.py)."""
+        from .storage import torch_storage
+
+        return torch_storage(self.model)
+
     def generate(self, ids: np.ndarray, max_new_tokens: int, eos_token_id: int | None = None,
                  pick: Pick | None = None, on_token: OnToken | None = None) -> Generation:
         torch.set_num_threads(self.threads)
