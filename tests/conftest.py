@@ -98,3 +98,23 @@ def fake_cpu(monkeypatch, flags: frozenset, bf16_speedup: float | None = None) -
     monkeypatch.setattr(hw, "cpu_flags", lambda: flags)
     ratio = bf16_speedup if bf16_speedup is not None else (1.7 if "avx512_bf16" in flags else 0.3)
     monkeypatch.setattr(hw, "bf16_matmul_speedup", lambda *shapes: (ratio, ratio))  # (point, lower end of its 95% interval)
+
+
+@pytest.fixture(scope="session")
+def built_artifact(tiny_llama, tmp_path_factory):
+    """(path, digest) of one emitted tiny INT4 artifact, shared by the tests that tamper with copies of it."""
+    import optpipe
+
+    out = tmp_path_factory.mktemp("built") / "art"
+    res = optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4), output=out, log=lambda m: None)
+    return out, res.digest
+
+
+@pytest.fixture
+def artifact_copy(built_artifact, tmp_path):
+    """A fresh copy of `built_artifact` to break."""
+    import shutil
+
+    dst = tmp_path / "art"
+    shutil.copytree(built_artifact[0], dst, symlinks=True)
+    return dst

@@ -10,22 +10,10 @@ import pytest
 import optpipe
 from optpipe.cli import main
 
-from .conftest import FUSED_INT4, tiny_recipe
-
-
-@pytest.fixture(scope="module")
-def built(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("built") / "art"
-    res = optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4), output=out, log=lambda m: None)
-    return out, res.digest
-
 
 @pytest.fixture
-def art(built, tmp_path):
-    src, digest = built
-    dst = tmp_path / "art"
-    shutil.copytree(src, dst, symlinks=True)
-    return dst, digest
+def art(artifact_copy, built_artifact):
+    return artifact_copy, built_artifact[1]
 
 
 def _manifest(path):

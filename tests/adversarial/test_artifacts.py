@@ -12,24 +12,19 @@ import optpipe
 from optpipe import builder
 from optpipe.cli import main
 
-from ..conftest import FUSED_INT4, tiny_recipe
 from .harness import base_recipe, run_cli, write
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(scope="module")
-def built(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("adv-built") / "art"
-    res = optpipe.build(tiny_recipe(tiny_llama, FUSED_INT4), output=out, log=lambda m: None)
-    return out, res.digest
+@pytest.fixture
+def built(built_artifact):
+    return built_artifact
 
 
 @pytest.fixture
-def art(built, tmp_path):
-    dst = tmp_path / "art"
-    shutil.copytree(built[0], dst, symlinks=True)
-    return dst
+def art(artifact_copy):
+    return artifact_copy
 
 
 def _manifest(p: Path) -> dict:
