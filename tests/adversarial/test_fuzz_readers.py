@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from optpipe import artifact, preflight
 from optpipe.errors import ArtifactError, ModelLoadError
 
-pytestmark = pytest.mark.timeout(120)
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+pytestmark = pytest.mark.timeout(30)
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 u64 = st.one_of(st.integers(0, 64), st.sampled_from([2 ** 31, 2 ** 32 - 1, 2 ** 62, 2 ** 63, 2 ** 64 - 1]))
 vtype = st.one_of(st.integers(0, 13), st.integers(14, 2 ** 32 - 1))

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -231,9 +233,11 @@ def _remote_code_model(tmp_path, tiny_llama):
     d = _model(tmp_path, tiny_llama, auto_map={"AutoConfig": "configuration_evil.EvilConfig",
                                                "AutoModelForCausalLM": "modeling_evil.EvilModel"})
     marker = tmp_path / "remote-code-ran"
-    code = f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig as EvilConfig\n"
-    (d / "configuration_evil.py").write_text(code)
-    (d / "modeling_evil.py").write_text(code + "from transformers import LlamaForCausalLM as EvilModel\n")
+    # subclasses, so transformers' registration of remote classes touches them and not Llama's own classes
+    code = f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig, LlamaForCausalLM\n"
+    (d / "configuration_evil.py").write_text(code + "class EvilConfig(LlamaConfig):\n    pass\n")
+    (d / "modeling_evil.py").write_text(code + "from .configuration_evil import EvilConfig\n\n\n"
+                                        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
     return d, marker
 
 
@@ -255,14 +259,16 @@ def test_trust_remote_code_needs_the_plugins_opt_in(command, env, tiny_llama, tm
 
 def test_with_the_opt_in_the_repository_code_is_what_runs(tiny_llama, tmp_path, capsys):
     """The control: the same repository, opted in, does import its code (so the refusal above is what stopped it)."""
-    from optpipe import models
-    from optpipe.recipe import ModelSpec
-
     d, marker = _remote_code_model(tmp_path, tiny_llama)
     recipe = base_recipe(tiny_llama)
     recipe["model"] = {"source": str(d), "trust_remote_code": True}
     run_cli(capsys, ["validate", str(write(tmp_path / "r.yaml", recipe)), "--allow-plugins"], 0, json_too=False)
-    models.load(ModelSpec(source=str(d), trust_remote_code=True))
+    # in a process of its own: transformers registers remote classes globally, which must not leak into other tests
+    load = (f"from optpipe import models\nfrom optpipe.recipe import ModelSpec\n"
+            f"models.load(ModelSpec(source={str(d)!r}, trust_remote_code=True))\n")
+    run = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=25,
+                         env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules")})
+    assert run.returncode == 0, run.stderr[-2000:]
     assert marker.exists()
 
 

@@ -15,7 +15,7 @@ from optpipe.cli import main
 from ..conftest import FUSED_INT4, tiny_recipe
 from .harness import base_recipe, write
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(30)
 CLI = [sys.executable, "-m", "optpipe.cli"]
 
 
@@ -36,10 +36,10 @@ def test_a_signal_during_the_gates_leaves_nothing_behind(signum, tiny_llama, tmp
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert reached.wait(75), "".join(lines[-20:])
+    assert reached.wait(25), "".join(lines[-20:])
     time.sleep(0.5)
     proc.send_signal(signum)
-    proc.wait(timeout=60)
+    proc.wait(timeout=20)
     reader.join(timeout=10)
     err = "".join(lines)
     assert proc.returncode == 130 and "nothing was emitted" in err, (proc.returncode, err[-2000:])
@@ -54,7 +54,7 @@ def test_a_closed_stderr_still_gives_the_exit_code_and_the_json(good, tiny_llama
         recipe["seed"] = "x"
     file = write(tmp_path / "r.yaml", recipe)
     run = subprocess.run(CLI + ["validate", str(file), "--json"], stderr=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         text=True, timeout=60, preexec_fn=lambda: __import__("os").close(2))
+                         text=True, timeout=25, preexec_fn=lambda: __import__("os").close(2))
     assert run.returncode == (0 if good else 2), run.stdout
     assert json.loads(run.stdout)["status"] == ("ok" if good else "error")
 
@@ -63,7 +63,7 @@ def test_a_closed_stderr_still_gives_the_exit_code_and_the_json(good, tiny_llama
 def test_a_full_stdout_is_exit_2_with_a_message_not_a_traceback(argv):
     """Large output fails mid-print, small output at the final flush: both are said on stderr."""
     with open("/dev/full", "w") as full:
-        run = subprocess.run(CLI + argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        run = subprocess.run(CLI + argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=25)
     assert run.returncode == 2, run.stderr
     assert "cannot write the result to standard output: No space left on device" in run.stderr
     assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
