@@ -79,6 +79,7 @@ def test_a_shared_embedding_reads_the_heads_codes_and_is_counted_once(tiny_llama
     # the lookup reads the head's codes and scales: its own bytes are its zero points' layout (V x blocks bytes)
     # and two shape constants, not a second copy of the matrix
     assert s["by_class"]["embedding"]["bytes"] <= V * (H // 32) + 64
+    assert s["by_class"]["embedding"]["parameters"] == 0  # the head's matrix: its parameters are counted there
     assert s["by_class"]["head"]["bits_per_weight"] == 4.625 and s["tied_embeddings"] is True
     assert s["layer_parameters"] == DECODER + V * H  # the tied matrix once
 

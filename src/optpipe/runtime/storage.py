@@ -163,7 +163,10 @@ def onnx_storage(model) -> dict:
             params = logical_k(n, attrs["K"].i, attrs["block_size"].i) * attrs["N"].i
         elif n.op_type == "GatherBlockQuantized":
             data = inits[sources[0]]
-            params = _numel(data) * (8 // bits if data.data_type == onnx.TensorProto.UINT8 else 1)
+            # a lookup of the tied head's stored codes: the matrix and its parameters are the head's (counted there;
+            # the codes are in the kernel's layout, remainder digits included)
+            params = 0 if sources[0] in taken else \
+                _numel(data) * (8 // bits if data.data_type == onnx.TensorProto.UINT8 else 1)
         else:
             params = max(_numel(inits[s]) for s in sources)
         new = [s for s in dict.fromkeys(sources) if s not in taken]
@@ -227,9 +230,12 @@ STORAGE_COLUMNS = ["tensors", "layers", "parameters", "MB", "bits/weight"]
 
 def storage_rows(storage: dict) -> list[list]:
     """Per class, per precision and overall rows for a table (report.md, report.html, `inspect`)."""
-    rows = [[f"class {k}", v["layers"], v["parameters"], round(v["bytes"] / 1e6, 3), v["bits_per_weight"]]
+    def bits(v):  # a layer that only re-reads another's matrix (a tied lookup) has no parameters of its own
+        return v["bits_per_weight"] if v["bits_per_weight"] is not None else "(reads the head's matrix)"
+
+    rows = [[f"class {k}", v["layers"], v["parameters"], round(v["bytes"] / 1e6, 3), bits(v)]
             for k, v in storage["by_class"].items()]
-    rows += [[f"precision {k}", v["layers"], v["parameters"], round(v["bytes"] / 1e6, 3), v["bits_per_weight"]]
+    rows += [[f"precision {k}", v["layers"], v["parameters"], round(v["bytes"] / 1e6, 3), bits(v)]
              for k, v in storage["by_precision"].items()]
     rows.append(["other stored tensors (norms, rotary tables)", "", "", round(storage["other_bytes"] / 1e6, 3), ""])
     rows.append(["all (as a file size over the model's parameters)", "", storage["parameters"],
