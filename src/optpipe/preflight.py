@@ -286,12 +286,12 @@ def check_data(spec, base_dir: Path, field_name: str) -> None:
         if os.fstat(f.fileno()).st_size == 0:
             raise RecipeError(f"{where}: {path} is empty")
         if LOADERS[path.suffix] == "parquet":
-            _check_parquet(f, path, where, spec.text_field)
+            _check_parquet(f, path, field_name, spec.text_field)
             return
         _check_text(f, path, where)
         if LOADERS[path.suffix] == "json":
             f.seek(0)
-            _check_json_lines(f, path, f"{field_name}.text_field", spec.text_field)
+            _check_json_lines(f, path, field_name, spec.text_field)
 
 
 def _check_text(f, path: Path, where: str) -> None:
@@ -320,7 +320,7 @@ def _check_text(f, path: Path, where: str) -> None:
 JSON_LINES_CHECKED = 16 << 20  # bytes of JSON lines parsed at validate (the rest is checked as UTF-8 text)
 
 
-def _check_json_lines(f, path: Path, where: str, text_field: str) -> None:
+def _check_json_lines(f, path: Path, section: str, text_field: str) -> None:
     """Each JSON line (in the first 16 MiB) is an object, and the text field holds text in at least one; a .json
     file that is one document instead (a list of objects) is read whole when it is small enough."""
     head = f.read(JSON_LINES_CHECKED + 1)
@@ -342,18 +342,19 @@ def _check_json_lines(f, path: Path, where: str, text_field: str) -> None:
         except (ValueError, RecursionError):
             doc = None
         if not isinstance(doc, list):
-            raise RecipeError(f"{where.rsplit('.', 1)[0]}.source: {path} line {bad} is not valid JSON (one JSON "
+            raise RecipeError(f"{section}.source: {path} line {bad} is not valid JSON (one JSON "
                               "object a line)")
         records = doc
     if not all(isinstance(r, dict) for r in records):
-        raise RecipeError(f"{where.rsplit('.', 1)[0]}.source: {path}: every JSON record must be an object with a "
+        raise RecipeError(f"{section}.source: {path}: every JSON record must be an object with a "
                           f"{text_field!r} field")
     if not any(isinstance(r.get(text_field), str) and r[text_field].strip() for r in records):
-        raise RecipeError(f"{where}: no record of {path} has text in the field {text_field!r} (set "
+        raise RecipeError(f"{section}.text_field: no record of {path} has text in the field {text_field!r} (set "
                           "text_field to the field that holds the text)")
 
 
-def _check_parquet(f, path: Path, where: str, text_field: str) -> None:
+def _check_parquet(f, path: Path, section: str, text_field: str) -> None:
+    where = f"{section}.source"
     size = os.fstat(f.fileno()).st_size
     head = f.read(4)
     f.seek(max(size - 4, 0))
@@ -368,7 +369,7 @@ def _check_parquet(f, path: Path, where: str, text_field: str) -> None:
     except Exception as e:  # noqa: BLE001 - pyarrow's errors for a malformed footer vary
         raise RecipeError(f"{where}: {path} is not a readable Parquet file: {e}") from None
     if text_field not in names:
-        raise RecipeError(f"{where.rsplit('.', 1)[0]}.text_field: column {text_field!r} not in {path} (columns: "
+        raise RecipeError(f"{section}.text_field: column {text_field!r} not in {path} (columns: "
                           f"{', '.join(names)})")
 
 

@@ -87,9 +87,7 @@ def _tensor_bytes(t) -> int:
         return int(ext["length"])
     if t.raw_data:
         return len(t.raw_data)
-    n = 1
-    for d in t.dims:
-        n *= d
+    n = _numel(t)
     bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(t.data_type)
     if bits:
         return (n * bits + 7) // 8
